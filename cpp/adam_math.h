@@ -1,0 +1,111 @@
+// adamcpp: the per-element Adam/AdamW update, written once.
+//
+// This header is plain inline arithmetic with no dependencies, so the same
+// function serves the CPU kernels (compiled once per ISA target) and a CUDA
+// translation unit (where it becomes __host__ __device__).
+//
+// Every ISA translation unit defines ADAMCPP_MATH_NS to its own name before
+// including this file, so each target gets its own copy of these inline
+// functions and the linker can never merge an AVX-512 body into the baseline
+// path.
+#pragma once
+
+#if defined(__CUDACC__)
+#define ADAMCPP_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define ADAMCPP_HD inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define ADAMCPP_HD __forceinline
+#else
+#define ADAMCPP_HD inline
+#endif
+
+#ifndef ADAMCPP_MATH_NS
+#define ADAMCPP_MATH_NS portable
+#endif
+
+namespace adamcpp {
+
+// Which weight decay a tensor uses: none, coupled L2 (Adam: g += wd * p) or
+// decoupled (AdamW: p *= 1 - lr * wd). A template parameter, never a branch
+// inside the element loop.
+enum class WeightDecay : int { none = 0, coupled = 1, decoupled = 2 };
+
+// Where epsilon enters the denominator: "torch" adds it after the bias
+// correction of sqrt(v), "keras" (the paper's epsilon-hat) before.
+enum class EpsStyle : int { torch = 0, keras = 1 };
+
+// Scalars of one tensor for one step, computed in double on the host and
+// rounded once to the element type T.
+template <typename T>
+struct AdamScalars {
+  T grad_scale;             // gradient multiplier, negated for `maximize`
+  T beta1;
+  T one_minus_beta1;
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;           // coupled L2 coefficient
+  T decay_factor;           // 1 - lr * weight_decay (decoupled)
+  T step_size;              // torch: lr / bc1;   keras: lr * sqrt(bc2) / bc1
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^t) (torch style only)
+};
+
+namespace ADAMCPP_MATH_NS {
+
+ADAMCPP_HD float sqrt_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrtf(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+ADAMCPP_HD double sqrt_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return __builtin_sqrt(x);
+#endif
+}
+
+// NaN-propagating maximum (like torch.maximum): a NaN in either operand wins.
+template <typename T>
+ADAMCPP_HD T nan_max(T current, T candidate) {
+  return (candidate > current || candidate != candidate) ? candidate : current;
+}
+
+// One Adam step of one element. The operation order matches torch.optim:
+//   v = beta2 * v + ((1 - beta2) * g) * g
+//   p = p - (step_size * m) / (sqrt(v) / bias_correction2_sqrt + eps)
+template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
+ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq,
+                             const AdamScalars<T>& s) {
+  T g = grad * s.grad_scale;
+  T p = param;
+  if constexpr (WD == WeightDecay::coupled) {
+    g = g + s.weight_decay * p;
+  }
+  if constexpr (WD == WeightDecay::decoupled) {
+    p = p * s.decay_factor;
+  }
+  const T m = s.beta1 * exp_avg + s.one_minus_beta1 * g;
+  const T v = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g;
+  exp_avg = m;
+  exp_avg_sq = v;
+  T v_used = v;
+  if constexpr (Amsgrad) {
+    v_used = nan_max(*max_exp_avg_sq, v);
+    *max_exp_avg_sq = v_used;
+  }
+  T denom;
+  if constexpr (Eps == EpsStyle::torch) {
+    denom = sqrt_of(v_used) / s.bias_correction2_sqrt + s.eps;
+  } else {
+    denom = sqrt_of(v_used) + s.eps;
+  }
+  param = p - (s.step_size * m) / denom;
+}
+
+}  // namespace ADAMCPP_MATH_NS
+}  // namespace adamcpp

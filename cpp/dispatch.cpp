@@ -1,0 +1,120 @@
+// adamcpp: capability detection and the dispatch table.
+#include "dispatch.h"
+
+#include <atomic>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace adamcpp {
+namespace {
+
+struct Target {
+  const char* name;
+  const KernelTable& (*table)();
+};
+
+const std::vector<Target>& targets() {
+#if defined(ADAMCPP_X86)
+  static const std::vector<Target> list = {
+      {"baseline", &baseline::kernel_table},
+      {"avx2", &avx2::kernel_table},
+      {"avx512", &avx512::kernel_table},
+  };
+#else
+  static const std::vector<Target> list = {
+      {"generic", &generic::kernel_table},
+  };
+#endif
+  return list;
+}
+
+std::atomic<const KernelTable*> g_active{nullptr};
+
+int initial_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+std::atomic<int> g_num_threads{initial_threads()};
+
+}  // namespace
+
+std::vector<std::string> compiled_targets() {
+  std::vector<std::string> names;
+  for (const auto& t : targets()) names.emplace_back(t.name);
+  return names;
+}
+
+bool target_supported(const std::string& name) {
+#if defined(ADAMCPP_X86)
+  __builtin_cpu_init();
+  if (name == "baseline") return true;
+  if (name == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("bmi2");
+  }
+  if (name == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           target_supported("avx2");
+  }
+  return false;
+#else
+  return name == "generic";
+#endif
+}
+
+std::string best_target() {
+  std::string best;
+  for (const auto& t : targets()) {
+    if (target_supported(t.name)) best = t.name;
+  }
+  return best;
+}
+
+void select_target(const std::string& name) {
+  for (const auto& t : targets()) {
+    if (name == t.name) {
+      if (!target_supported(name)) {
+        throw std::runtime_error("SIMD target '" + name + "' is not supported by this CPU");
+      }
+      g_active.store(&t.table());
+      return;
+    }
+  }
+  std::string known;
+  for (const auto& t : targets()) known += (known.empty() ? "" : ", ") + std::string(t.name);
+  throw std::invalid_argument("unknown SIMD target '" + name + "'; compiled targets: " + known);
+}
+
+const KernelTable& active_kernels() {
+  const KernelTable* table = g_active.load();
+  if (table == nullptr) {
+    select_target(best_target());
+    table = g_active.load();
+  }
+  return *table;
+}
+
+int get_num_threads() { return g_num_threads.load(); }
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  g_num_threads.store(n);
+}
+
+bool have_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace adamcpp

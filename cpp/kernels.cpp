@@ -1,0 +1,149 @@
+// adamcpp: the element loops. This one source is compiled once per ISA
+// target (CMake defines ADAMCPP_ISA and the -march flags); everything here
+// lives in the namespace adamcpp::<ADAMCPP_ISA>.
+#include "kernels.h"
+
+#ifndef ADAMCPP_ISA
+#error "ADAMCPP_ISA must name the ISA target of this translation unit"
+#endif
+#define ADAMCPP_MATH_NS ADAMCPP_ISA
+#include "adam_math.h"
+
+#define ADAMCPP_STR2(x) #x
+#define ADAMCPP_STR(x) ADAMCPP_STR2(x)
+
+#if defined(_MSC_VER)
+#define ADAMCPP_RESTRICT __restrict
+#else
+#define ADAMCPP_RESTRICT __restrict__
+#endif
+
+namespace adamcpp {
+namespace ADAMCPP_ISA {
+namespace {
+
+template <typename T>
+AdamScalars<T> to_element_type(const AdamStepScalars& s) {
+  AdamScalars<T> r;
+  r.grad_scale = static_cast<T>(s.grad_scale);
+  r.beta1 = static_cast<T>(s.beta1);
+  r.one_minus_beta1 = static_cast<T>(1.0 - s.beta1);
+  r.beta2 = static_cast<T>(s.beta2);
+  r.one_minus_beta2 = static_cast<T>(1.0 - s.beta2);
+  r.eps = static_cast<T>(s.eps);
+  r.weight_decay = static_cast<T>(s.weight_decay);
+  r.decay_factor = static_cast<T>(s.decay_factor);
+  r.step_size = static_cast<T>(s.step_size);
+  r.bias_correction2_sqrt = static_cast<T>(s.bias_correction2_sqrt);
+  return r;
+}
+
+// One fused pass: read p, g, m, v (and v_max), write p, m, v (and v_max).
+// The vector body and its scalar tail are the same loop, vectorised by the
+// compiler for this translation unit's ISA.
+template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
+void adam_chunk(const AdamTensor& t, std::size_t begin, std::size_t end) {
+  const AdamScalars<T> s = to_element_type<T>(t.scalars);
+  T* ADAMCPP_RESTRICT param = static_cast<T*>(t.param);
+  const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(t.grad);
+  T* ADAMCPP_RESTRICT exp_avg = static_cast<T*>(t.exp_avg);
+  T* ADAMCPP_RESTRICT exp_avg_sq = static_cast<T*>(t.exp_avg_sq);
+  if constexpr (Amsgrad) {
+    T* ADAMCPP_RESTRICT max_exp_avg_sq = static_cast<T*>(t.max_exp_avg_sq);
+#pragma omp simd
+    for (std::size_t i = begin; i < end; ++i) {
+      adam_element<T, WD, true, Eps>(param[i], grad[i], exp_avg[i], exp_avg_sq[i],
+                                     &max_exp_avg_sq[i], s);
+    }
+  } else {
+#pragma omp simd
+    for (std::size_t i = begin; i < end; ++i) {
+      adam_element<T, WD, false, Eps>(param[i], grad[i], exp_avg[i], exp_avg_sq[i], nullptr, s);
+    }
+  }
+}
+
+// x * 0 is 0 for every finite x and NaN for NaN or +-Inf, so the sum of
+// (g * scale) * 0 over a range is 0 exactly when every scaled gradient is
+// finite. Summation order cannot change that, which lets the loop vectorise.
+template <typename T>
+bool any_nonfinite(const void* grad_ptr, std::size_t begin, std::size_t end, double scale_d) {
+  const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(grad_ptr);
+  const T scale = static_cast<T>(scale_d);
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (std::size_t i = begin; i < end; ++i) {
+    acc += (grad[i] * scale) * T(0);
+  }
+  return acc != T(0);
+}
+
+void ceiling_adam(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT grad,
+                  float* ADAMCPP_RESTRICT exp_avg, float* ADAMCPP_RESTRICT exp_avg_sq,
+                  std::size_t n, float step_size, float bias_correction2_sqrt, int num_threads) {
+  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
+  (void)num_threads;
+#pragma omp parallel for simd schedule(static) num_threads(num_threads)
+  for (std::ptrdiff_t i = 0; i < count; ++i) {
+    const float g = grad[i];
+    const float m = 0.9f * exp_avg[i] + 0.1f * g;
+    const float v = 0.999f * exp_avg_sq[i] + 0.001f * g * g;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    param[i] = param[i] - (step_size * m) / (sqrt_of(v) / bias_correction2_sqrt + 1e-8f);
+  }
+}
+
+void triad(double* ADAMCPP_RESTRICT a, const double* ADAMCPP_RESTRICT b,
+           const double* ADAMCPP_RESTRICT c, std::size_t n, double s, int num_threads) {
+  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
+  (void)num_threads;
+#pragma omp parallel for simd schedule(static) num_threads(num_threads)
+  for (std::ptrdiff_t i = 0; i < count; ++i) {
+    a[i] = b[i] + s * c[i];
+  }
+}
+
+template <typename T, int WD, int A, int E>
+constexpr AdamChunkFn pick() {
+  return &adam_chunk<T, static_cast<WeightDecay>(WD), A != 0, static_cast<EpsStyle>(E)>;
+}
+
+template <typename T>
+struct AdamRow {
+  AdamChunkFn fns[3][2][2] = {
+      {{pick<T, 0, 0, 0>(), pick<T, 0, 0, 1>()}, {pick<T, 0, 1, 0>(), pick<T, 0, 1, 1>()}},
+      {{pick<T, 1, 0, 0>(), pick<T, 1, 0, 1>()}, {pick<T, 1, 1, 0>(), pick<T, 1, 1, 1>()}},
+      {{pick<T, 2, 0, 0>(), pick<T, 2, 0, 1>()}, {pick<T, 2, 1, 0>(), pick<T, 2, 1, 1>()}},
+  };
+};
+
+KernelTable make_table() {
+  KernelTable table{};
+  table.name = ADAMCPP_STR(ADAMCPP_ISA);
+  const AdamRow<float> f32;
+  const AdamRow<double> f64;
+  for (int wd = 0; wd < 3; ++wd) {
+    for (int a = 0; a < 2; ++a) {
+      for (int e = 0; e < 2; ++e) {
+        table.adam[0][wd][a][e] = f32.fns[wd][a][e];
+        table.adam[1][wd][a][e] = f64.fns[wd][a][e];
+      }
+    }
+  }
+  table.nonfinite[0] = &any_nonfinite<float>;
+  table.nonfinite[1] = &any_nonfinite<double>;
+  table.ceiling_adam = &ceiling_adam;
+  table.triad = &triad;
+  return table;
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table = make_table();
+  return table;
+}
+
+}  // namespace ADAMCPP_ISA
+}  // namespace adamcpp

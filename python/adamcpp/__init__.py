@@ -1,0 +1,66 @@
+"""adamcpp: the fastest, most trustworthy Adam optimizer for NumPy.
+
+Fused multi-tensor Adam/AdamW kernels (OpenMP + SIMD, chosen at run time) that
+update NumPy parameters in place, under a thin Python layer that owns the
+optimizer state and hyperparameters.
+"""
+
+from __future__ import annotations
+
+import os as _os
+from typing import Any, Dict
+
+from . import _core
+from . import functional
+from .optim import Adam, AdamW, Optimizer
+
+__version__: str = _core.version
+
+# ADAMCPP_SIMD=<target> forces a SIMD target; an unknown name (ValueError) or a
+# target this CPU lacks (RuntimeError) fails the import with that message.
+_forced = _os.environ.get("ADAMCPP_SIMD", "").strip()
+if _forced:
+    _core.select_simd(_forced)
+
+
+def get_num_threads() -> int:
+    """Threads a step uses (default: OMP_NUM_THREADS, else the number of cores)."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads a step uses (an int >= 1). Results do not depend on it."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int >= 1, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n}")
+    _core.set_num_threads(n)
+
+
+def build_info() -> Dict[str, Any]:
+    """What was compiled and what was chosen at run time."""
+    targets = list(_core.compiled_targets())
+    return {
+        "version": _core.version,
+        "openmp": bool(_core.openmp),
+        "simd_targets": targets,
+        "simd_supported": [t for t in targets if _core.target_supported(t)],
+        "simd": _core.simd(),
+        "cuda": False,
+        "compiler": _core.compiler,
+        "num_threads": _core.get_num_threads(),
+        "chunk_elements": int(_core.chunk_elements),
+        "parallel_min_elements": int(_core.parallel_min_elements),
+    }
+
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "Optimizer",
+    "functional",
+    "get_num_threads",
+    "set_num_threads",
+    "build_info",
+    "__version__",
+]

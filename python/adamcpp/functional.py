@@ -1,0 +1,83 @@
+"""Stateless, in-place Adam: the same native path as the optimizers."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from ._common import check_betas, check_bool, check_eps_style, check_float, check_grad_scale
+
+ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
+
+_PATTERNS = ("params[{}]", "grads[{}]", "exp_avgs[{}]", "exp_avg_sqs[{}]", "max_exp_avg_sqs[{}]")
+
+
+def _as_list(x: Any, name: str, single: bool) -> List[Any]:
+    if single:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name}: params is a single array, so {name} must be one too, got {type(x).__name__}")
+        return [x]
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: params is a list, so {name} must be a list of arrays too, got a single ndarray")
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of arrays, got {type(x).__name__}")
+    return list(x)
+
+
+def adam(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    exp_avg_sqs: ArrayOrList,
+    *,
+    step: Union[int, Sequence[int]],
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: Optional[ArrayOrList] = None,
+    maximize: bool = False,
+    eps_style: str = "torch",
+    grad_scale: float = 1.0,
+) -> None:
+    """Applies Adam step number `step` (1-based) in place to every tensor.
+
+    Each array argument is one array or a list of arrays (one per tensor).
+    `step` is an int or a list of ints, one per tensor. Nothing is incremented.
+    Every argument is validated before any buffer is written.
+    """
+    single = isinstance(params, np.ndarray)
+    ps = _as_list(params, "params", single)
+    gs = _as_list(grads, "grads", single)
+    ms = _as_list(exp_avgs, "exp_avgs", single)
+    vs = _as_list(exp_avg_sqs, "exp_avg_sqs", single)
+    amsgrad = check_bool(amsgrad, "amsgrad")
+    vmaxs = None
+    if amsgrad:
+        if max_exp_avg_sqs is None:
+            raise ValueError("max_exp_avg_sqs: amsgrad=True needs a max_exp_avg_sq array for every tensor")
+        vmaxs = _as_list(max_exp_avg_sqs, "max_exp_avg_sqs", single)
+    if isinstance(step, (list, tuple)):
+        steps = list(step)
+    elif isinstance(step, np.ndarray):
+        steps = step.tolist() if step.ndim else [step.item()] * len(ps)
+    else:
+        steps = [step] * len(ps)
+    hyper = (
+        check_float(lr, "lr", minimum=0.0),
+        *check_betas((beta1, beta2), "(beta1, beta2)"),
+        check_float(eps, "eps", minimum=0.0),
+        check_float(weight_decay, "weight_decay", minimum=0.0),
+        check_bool(decoupled_weight_decay, "decoupled_weight_decay"),
+        amsgrad,
+        check_bool(maximize, "maximize"),
+        check_eps_style(eps_style, "eps_style") == "keras",
+    )
+    _core.adam_step(
+        ps, gs, ms, vs, vmaxs, steps, None, None, [hyper], check_grad_scale(grad_scale), 0, _PATTERNS, None,
+    )

@@ -1,0 +1,461 @@
+"""The optimizers: parameter groups, state and checkpoints in Python; one native
+call per step for every tensor."""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._common import (
+    check_betas,
+    check_bool,
+    check_eps_style,
+    check_float,
+    check_grad_scale,
+    check_lr,
+    check_nonfinite,
+    check_param_array,
+)
+
+ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
+GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
+LR = Union[float, Callable[[int], float]]
+
+_NONFINITE_NAMES = ("propagate", "skip", "raise")
+
+
+def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple[Any, ...]]]:
+    """Turns the three accepted forms into a list of group dicts (and the keys
+    of dict-form params)."""
+    if isinstance(params, np.ndarray):
+        raise TypeError(
+            "params: expected a sequence of arrays, a dict of arrays or a list of groups, "
+            "got a single ndarray (wrap it in a list)"
+        )
+    if isinstance(params, Mapping):
+        if "params" in params:
+            raise TypeError("params: a single group must be passed inside a list: [{'params': [...], ...}]")
+        keys = tuple(params.keys())
+        if not keys:
+            raise ValueError("params: the optimizer got an empty parameter dict")
+        return [{"params": [params[k] for k in keys]}], keys
+    if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(f"params: expected a sequence of arrays, a dict or a list of groups, got {type(params).__name__}")
+    items = list(params)
+    if not items:
+        raise ValueError("params: the optimizer got an empty parameter list")
+    if all(isinstance(g, Mapping) for g in items):
+        groups = []
+        for gi, g in enumerate(items):
+            if "params" not in g:
+                raise ValueError(f"param_groups[{gi}]: a group dict needs a 'params' entry")
+            groups.append(dict(g))
+        return groups, None
+    if any(isinstance(g, Mapping) for g in items):
+        raise TypeError("params: mix of arrays and group dicts; pass either arrays or groups")
+    return [{"params": items}], None
+
+
+class Optimizer(abc.ABC):
+    """Base class: parameter forms, groups, the state list and checkpoints.
+
+    Subclasses define the hyperparameters (`_validate_group`), the per-tensor
+    state (`_new_state`, `_array_state`) and the native step (`_native_step`).
+    """
+
+    # name -> required in a loaded state dict (optional entries are created on demand)
+    _array_state: Dict[str, bool] = {}
+
+    def __init__(self, params: ParamsLike, defaults: Dict[str, Any], nonfinite: str = "propagate"):
+        self._nonfinite_code = check_nonfinite(nonfinite)
+        self.nonfinite = nonfinite
+        self._validate_group(dict(defaults), "defaults")
+        self.defaults: Dict[str, Any] = dict(defaults)
+        self.param_groups: List[Dict[str, Any]] = []
+        self.state: List[Dict[str, Any]] = []
+        self._flat: List[np.ndarray] = []
+        self._group_of: List[int] = []
+        self._keys: Optional[Tuple[Any, ...]] = None
+        groups, keys = _normalize_params(params)
+        for group in groups:
+            self.add_param_group(group)
+        self._keys = keys
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        """Adds a group (a dict with "params" and optional overrides), like torch."""
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError("param_group: expected a dict with a 'params' entry")
+        gi = len(self.param_groups)
+        group = dict(param_group)
+        ps = group["params"]
+        if isinstance(ps, np.ndarray):
+            ps = [ps]
+        elif isinstance(ps, Mapping):
+            raise TypeError(f"param_groups[{gi}]['params']: expected a list of arrays, got a dict")
+        ps = list(ps)
+        if not ps:
+            raise ValueError(f"param_groups[{gi}]['params']: the group has no parameters")
+        base = len(self._flat)
+        seen = {id(p) for p in self._flat}
+        for j, p in enumerate(ps):
+            check_param_array(p, f"params[{base + j}]")
+            if id(p) in seen:
+                raise ValueError(f"params[{base + j}]: the same array appears more than once in the optimizer")
+            seen.add(id(p))
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        unknown = sorted(set(group) - set(self.defaults) - {"params"})
+        if unknown:
+            raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}; known: {sorted(self.defaults)}")
+        self._validate_group(group, f"param_groups[{gi}]")
+        group["params"] = ps
+        self.param_groups.append(group)
+        for p in ps:
+            self._flat.append(p)
+            self._group_of.append(gi)
+            self.state.append(self._new_state(p, group))
+        self._keys = None
+
+    def _sync_structure(self) -> None:
+        """Follows edits of `param_groups[i]["params"]` between steps: state stays
+        with its array; new arrays get fresh state."""
+        flat: List[np.ndarray] = []
+        group_of: List[int] = []
+        for gi, g in enumerate(self.param_groups):
+            ps = g["params"]
+            flat.extend(ps)
+            group_of.extend([gi] * len(ps))
+        if len(flat) == len(self._flat) and group_of == self._group_of and all(
+            a is b for a, b in zip(flat, self._flat)
+        ):
+            return
+        old = {id(p): s for p, s in zip(self._flat, self.state)}
+        seen = set()
+        state = []
+        for i, (p, gi) in enumerate(zip(flat, group_of)):
+            check_param_array(p, f"params[{i}]")
+            if id(p) in seen:
+                raise ValueError(f"params[{i}]: the same array appears more than once in the optimizer")
+            seen.add(id(p))
+            state.append(old[id(p)] if id(p) in old else self._new_state(p, self.param_groups[gi]))
+        for g in self.param_groups:
+            g["params"] = list(g["params"])
+        self._flat, self._group_of, self.state = flat, group_of, state
+        self._keys = None
+
+    def _group_hypers(self) -> List[tuple]:
+        """Each group's scalars for this step. A group's schedule position t is
+        the number of updates already applied to its first parameter."""
+        hypers = []
+        first = 0
+        for gi, g in enumerate(self.param_groups):
+            t = int(self.state[first].get("step", 0))
+            hypers.append(self._group_scalars(g, f"param_groups[{gi}]", t))
+            first += len(g["params"])
+        return hypers
+
+    # -------------------------------------------------------------------- step
+    def _grads_list(self, grads: Any) -> List[Any]:
+        if isinstance(grads, Mapping):
+            if self._keys is None:
+                raise TypeError("grads: a dict of gradients needs dict-form params; pass a list in parameter order")
+            missing = [k for k in self._keys if k not in grads]
+            if missing:
+                raise ValueError(f"grads: missing gradient(s) for key(s) {missing}")
+            if len(grads) != len(self._keys):
+                extra = [k for k in grads if k not in set(self._keys)]
+                raise ValueError(f"grads: unexpected key(s) {extra}")
+            return [grads[k] for k in self._keys]
+        if isinstance(grads, np.ndarray):
+            raise TypeError("grads: expected a sequence of arrays (one per parameter), got a single ndarray")
+        if isinstance(grads, (list, tuple)):
+            return grads  # type: ignore[return-value]
+        raise TypeError(f"grads: expected a list, tuple or dict of arrays, got {type(grads).__name__}")
+
+    def step(self, grads: GradsLike, *, grad_scale: float = 1.0) -> bool:
+        """Applies one update to every parameter in one native call.
+
+        Returns True when the update was applied, False when `nonfinite="skip"`
+        found a NaN/Inf gradient (then nothing changed).
+        """
+        self._sync_structure()
+        nonfinite = check_nonfinite(self.nonfinite)
+        grad_list = self._grads_list(grads)
+        scale = check_grad_scale(grad_scale)
+        hypers = self._group_hypers()
+        added = self._prepare_state(hypers)
+        try:
+            applied = self._native_step(grad_list, hypers, scale, nonfinite)
+        except BaseException:
+            self._undo_prepare(added)
+            raise
+        if not applied:
+            self._undo_prepare(added)
+        return bool(applied)
+
+    def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
+        return []
+
+    def _undo_prepare(self, added: List[Tuple[int, str]]) -> None:
+        for i, key in added:
+            self.state[i].pop(key, None)
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """PyTorch's layout: {"state": {i: {...}}, "param_groups": [{..., "params": [i, ...]}]}.
+        Arrays are copied; a callable `lr` is stored as the object itself."""
+        self._sync_structure()
+        state = {}
+        for i, s in enumerate(self.state):
+            state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.copy(v)) for k, v in s.items()}
+        groups = []
+        index = 0
+        for g in self.param_groups:
+            entry = {k: v for k, v in g.items() if k != "params"}
+            entry["params"] = list(range(index, index + len(g["params"])))
+            index += len(g["params"])
+            groups.append(entry)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Loads a state dict in PyTorch's layout (ours, or torch.optim's with
+        tensors converted by np.asarray). Everything is validated first; on any
+        error nothing changes."""
+        self._sync_structure()
+        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
+        saved_groups = list(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict: has {len(saved_groups)} parameter group(s), the optimizer has {len(self.param_groups)}"
+            )
+        id_to_index: Dict[int, int] = {}
+        new_groups = []
+        index = 0
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"state_dict['param_groups'][{gi}]: expected a dict with 'params'")
+            ids = list(saved["params"])
+            if len(ids) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict['param_groups'][{gi}]: has {len(ids)} parameter(s), "
+                    f"the optimizer's group has {len(group['params'])}"
+                )
+            for pid in ids:
+                id_to_index[int(pid)] = index
+                index += 1
+            merged = dict(group)
+            for key in self.defaults:
+                if key in saved:
+                    merged[key] = self._convert_hyper(key, saved[key])
+            self._validate_group(merged, f"state_dict['param_groups'][{gi}]")
+            new_groups.append(merged)
+
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise ValueError("state_dict['state']: expected a mapping from parameter id to state")
+        new_state: List[Optional[Dict[str, Any]]] = [None] * len(self._flat)
+        for key, entry in saved_state.items():
+            try:
+                pid = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"state_dict['state']: bad parameter id {key!r}") from None
+            if pid not in id_to_index:
+                raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
+            i = id_to_index[pid]
+            new_state[i] = self._convert_state(entry, self._flat[i], f"state_dict['state'][{pid}]")
+        for i, s in enumerate(new_state):
+            if s is None:
+                new_state[i] = self._new_state(self._flat[i], new_groups[self._group_of[i]])
+        # Everything validated: commit.
+        for group, merged in zip(self.param_groups, new_groups):
+            group.update(merged)
+        self.state = new_state  # type: ignore[assignment]
+
+    @staticmethod
+    def _convert_hyper(key: str, value: Any) -> Any:
+        if callable(value) and key == "lr":
+            return value
+        if isinstance(value, (tuple, list)):
+            return tuple(np.asarray(v).item() if hasattr(v, "__array__") else v for v in value)
+        if hasattr(value, "__array__") and not isinstance(value, np.ndarray):
+            value = np.asarray(value)
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            return value.item()
+        return value
+
+    def _convert_state(self, entry: Any, p: np.ndarray, where: str) -> Dict[str, Any]:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}: expected a dict")
+        out: Dict[str, Any] = {}
+        step = entry.get("step", 0)
+        step_arr = np.asarray(step)
+        if step_arr.ndim != 0 or step_arr.dtype.kind not in "iuf" or not np.isfinite(step_arr):
+            raise ValueError(f"{where}['step']: expected a non-negative integer, got {step!r}")
+        step_val = step_arr.item()
+        if step_val < 0 or float(step_val) != int(step_val):
+            raise ValueError(f"{where}['step']: expected a non-negative integer, got {step!r}")
+        out["step"] = int(step_val)
+        for name, required in self._array_state.items():
+            if name not in entry or entry[name] is None:
+                if required:
+                    raise ValueError(f"{where}: missing '{name}'")
+                continue
+            arr = np.asarray(entry[name])
+            if arr.shape != p.shape:
+                raise ValueError(f"{where}['{name}']: expected shape {p.shape} like its parameter, got {arr.shape}")
+            if arr.dtype.kind != "f":
+                raise TypeError(f"{where}['{name}']: expected a floating-point array, got dtype {arr.dtype}")
+            out[name] = np.array(arr, dtype=p.dtype, order="C", copy=True)
+        return out
+
+    # --------------------------------------------------------------- subclass
+    @abc.abstractmethod
+    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
+        """Implemented by each optimizer."""
+
+    @abc.abstractmethod
+    def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+        """Implemented by each optimizer."""
+
+    @abc.abstractmethod
+    def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
+        """Implemented by each optimizer."""
+
+    @abc.abstractmethod
+    def _native_step(self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int) -> bool:
+        """Implemented by each optimizer."""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for gi, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {gi}")
+            for k in sorted(g):
+                if k != "params":
+                    lines.append(f"    {k}: {g[k]!r}")
+            lines.append(f"    params: {len(g['params'])} array(s)")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+_STATE_PATTERNS = (
+    "params[{}]",
+    "grads[{}]",
+    "exp_avg of params[{}]",
+    "exp_avg_sq of params[{}]",
+    "max_exp_avg_sq of params[{}]",
+)
+
+
+class Adam(Optimizer):
+    """Adam (coupled L2 weight decay) with every variant of the numerics in API.md.
+
+    Parameters are updated in place; `step(grads)` updates every tensor of every
+    group in one native call with the GIL released.
+    """
+
+    _array_state = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        lr: LR = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        eps_style: str = "torch",
+        nonfinite: str = "propagate",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            eps_style=eps_style,
+        )
+        super().__init__(params, defaults, nonfinite)
+
+    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
+        check_lr(group["lr"], f"{where}['lr']", allow_callable=True)
+        check_betas(group["betas"], f"{where}['betas']")
+        check_float(group["eps"], f"{where}['eps']", minimum=0.0)
+        check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0)
+        for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
+            check_bool(group[flag], f"{where}['{flag}']")
+        check_eps_style(group["eps_style"], f"{where}['eps_style']")
+
+    def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+        if group.get("amsgrad"):
+            state["max_exp_avg_sq"] = np.zeros_like(p)
+        return state
+
+    def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
+        lr = group["lr"]
+        if callable(lr):
+            lr = check_float(lr(t), f"{where}['lr']({t})", minimum=0.0)
+        else:
+            lr = check_lr(lr, f"{where}['lr']", allow_callable=False)
+        beta1, beta2 = check_betas(group["betas"], f"{where}['betas']")
+        return (
+            lr,
+            beta1,
+            beta2,
+            check_float(group["eps"], f"{where}['eps']", minimum=0.0),
+            check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0),
+            check_bool(group["decoupled_weight_decay"], f"{where}['decoupled_weight_decay']"),
+            check_bool(group["amsgrad"], f"{where}['amsgrad']"),
+            check_bool(group["maximize"], f"{where}['maximize']"),
+            check_eps_style(group["eps_style"], f"{where}['eps_style']") == "keras",
+        )
+
+    def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
+        """Creates max_exp_avg_sq for groups switched to amsgrad (tentatively:
+        removed again if the step does not apply)."""
+        added = []
+        for i, gi in enumerate(self._group_of):
+            if hypers[gi][6] and "max_exp_avg_sq" not in self.state[i]:
+                self.state[i]["max_exp_avg_sq"] = np.zeros_like(self._flat[i])
+                added.append((i, "max_exp_avg_sq"))
+        return added
+
+    def _native_step(self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int) -> bool:
+        return _core.adam_step(
+            self._flat, grads, None, None, None, None, self.state, self._group_of, hypers,
+            grad_scale, nonfinite, _STATE_PATTERNS, self._keys,
+        )
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (p *= 1 - lr * weight_decay)."""
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        lr: LR = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        eps_style: str = "torch",
+        nonfinite: str = "propagate",
+    ):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+            decoupled_weight_decay=True, eps_style=eps_style, nonfinite=nonfinite,
+        )
