@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "adam_math.h"
+#include "optim_math.h"
 #include "dispatch.h"
 #include "multi_tensor.h"
 
@@ -154,39 +154,45 @@ void check_aliasing(std::vector<Interval>& written, const std::vector<Interval>&
   }
 }
 
-struct GroupHyper {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool decoupled, amsgrad, maximize, keras;
+// ----------------------------------------------------------------- collection
+
+// Per-call scratch, reused between calls so the steady-state step does not allocate.
+struct Scratch {
+  std::vector<Interval> written;
+  std::vector<Interval> read;
+  std::vector<std::int64_t> new_steps;
+  void reset(std::size_t n) {
+    written.clear();
+    read.clear();
+    new_steps.assign(n, 0);
+  }
 };
 
-std::vector<GroupHyper> parse_groups(const py::sequence& groups) {
-  std::vector<GroupHyper> out;
-  out.reserve(groups.size());
-  for (py::handle g : groups) {
-    auto t = py::reinterpret_borrow<py::tuple>(g);
-    if (t.size() != 9) value_error("internal: a group's hyperparameters must be a 9-tuple");
-    GroupHyper h{t[0].cast<double>(), t[1].cast<double>(), t[2].cast<double>(), t[3].cast<double>(),
-                 t[4].cast<double>(), t[5].cast<bool>(), t[6].cast<bool>(), t[7].cast<bool>(),
-                 t[8].cast<bool>()};
-    out.push_back(h);
-  }
-  return out;
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
 }
 
-AdamStepScalars step_scalars(const GroupHyper& h, std::int64_t step, double grad_scale) {
-  const double t = static_cast<double>(step);
-  const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
-  const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
-  AdamStepScalars s{};
-  s.grad_scale = h.maximize ? -grad_scale : grad_scale;
-  s.beta1 = h.beta1;
-  s.beta2 = h.beta2;
-  s.eps = h.eps;
-  s.weight_decay = h.weight_decay;
-  s.decay_factor = 1.0 - h.lr * h.weight_decay;
-  s.bias_correction2_sqrt = std::sqrt(bias_correction2);
-  s.step_size = h.keras ? h.lr * s.bias_correction2_sqrt / bias_correction1 : h.lr / bias_correction1;
-  return s;
+// Checks tensor i's parameter and gradient and fills the common fields.
+py::array take_param_grad(py::handle ph, py::handle gh, std::size_t i, const Labels& labels, TensorRef& ref,
+                          double grad_scale, Scratch& sc) {
+  py::array p = check_array(ph, kParam, i, labels, nullptr, true);
+  py::array g = check_array(gh, kGrad, i, labels, &p, false);
+  ref.param = p.mutable_data();
+  ref.grad = g.data();
+  ref.numel = static_cast<std::size_t>(p.size());
+  ref.dtype = static_cast<DType>(float_dtype(p));
+  ref.grad_scale = grad_scale;
+  sc.written.push_back(interval_of(p, kParam, i));
+  sc.read.push_back(interval_of(g, kGrad, i));
+  return p;
+}
+
+// Checks one state buffer of tensor i against its parameter; returns its data.
+void* take_state(py::handle h, int kind, std::size_t i, const Labels& labels, const py::array& p, Scratch& sc) {
+  py::array a = check_array(h, kind, i, labels, &p, true);
+  sc.written.push_back(interval_of(a, kind, i));
+  return a.mutable_data();
 }
 
 std::int64_t as_step(py::handle h, const std::string& what, std::int64_t minimum) {
@@ -197,35 +203,39 @@ std::int64_t as_step(py::handle h, const std::string& what, std::int64_t minimum
   if (!v) throw py::error_already_set();
   const long long s = PyLong_AsLongLong(v.ptr());
   if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
-  if (s < minimum) value_error(what + ": expected an integer >= " + std::to_string(minimum) + ", got " + std::to_string(s));
+  if (s < minimum) {
+    value_error(what + ": expected an integer >= " + std::to_string(minimum) + ", got " + std::to_string(s));
+  }
   return s;
 }
 
-enum Nonfinite : int { kPropagate = 0, kSkip = 1, kRaise = 2 };
+py::handle state_dict_of(const py::sequence& states, std::size_t i) {
+  py::handle st = states[i];
+  if (!PyDict_Check(st.ptr())) type_error("state[" + std::to_string(i) + "]: expected a dict, got " + type_name(st));
+  return st;
+}
 
 py::handle state_item(py::handle state, const char* key, std::size_t i, const Labels& labels, int kind) {
-  if (!PyDict_Check(state.ptr())) {
-    type_error("state[" + std::to_string(i) + "]: expected a dict, got " + type_name(state));
-  }
   PyObject* v = PyDict_GetItemString(state.ptr(), key);
   if (v == nullptr) value_error(labels(kind, i) + ": missing from the optimizer state");
   return v;
 }
 
-// The one native entry point of a step. With `states` (a list of dicts holding
-// "step", "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq"), the
-// state arrays and step counts are read from the dicts and the counts are
-// advanced on success; otherwise the state arrays come from the lists and
-// `steps` gives the 1-based step to apply to each tensor.
-bool adam_step(py::sequence params, py::object grads_obj, py::object exp_avgs_obj, py::object exp_avg_sqs_obj,
-               py::object max_exp_avg_sqs_obj, py::object steps_obj, py::object states_obj,
-               py::object group_of_obj, py::sequence groups_obj, double grad_scale, int nonfinite,
-               py::object patterns, py::object names) {
-  const Labels labels{patterns, names};
-  const std::size_t n = params.size();
-  if (!std::isfinite(grad_scale)) value_error("grad_scale: expected a finite float, got " + std::to_string(grad_scale));
-  if (nonfinite < kPropagate || nonfinite > kRaise) value_error("internal: bad nonfinite policy");
+// The updates already applied to tensor i, read from its state dict.
+std::int64_t state_step(py::handle state, std::size_t i) {
+  PyObject* v = PyDict_GetItemString(state.ptr(), "step");
+  if (v == nullptr) value_error("state[" + std::to_string(i) + "]['step']: missing from the optimizer state");
+  return as_step(v, "state[" + std::to_string(i) + "]['step']", 0);
+}
 
+void write_steps(const py::sequence& states, const std::vector<std::int64_t>& steps) {
+  for (std::size_t i = 0; i < steps.size(); ++i) {
+    py::int_ s(steps[i]);
+    if (PyDict_SetItemString(states[i].ptr(), "step", s.ptr()) != 0) throw py::error_already_set();
+  }
+}
+
+py::sequence as_grads(const py::object& grads_obj, std::size_t n) {
   if (!PyList_Check(grads_obj.ptr()) && !PyTuple_Check(grads_obj.ptr())) {
     type_error("grads: expected a list or tuple of arrays, got " + type_name(grads_obj));
   }
@@ -234,116 +244,60 @@ bool adam_step(py::sequence params, py::object grads_obj, py::object exp_avgs_ob
     value_error("grads: expected " + std::to_string(n) + " gradients (one per parameter), got " +
                 std::to_string(grads.size()));
   }
-  const bool from_states = !states_obj.is_none();
-  py::sequence states, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
-  auto check_len = [n](const py::sequence& s, const char* what) {
-    if (s.size() != n) {
-      value_error(std::string(what) + ": expected " + std::to_string(n) + " entries (one per parameter), got " +
-                  std::to_string(s.size()));
-    }
-  };
-  if (from_states) {
-    states = py::reinterpret_borrow<py::sequence>(states_obj);
-    check_len(states, "state");
-  } else {
-    exp_avgs = py::reinterpret_borrow<py::sequence>(exp_avgs_obj);
-    exp_avg_sqs = py::reinterpret_borrow<py::sequence>(exp_avg_sqs_obj);
-    steps = py::reinterpret_borrow<py::sequence>(steps_obj);
-    check_len(exp_avgs, "exp_avgs");
-    check_len(exp_avg_sqs, "exp_avg_sqs");
-    check_len(steps, "step");
-    if (!max_exp_avg_sqs_obj.is_none()) {
-      max_exp_avg_sqs = py::reinterpret_borrow<py::sequence>(max_exp_avg_sqs_obj);
-      check_len(max_exp_avg_sqs, "max_exp_avg_sqs");
-    }
+  return grads;
+}
+
+void check_len(const py::sequence& s, std::size_t n, const char* what) {
+  if (s.size() != n) {
+    value_error(std::string(what) + ": expected " + std::to_string(n) + " entries (one per parameter), got " +
+                std::to_string(s.size()));
   }
-  const std::vector<GroupHyper> groups = parse_groups(groups_obj);
-  std::vector<int> group_of;
-  if (!group_of_obj.is_none()) {
-    group_of = group_of_obj.cast<std::vector<int>>();
-    if (group_of.size() != n) value_error("internal: group_of must have one entry per parameter");
+}
+
+std::vector<int> parse_group_of(const py::object& group_of_obj, std::size_t n, std::size_t groups) {
+  if (group_of_obj.is_none()) return std::vector<int>(n, 0);
+  std::vector<int> group_of = group_of_obj.cast<std::vector<int>>();
+  if (group_of.size() != n) value_error("internal: group_of must have one entry per parameter");
+  for (int g : group_of) {
+    if (g < 0 || static_cast<std::size_t>(g) >= groups) value_error("internal: bad group index");
   }
+  return group_of;
+}
 
-  thread_local std::vector<AdamTensor> tensors;
-  thread_local std::vector<Interval> written;
-  thread_local std::vector<Interval> read;
-  thread_local std::vector<std::int64_t> new_steps;
-  tensors.resize(n);
-  written.clear();
-  read.clear();
-  new_steps.resize(n);
-  std::vector<py::array> keep;  // holds the arrays' references for the GIL-free section
-  keep.reserve(from_states ? 4 * n : 0);
+enum Nonfinite : int { kPropagate = 0, kSkip = 1, kRaise = 2 };
 
-  for (std::size_t i = 0; i < n; ++i) {
-    const int gi = group_of.empty() ? 0 : group_of[i];
-    if (gi < 0 || static_cast<std::size_t>(gi) >= groups.size()) value_error("internal: bad group index");
-    const GroupHyper& h = groups[static_cast<std::size_t>(gi)];
+void check_call_scalars(double grad_scale, int nonfinite, double max_grad_norm) {
+  if (!std::isfinite(grad_scale)) value_error("grad_scale: expected a finite float, got " + std::to_string(grad_scale));
+  if (nonfinite < kPropagate || nonfinite > kRaise) value_error("internal: bad nonfinite policy");
+  if (std::isnan(max_grad_norm)) value_error("max_grad_norm: expected a number >= 0 or None");
+}
 
-    py::array p = check_array(params[i], kParam, i, labels, nullptr, true);
-    py::array g = check_array(grads[i], kGrad, i, labels, &p, false);
-    py::handle m_h, v_h, vmax_h;
-    std::int64_t step = 0;
-    if (from_states) {
-      py::handle st = states[i];
-      m_h = state_item(st, "exp_avg", i, labels, kExpAvg);
-      v_h = state_item(st, "exp_avg_sq", i, labels, kExpAvgSq);
-      if (h.amsgrad) vmax_h = state_item(st, "max_exp_avg_sq", i, labels, kMaxExpAvgSq);
-      py::handle s = state_item(st, "step", i, labels, kParam);
-      step = as_step(s, "state[" + std::to_string(i) + "]['step']", 0) + 1;
-    } else {
-      m_h = exp_avgs[i];
-      v_h = exp_avg_sqs[i];
-      if (h.amsgrad) {
-        if (max_exp_avg_sqs.ptr() == nullptr || max_exp_avg_sqs[i].is_none()) {
-          value_error(labels(kMaxExpAvgSq, i) + ": amsgrad=True needs a max_exp_avg_sq array for every tensor");
-        }
-        vmax_h = max_exp_avg_sqs[i];
-      }
-      step = as_step(steps[i], "step[" + std::to_string(i) + "]", 1);
-    }
-    py::array m = check_array(m_h, kExpAvg, i, labels, &p, true);
-    py::array v = check_array(v_h, kExpAvgSq, i, labels, &p, true);
-    py::array vmax;
-    if (h.amsgrad) vmax = check_array(vmax_h, kMaxExpAvgSq, i, labels, &p, true);
-
-    written.push_back(interval_of(p, kParam, i));
-    written.push_back(interval_of(m, kExpAvg, i));
-    written.push_back(interval_of(v, kExpAvgSq, i));
-    if (h.amsgrad) written.push_back(interval_of(vmax, kMaxExpAvgSq, i));
-    read.push_back(interval_of(g, kGrad, i));
-
-    AdamTensor& t = tensors[i];
-    t.param = p.mutable_data();
-    t.grad = g.data();
-    t.exp_avg = m.mutable_data();
-    t.exp_avg_sq = v.mutable_data();
-    t.max_exp_avg_sq = h.amsgrad ? vmax.mutable_data() : nullptr;
-    t.numel = static_cast<std::size_t>(p.size());
-    t.dtype = static_cast<DType>(float_dtype(p));
-    t.amsgrad = h.amsgrad;
-    t.eps_style = h.keras ? static_cast<int>(EpsStyle::keras) : static_cast<int>(EpsStyle::torch);
-    WeightDecay wd = WeightDecay::none;
-    if (h.weight_decay != 0.0) wd = h.decoupled ? WeightDecay::decoupled : WeightDecay::coupled;
-    t.weight_decay_mode = static_cast<int>(wd);
-    t.scalars = step_scalars(h, step, grad_scale);
-    new_steps[i] = step;
-    if (from_states) {
-      keep.push_back(std::move(m));
-      keep.push_back(std::move(v));
-      if (h.amsgrad) keep.push_back(std::move(vmax));
-    }
-  }
-  check_aliasing(written, read, labels);
-
-  // Everything is valid: from here on the call either changes nothing (skip,
-  // raise) or applies the whole step.
+// Everything is valid when this runs. With the GIL released: the global
+// gradient norm (when clipping), the non-finite check (skip/raise), then the
+// fused update of every tensor. Returns (applied, grad_norm or None).
+template <typename Tensor, typename Update>
+py::tuple run_step(std::vector<Tensor>& tensors, int nonfinite, double max_grad_norm, double grad_scale,
+                   const Labels& labels, Update update) {
+  const std::size_t n = tensors.size();
   std::ptrdiff_t bad = -1;
+  double norm = std::nan("");
+  const bool clip = max_grad_norm >= 0.0;
   {
     py::gil_scoped_release release;
-    if (nonfinite != kPropagate) bad = find_nonfinite(tensors.data(), n);
-    if (bad < 0) adam_multi_tensor(tensors.data(), n);
+    if (clip) {
+      norm = std::fabs(grad_scale) * std::sqrt(sum_squares(tensors.data(), n));
+      // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), capped at 1.
+      const double coef = std::min(1.0, max_grad_norm / (norm + 1e-6));
+      if (nonfinite != kPropagate && !std::isfinite(norm)) bad = find_nonfinite(tensors.data(), n);
+      if (bad < 0) {
+        for (Tensor& t : tensors) t.grad_scale *= coef;
+      }
+    } else if (nonfinite != kPropagate) {
+      bad = find_nonfinite(tensors.data(), n);
+    }
+    if (bad < 0) update(tensors.data(), n);
   }
+  py::object norm_obj = clip ? py::object(py::float_(norm)) : py::object(py::none());
   if (bad >= 0) {
     if (nonfinite == kRaise) {
       const std::string msg = labels(kGrad, static_cast<std::size_t>(bad)) +
@@ -351,15 +305,219 @@ bool adam_step(py::sequence params, py::object grads_obj, py::object exp_avgs_ob
       PyErr_SetString(PyExc_FloatingPointError, msg.c_str());
       throw py::error_already_set();
     }
-    return false;
+    return py::make_tuple(false, norm_obj);
   }
+  return py::make_tuple(true, norm_obj);
+}
+
+// ------------------------------------------------------------------------ Adam
+
+struct AdamGroup {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, amsgrad, maximize, keras;
+};
+
+std::vector<AdamGroup> parse_adam_groups(const py::sequence& groups) {
+  std::vector<AdamGroup> out;
+  out.reserve(groups.size());
+  for (py::handle g : groups) {
+    auto t = py::reinterpret_borrow<py::tuple>(g);
+    if (t.size() != 9) value_error("internal: an Adam group's hyperparameters must be a 9-tuple");
+    out.push_back(AdamGroup{t[0].cast<double>(), t[1].cast<double>(), t[2].cast<double>(), t[3].cast<double>(),
+                            t[4].cast<double>(), t[5].cast<bool>(), t[6].cast<bool>(), t[7].cast<bool>(),
+                            t[8].cast<bool>()});
+  }
+  return out;
+}
+
+// Bias corrections and step sizes, once per tensor per step, in double.
+void set_adam_scalars(AdamTensor& t, const AdamGroup& h, std::int64_t step) {
+  const double steps = static_cast<double>(step);
+  const double bias_correction1 = 1.0 - std::pow(h.beta1, steps);
+  const double bias_correction2 = 1.0 - std::pow(h.beta2, steps);
+  AdamStepScalars& s = t.scalars;
+  s.beta1 = h.beta1;
+  s.beta2 = h.beta2;
+  s.eps = h.eps;
+  s.weight_decay = h.weight_decay;
+  s.decay_factor = 1.0 - h.lr * h.weight_decay;
+  s.bias_correction2_sqrt = std::sqrt(bias_correction2);
+  s.step_size = h.keras ? h.lr * s.bias_correction2_sqrt / bias_correction1 : h.lr / bias_correction1;
+  if (h.maximize) t.grad_scale = -t.grad_scale;
+  t.amsgrad = h.amsgrad;
+  t.eps_style = static_cast<int>(h.keras ? EpsStyle::keras : EpsStyle::torch);
+  WeightDecay wd = WeightDecay::none;
+  if (h.weight_decay != 0.0) wd = h.decoupled ? WeightDecay::decoupled : WeightDecay::coupled;
+  t.weight_decay_mode = static_cast<int>(wd);
+}
+
+// The one native entry point of an Adam step. With `states` (a list of dicts
+// holding "step", "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq"),
+// the state arrays and step counts come from the dicts and the counts are
+// advanced on success; otherwise the state arrays come from the lists and
+// `steps` gives the 1-based step to apply to each tensor.
+py::tuple adam_step(py::sequence params, py::object grads_obj, py::object exp_avgs_obj, py::object exp_avg_sqs_obj,
+                    py::object max_exp_avg_sqs_obj, py::object steps_obj, py::object states_obj,
+                    py::object group_of_obj, py::sequence groups_obj, double grad_scale, int nonfinite,
+                    double max_grad_norm, py::object patterns, py::object names) {
+  const Labels labels{patterns, names};
+  const std::size_t n = params.size();
+  check_call_scalars(grad_scale, nonfinite, max_grad_norm);
+  py::sequence grads = as_grads(grads_obj, n);
+  const bool from_states = !states_obj.is_none();
+  py::sequence states, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   if (from_states) {
-    for (std::size_t i = 0; i < n; ++i) {
-      py::int_ s(new_steps[i]);
-      if (PyDict_SetItemString(states[i].ptr(), "step", s.ptr()) != 0) throw py::error_already_set();
+    states = py::reinterpret_borrow<py::sequence>(states_obj);
+    check_len(states, n, "state");
+  } else {
+    exp_avgs = py::reinterpret_borrow<py::sequence>(exp_avgs_obj);
+    exp_avg_sqs = py::reinterpret_borrow<py::sequence>(exp_avg_sqs_obj);
+    steps = py::reinterpret_borrow<py::sequence>(steps_obj);
+    check_len(exp_avgs, n, "exp_avgs");
+    check_len(exp_avg_sqs, n, "exp_avg_sqs");
+    check_len(steps, n, "step");
+    if (!max_exp_avg_sqs_obj.is_none()) {
+      max_exp_avg_sqs = py::reinterpret_borrow<py::sequence>(max_exp_avg_sqs_obj);
+      check_len(max_exp_avg_sqs, n, "max_exp_avg_sqs");
     }
   }
-  return true;
+  const std::vector<AdamGroup> groups = parse_adam_groups(groups_obj);
+  const std::vector<int> group_of = parse_group_of(group_of_obj, n, groups.size());
+
+  thread_local std::vector<AdamTensor> tensors;
+  tensors.resize(n);
+  Scratch& sc = scratch();
+  sc.reset(n);
+  std::vector<py::object> keep;  // state arrays stay alive through the GIL-free section
+  if (from_states) keep.reserve(3 * n);
+
+  for (std::size_t i = 0; i < n; ++i) {
+    const AdamGroup& h = groups[static_cast<std::size_t>(group_of[i])];
+    AdamTensor& t = tensors[i];
+    py::array p = take_param_grad(params[i], grads[i], i, labels, t, grad_scale, sc);
+    py::handle m, v, vmax;
+    std::int64_t step = 0;
+    if (from_states) {
+      py::handle st = state_dict_of(states, i);
+      m = state_item(st, "exp_avg", i, labels, kExpAvg);
+      v = state_item(st, "exp_avg_sq", i, labels, kExpAvgSq);
+      if (h.amsgrad) vmax = state_item(st, "max_exp_avg_sq", i, labels, kMaxExpAvgSq);
+      step = state_step(st, i) + 1;
+      keep.emplace_back(py::reinterpret_borrow<py::object>(m));
+      keep.emplace_back(py::reinterpret_borrow<py::object>(v));
+      if (h.amsgrad) keep.emplace_back(py::reinterpret_borrow<py::object>(vmax));
+    } else {
+      m = exp_avgs[i];
+      v = exp_avg_sqs[i];
+      if (h.amsgrad) {
+        if (max_exp_avg_sqs.ptr() == nullptr || max_exp_avg_sqs[i].is_none()) {
+          value_error(labels(kMaxExpAvgSq, i) + ": amsgrad=True needs a max_exp_avg_sq array for every tensor");
+        }
+        vmax = max_exp_avg_sqs[i];
+      }
+      step = as_step(steps[i], "step[" + std::to_string(i) + "]", 1);
+    }
+    t.exp_avg = take_state(m, kExpAvg, i, labels, p, sc);
+    t.exp_avg_sq = take_state(v, kExpAvgSq, i, labels, p, sc);
+    t.max_exp_avg_sq = h.amsgrad ? take_state(vmax, kMaxExpAvgSq, i, labels, p, sc) : nullptr;
+    set_adam_scalars(t, h, step);
+    sc.new_steps[i] = step;
+  }
+  check_aliasing(sc.written, sc.read, labels);
+
+  py::tuple result = run_step(tensors, nonfinite, max_grad_norm, grad_scale, labels,
+                              [](const AdamTensor* t, std::size_t count) { adam_multi_tensor(t, count); });
+  if (from_states && result[0].cast<bool>()) write_steps(states, sc.new_steps);
+  return result;
+}
+
+// ------------------------------------------------------------------------- SGD
+
+struct SgdGroup {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+// One SGD step over every tensor. State dicts hold "step" and, with momentum,
+// "momentum_buffer"; `fresh[i]` marks a buffer that starts this step (it is
+// set to the gradient, like torch.optim.SGD's first momentum step).
+py::tuple sgd_step(py::sequence params, py::object grads_obj, py::sequence states, py::object fresh_obj,
+                   py::object group_of_obj, py::sequence groups_obj, double grad_scale, int nonfinite,
+                   double max_grad_norm, py::object patterns, py::object names) {
+  const Labels labels{patterns, names};
+  const std::size_t n = params.size();
+  check_call_scalars(grad_scale, nonfinite, max_grad_norm);
+  py::sequence grads = as_grads(grads_obj, n);
+  check_len(states, n, "state");
+  std::vector<bool> fresh(n, false);
+  if (!fresh_obj.is_none()) {
+    fresh = fresh_obj.cast<std::vector<bool>>();
+    if (fresh.size() != n) value_error("internal: fresh must have one entry per parameter");
+  }
+  std::vector<SgdGroup> groups;
+  groups.reserve(groups_obj.size());
+  for (py::handle g : groups_obj) {
+    auto t = py::reinterpret_borrow<py::tuple>(g);
+    if (t.size() != 6) value_error("internal: an SGD group's hyperparameters must be a 6-tuple");
+    groups.push_back(SgdGroup{t[0].cast<double>(), t[1].cast<double>(), t[2].cast<double>(), t[3].cast<double>(),
+                              t[4].cast<bool>(), t[5].cast<bool>()});
+  }
+  const std::vector<int> group_of = parse_group_of(group_of_obj, n, groups.size());
+
+  thread_local std::vector<SgdTensor> tensors;
+  tensors.resize(n);
+  Scratch& sc = scratch();
+  sc.reset(n);
+  std::vector<py::object> keep;
+  keep.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const SgdGroup& h = groups[static_cast<std::size_t>(group_of[i])];
+    SgdTensor& t = tensors[i];
+    py::array p = take_param_grad(params[i], grads[i], i, labels, t, h.maximize ? -grad_scale : grad_scale, sc);
+    py::handle st = state_dict_of(states, i);
+    t.momentum_buffer = nullptr;
+    if (h.momentum != 0.0) {
+      py::handle buf = state_item(st, "momentum_buffer", i, labels, 2);
+      keep.emplace_back(py::reinterpret_borrow<py::object>(buf));
+      t.momentum_buffer = take_state(buf, 2, i, labels, p, sc);
+    }
+    t.momentum_mode = static_cast<int>(h.momentum == 0.0 ? Momentum::none
+                                       : h.nesterov      ? Momentum::nesterov
+                                                         : Momentum::heavy_ball);
+    t.first = fresh[i];
+    t.weight_decay_on = h.weight_decay != 0.0;
+    t.scalars = SgdStepScalars{h.lr, h.weight_decay, h.momentum, h.dampening};
+    sc.new_steps[i] = state_step(st, i) + 1;
+  }
+  check_aliasing(sc.written, sc.read, labels);
+  py::tuple result = run_step(tensors, nonfinite, max_grad_norm, grad_scale, labels,
+                              [](const SgdTensor* t, std::size_t count) { sgd_multi_tensor(t, count); });
+  if (result[0].cast<bool>()) write_steps(states, sc.new_steps);
+  return result;
+}
+
+// ------------------------------------------------------------------ global norm
+
+double global_norm(py::object grads_obj, py::object patterns, py::object names) {
+  const Labels labels{patterns, names};
+  if (!PyList_Check(grads_obj.ptr()) && !PyTuple_Check(grads_obj.ptr())) {
+    type_error("grads: expected a list or tuple of arrays, got " + type_name(grads_obj));
+  }
+  py::sequence grads = py::reinterpret_borrow<py::sequence>(grads_obj);
+  const std::size_t n = grads.size();
+  thread_local std::vector<TensorRef> tensors;
+  tensors.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    py::array g = check_array(grads[i], kGrad, i, labels, nullptr, false);
+    TensorRef& t = tensors[i];
+    t.param = nullptr;
+    t.grad = g.data();
+    t.numel = static_cast<std::size_t>(g.size());
+    t.dtype = static_cast<DType>(float_dtype(g));
+    t.grad_scale = 1.0;
+  }
+  py::gil_scoped_release release;
+  return std::sqrt(sum_squares(tensors.data(), n));
 }
 
 py::array check_f32_buffer(py::handle h, const char* what, py::ssize_t n) {
@@ -416,8 +574,17 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("states"), py::arg("group_of"), py::arg("groups"),
-        py::arg("grad_scale"), py::arg("nonfinite"), py::arg("patterns"), py::arg("names"),
-        "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.");
+        py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"), py::arg("patterns"),
+        py::arg("names"),
+        "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
+        "Returns (applied, grad_norm or None).");
+  m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("fresh"),
+        py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"),
+        py::arg("max_grad_norm"), py::arg("patterns"), py::arg("names"),
+        "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
+        "Returns (applied, grad_norm or None).");
+  m.def("global_norm", &global_norm, py::arg("grads"), py::arg("patterns"), py::arg("names"),
+        "L2 norm of all gradients together, one multi-threaded pass accumulating in float64.");
   m.def("ceiling_adam", &ceiling_adam, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("step_size"), py::arg("bias_correction2_sqrt"),
         "The simplest `omp parallel for simd` float32 Adam loop (benchmark ceiling).");

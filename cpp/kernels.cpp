@@ -7,7 +7,7 @@
 #error "ADAMCPP_ISA must name the ISA target of this translation unit"
 #endif
 #define ADAMCPP_MATH_NS ADAMCPP_ISA
-#include "adam_math.h"
+#include "optim_math.h"
 
 #define ADAMCPP_STR2(x) #x
 #define ADAMCPP_STR(x) ADAMCPP_STR2(x)
@@ -23,9 +23,10 @@ namespace ADAMCPP_ISA {
 namespace {
 
 template <typename T>
-AdamScalars<T> to_element_type(const AdamStepScalars& s) {
+AdamScalars<T> to_element_type(const AdamTensor& t) {
+  const AdamStepScalars& s = t.scalars;
   AdamScalars<T> r;
-  r.grad_scale = static_cast<T>(s.grad_scale);
+  r.grad_scale = static_cast<T>(t.grad_scale);
   r.beta1 = static_cast<T>(s.beta1);
   r.one_minus_beta1 = static_cast<T>(1.0 - s.beta1);
   r.beta2 = static_cast<T>(s.beta2);
@@ -43,7 +44,7 @@ AdamScalars<T> to_element_type(const AdamStepScalars& s) {
 // compiler for this translation unit's ISA.
 template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
 void adam_chunk(const AdamTensor& t, std::size_t begin, std::size_t end) {
-  const AdamScalars<T> s = to_element_type<T>(t.scalars);
+  const AdamScalars<T> s = to_element_type<T>(t);
   T* ADAMCPP_RESTRICT param = static_cast<T*>(t.param);
   const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(t.grad);
   T* ADAMCPP_RESTRICT exp_avg = static_cast<T*>(t.exp_avg);
@@ -61,6 +62,42 @@ void adam_chunk(const AdamTensor& t, std::size_t begin, std::size_t end) {
       adam_element<T, WD, false, Eps>(param[i], grad[i], exp_avg[i], exp_avg_sq[i], nullptr, s);
     }
   }
+}
+
+template <typename T, bool WeightDecayOn, Momentum Mom, bool First>
+void sgd_chunk(const SgdTensor& t, std::size_t begin, std::size_t end) {
+  SgdScalars<T> s;
+  s.grad_scale = static_cast<T>(t.grad_scale);
+  s.lr = static_cast<T>(t.scalars.lr);
+  s.weight_decay = static_cast<T>(t.scalars.weight_decay);
+  s.momentum = static_cast<T>(t.scalars.momentum);
+  s.one_minus_dampening = static_cast<T>(1.0 - t.scalars.dampening);
+  T* ADAMCPP_RESTRICT param = static_cast<T*>(t.param);
+  const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(t.grad);
+  if constexpr (Mom == Momentum::none) {
+#pragma omp simd
+    for (std::size_t i = begin; i < end; ++i) {
+      sgd_element<T, WeightDecayOn, Mom, First>(param[i], grad[i], nullptr, s);
+    }
+  } else {
+    T* ADAMCPP_RESTRICT buffer = static_cast<T*>(t.momentum_buffer);
+#pragma omp simd
+    for (std::size_t i = begin; i < end; ++i) {
+      sgd_element<T, WeightDecayOn, Mom, First>(param[i], grad[i], &buffer[i], s);
+    }
+  }
+}
+
+template <typename T>
+double sum_squares(const void* grad_ptr, std::size_t begin, std::size_t end) {
+  const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(grad_ptr);
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (std::size_t i = begin; i < end; ++i) {
+    const double x = static_cast<double>(grad[i]);
+    acc += x * x;
+  }
+  return acc;
 }
 
 // x * 0 is 0 for every finite x and NaN for NaN or +-Inf, so the sum of
@@ -118,6 +155,23 @@ struct AdamRow {
   };
 };
 
+template <typename T, int WD, int M, int F>
+constexpr SgdChunkFn pick_sgd() {
+  return &sgd_chunk<T, WD != 0, static_cast<Momentum>(M), F != 0>;
+}
+
+template <typename T>
+struct SgdRow {
+  SgdChunkFn fns[2][3][2] = {
+      {{pick_sgd<T, 0, 0, 0>(), pick_sgd<T, 0, 0, 1>()},
+       {pick_sgd<T, 0, 1, 0>(), pick_sgd<T, 0, 1, 1>()},
+       {pick_sgd<T, 0, 2, 0>(), pick_sgd<T, 0, 2, 1>()}},
+      {{pick_sgd<T, 1, 0, 0>(), pick_sgd<T, 1, 0, 1>()},
+       {pick_sgd<T, 1, 1, 0>(), pick_sgd<T, 1, 1, 1>()},
+       {pick_sgd<T, 1, 2, 0>(), pick_sgd<T, 1, 2, 1>()}},
+  };
+};
+
 KernelTable make_table() {
   KernelTable table{};
   table.name = ADAMCPP_STR(ADAMCPP_ISA);
@@ -131,6 +185,18 @@ KernelTable make_table() {
       }
     }
   }
+  const SgdRow<float> sgd32;
+  const SgdRow<double> sgd64;
+  for (int wd = 0; wd < 2; ++wd) {
+    for (int mo = 0; mo < 3; ++mo) {
+      for (int f = 0; f < 2; ++f) {
+        table.sgd[0][wd][mo][f] = sgd32.fns[wd][mo][f];
+        table.sgd[1][wd][mo][f] = sgd64.fns[wd][mo][f];
+      }
+    }
+  }
+  table.sum_squares[0] = &sum_squares<float>;
+  table.sum_squares[1] = &sum_squares<double>;
   table.nonfinite[0] = &any_nonfinite<float>;
   table.nonfinite[1] = &any_nonfinite<double>;
   table.ceiling_adam = &ceiling_adam;

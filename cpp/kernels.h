@@ -10,9 +10,17 @@ namespace adamcpp {
 
 enum class DType : int { f32 = 0, f64 = 1 };
 
-// Host-side (double) scalars of one tensor for one step.
+// What every tensor of a multi-tensor call has: a parameter and its gradient.
+struct TensorRef {
+  void* param;
+  const void* grad;
+  std::size_t numel;
+  DType dtype;
+  double grad_scale;  // gradient multiplier (sign included), applied in the kernel
+};
+
+// Host-side (double) scalars of one Adam tensor for one step.
 struct AdamStepScalars {
-  double grad_scale;  // already negated for maximize
   double beta1;
   double beta2;
   double eps;
@@ -22,26 +30,40 @@ struct AdamStepScalars {
   double bias_correction2_sqrt;
 };
 
-// One tensor of a multi-tensor Adam call.
-struct AdamTensor {
-  void* param;
-  const void* grad;
+struct AdamTensor : TensorRef {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr unless amsgrad
-  std::size_t numel;
-  DType dtype;
   int weight_decay_mode;  // WeightDecay
   bool amsgrad;
   int eps_style;  // EpsStyle
   AdamStepScalars scalars;
 };
 
+struct SgdStepScalars {
+  double lr;
+  double weight_decay;
+  double momentum;
+  double dampening;
+};
+
+struct SgdTensor : TensorRef {
+  void* momentum_buffer;  // nullptr without momentum
+  bool weight_decay_on;
+  int momentum_mode;  // Momentum
+  bool first;         // first momentum step: the buffer starts as the gradient
+  SgdStepScalars scalars;
+};
+
 // Updates elements [begin, end) of one tensor.
 using AdamChunkFn = void (*)(const AdamTensor& tensor, std::size_t begin, std::size_t end);
+using SgdChunkFn = void (*)(const SgdTensor& tensor, std::size_t begin, std::size_t end);
 
 // True when any element of grad[begin, end) * scale is NaN or infinite.
 using NonfiniteFn = bool (*)(const void* grad, std::size_t begin, std::size_t end, double scale);
+
+// Sum of squares of grad[begin, end), accumulated in double.
+using SumSquaresFn = double (*)(const void* grad, std::size_t begin, std::size_t end);
 
 // The simplest fused Adam loop over one float32 buffer set, one
 // `omp parallel for simd`: the benchmark's practical bandwidth ceiling.
@@ -57,7 +79,10 @@ struct KernelTable {
   const char* name;
   // [dtype][weight decay mode][amsgrad][eps style]
   AdamChunkFn adam[2][3][2][2];
+  // [dtype][weight decay on][momentum mode][first]
+  SgdChunkFn sgd[2][2][3][2];
   NonfiniteFn nonfinite[2];
+  SumSquaresFn sum_squares[2];
   CeilingAdamFn ceiling_adam;
   TriadFn triad;
 };

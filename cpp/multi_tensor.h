@@ -17,9 +17,16 @@ constexpr std::size_t kChunkElements = std::size_t(1) << 15;
 constexpr std::size_t kParallelMinElements = std::size_t(1) << 16;
 
 // Index of the first tensor whose scaled gradient has a NaN or Inf, or -1.
-std::ptrdiff_t find_nonfinite(const AdamTensor* tensors, std::size_t count);
+template <typename Tensor>
+std::ptrdiff_t find_nonfinite(const Tensor* tensors, std::size_t count);
 
-// Applies one Adam step to every tensor. Pure pointer math; no validation.
+// Sum of squares of all (unscaled) gradients, accumulated in double per chunk
+// and then over chunks in order: the same bits at any thread count.
+template <typename Tensor>
+double sum_squares(const Tensor* tensors, std::size_t count);
+
+// Applies one step to every tensor. Pure pointer math; no validation.
 void adam_multi_tensor(const AdamTensor* tensors, std::size_t count);
+void sgd_multi_tensor(const SgdTensor* tensors, std::size_t count);
 
 }  // namespace adamcpp

@@ -12,7 +12,8 @@ from typing import Any, Dict
 
 from . import _core
 from . import functional
-from .optim import Adam, AdamW, Optimizer
+from . import schedules
+from .optim import SGD, Adam, AdamW, Optimizer, global_norm
 
 __version__: str = _core.version
 
@@ -57,8 +58,11 @@ def build_info() -> Dict[str, Any]:
 __all__ = [
     "Adam",
     "AdamW",
+    "SGD",
+    "global_norm",
     "Optimizer",
     "functional",
+    "schedules",
     "get_num_threads",
     "set_num_threads",
     "build_info",

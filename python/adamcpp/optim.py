@@ -26,7 +26,13 @@ ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapp
 GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 LR = Union[float, Callable[[int], float]]
 
-_NONFINITE_NAMES = ("propagate", "skip", "raise")
+
+
+def _max_grad_norm_arg(value: Optional[float]) -> float:
+    """The native encoding of `max_grad_norm`: -1 for no clipping."""
+    if value is None:
+        return -1.0
+    return check_float(value, "max_grad_norm", minimum=0.0)
 
 
 def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple[Any, ...]]]:
@@ -71,9 +77,18 @@ class Optimizer(abc.ABC):
     # name -> required in a loaded state dict (optional entries are created on demand)
     _array_state: Dict[str, bool] = {}
 
-    def __init__(self, params: ParamsLike, defaults: Dict[str, Any], nonfinite: str = "propagate"):
-        self._nonfinite_code = check_nonfinite(nonfinite)
+    def __init__(
+        self,
+        params: ParamsLike,
+        defaults: Dict[str, Any],
+        nonfinite: str = "propagate",
+        max_grad_norm: Optional[float] = None,
+    ):
+        check_nonfinite(nonfinite)
         self.nonfinite = nonfinite
+        _max_grad_norm_arg(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Optional[float] = None
         self._validate_group(dict(defaults), "defaults")
         self.defaults: Dict[str, Any] = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
@@ -182,21 +197,28 @@ class Optimizer(abc.ABC):
         """Applies one update to every parameter in one native call.
 
         Returns True when the update was applied, False when `nonfinite="skip"`
-        found a NaN/Inf gradient (then nothing changed).
+        found a NaN/Inf gradient (then nothing changed). With `max_grad_norm`
+        set, the global gradient norm (after `grad_scale`) is computed in the
+        same native call, gradients are scaled by min(1, max_grad_norm /
+        (norm + 1e-6)) inside the kernel, and the norm is kept in
+        `last_grad_norm`.
         """
         self._sync_structure()
         nonfinite = check_nonfinite(self.nonfinite)
+        max_norm = _max_grad_norm_arg(self.max_grad_norm)
         grad_list = self._grads_list(grads)
         scale = check_grad_scale(grad_scale)
         hypers = self._group_hypers()
         added = self._prepare_state(hypers)
         try:
-            applied = self._native_step(grad_list, hypers, scale, nonfinite)
+            applied, norm = self._native_step(grad_list, hypers, scale, nonfinite, max_norm, added)
         except BaseException:
             self._undo_prepare(added)
             raise
         if not applied:
             self._undo_prepare(added)
+        if norm is not None:
+            self.last_grad_norm = norm
         return bool(applied)
 
     def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
@@ -329,8 +351,11 @@ class Optimizer(abc.ABC):
         """Implemented by each optimizer."""
 
     @abc.abstractmethod
-    def _native_step(self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int) -> bool:
-        """Implemented by each optimizer."""
+    def _native_step(
+        self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int, max_grad_norm: float,
+        added: List[Tuple[int, str]],
+    ) -> Tuple[bool, Optional[float]]:
+        """Implemented by each optimizer: one native call; returns (applied, grad_norm)."""
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -375,6 +400,7 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
         eps_style: str = "torch",
         nonfinite: str = "propagate",
+        max_grad_norm: Optional[float] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -386,7 +412,7 @@ class Adam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             eps_style=eps_style,
         )
-        super().__init__(params, defaults, nonfinite)
+        super().__init__(params, defaults, nonfinite, max_grad_norm)
 
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:
         check_lr(group["lr"], f"{where}['lr']", allow_callable=True)
@@ -432,10 +458,10 @@ class Adam(Optimizer):
                 added.append((i, "max_exp_avg_sq"))
         return added
 
-    def _native_step(self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int) -> bool:
+    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm, added):
         return _core.adam_step(
             self._flat, grads, None, None, None, None, self.state, self._group_of, hypers,
-            grad_scale, nonfinite, _STATE_PATTERNS, self._keys,
+            grad_scale, nonfinite, max_grad_norm, _STATE_PATTERNS, self._keys,
         )
 
 
@@ -454,8 +480,115 @@ class AdamW(Adam):
         maximize: bool = False,
         eps_style: str = "torch",
         nonfinite: str = "propagate",
+        max_grad_norm: Optional[float] = None,
     ):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-            decoupled_weight_decay=True, eps_style=eps_style, nonfinite=nonfinite,
+            decoupled_weight_decay=True, eps_style=eps_style, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
         )
+
+
+_SGD_PATTERNS = ("params[{}]", "grads[{}]", "momentum_buffer of params[{}]")
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum, with
+    torch.optim.SGD's numerics:
+
+        g = grad * grad_scale (negated when maximize);  g += weight_decay * p
+        buf = g on the first momentum step, else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf (nesterov) or g = buf
+        p = p - lr * g
+
+    State per parameter: {"step": int, "momentum_buffer": array or None}.
+    """
+
+    _array_state = {"momentum_buffer": False}
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        lr: LR = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        *,
+        nonfinite: str = "propagate",
+        max_grad_norm: Optional[float] = None,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize,
+        )
+        super().__init__(params, defaults, nonfinite, max_grad_norm)
+
+    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
+        check_lr(group["lr"], f"{where}['lr']", allow_callable=True)
+        self._checked(group, where)
+
+    @staticmethod
+    def _checked(group: Dict[str, Any], where: str) -> Tuple[float, float, float, bool, bool]:
+        momentum = check_float(group["momentum"], f"{where}['momentum']", minimum=0.0)
+        dampening = check_float(group["dampening"], f"{where}['dampening']", minimum=0.0)
+        if dampening > 1.0:
+            raise ValueError(f"{where}['dampening']: expected a value in [0, 1], got {dampening!r}")
+        weight_decay = check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0)
+        nesterov = check_bool(group["nesterov"], f"{where}['nesterov']")
+        maximize = check_bool(group["maximize"], f"{where}['maximize']")
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):
+            raise ValueError(f"{where}['nesterov']: Nesterov momentum needs momentum > 0 and dampening == 0")
+        return momentum, dampening, weight_decay, nesterov, maximize
+
+    def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {"step": 0, "momentum_buffer": None}
+
+    def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
+        lr = group["lr"]
+        if callable(lr):
+            lr = check_float(lr(t), f"{where}['lr']({t})", minimum=0.0)
+        else:
+            lr = check_lr(lr, f"{where}['lr']", allow_callable=False)
+        momentum, dampening, weight_decay, nesterov, maximize = self._checked(group, where)
+        return (lr, momentum, dampening, weight_decay, nesterov, maximize)
+
+    def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
+        """Momentum buffers start at the first momentum step (tentatively:
+        dropped again if the step does not apply)."""
+        added = []
+        for i, gi in enumerate(self._group_of):
+            if hypers[gi][1] != 0.0 and self.state[i].get("momentum_buffer") is None:
+                self.state[i]["momentum_buffer"] = np.zeros_like(self._flat[i])
+                added.append((i, "momentum_buffer"))
+        return added
+
+    def _undo_prepare(self, added: List[Tuple[int, str]]) -> None:
+        for i, key in added:
+            self.state[i][key] = None
+
+    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm, added):
+        fresh = None
+        if added:
+            fresh = [False] * len(self._flat)
+            for i, _ in added:
+                fresh[i] = True
+        return _core.sgd_step(
+            self._flat, grads, self.state, fresh, self._group_of, hypers,
+            grad_scale, nonfinite, max_grad_norm, _SGD_PATTERNS, self._keys,
+        )
+
+
+def global_norm(grads: GradsLike) -> float:
+    """The L2 norm of all gradients taken together (as torch's clip_grad_norm_
+    computes it), in one multi-threaded native pass accumulating in float64.
+    Gradients may be float32 or float64, read-only, of any shape; they must be
+    C-contiguous."""
+    if isinstance(grads, Mapping):
+        names: Optional[Tuple[Any, ...]] = tuple(grads.keys())
+        seq: Sequence[Any] = [grads[k] for k in names]
+    elif isinstance(grads, np.ndarray):
+        names, seq = None, [grads]
+    else:
+        names, seq = None, grads if isinstance(grads, (list, tuple)) else list(grads)
+    return _core.global_norm(seq, ("params[{}]", "grads[{}]"), names)

@@ -1,4 +1,4 @@
-// adamcpp: the per-element Adam/AdamW update, written once.
+// adamcpp: the per-element optimizer updates (Adam/AdamW, SGD), written once.
 //
 // This header is plain inline arithmetic with no dependencies, so the same
 // function serves the CPU kernels (compiled once per ISA target) and a CUDA
@@ -50,6 +50,19 @@ struct AdamScalars {
   T step_size;              // torch: lr / bc1;   keras: lr * sqrt(bc2) / bc1
   T bias_correction2_sqrt;  // sqrt(1 - beta2^t) (torch style only)
 };
+
+// Scalars of one SGD tensor for one step, rounded once to the element type.
+template <typename T>
+struct SgdScalars {
+  T grad_scale;          // gradient multiplier, negated for `maximize`
+  T lr;
+  T weight_decay;        // coupled L2 coefficient
+  T momentum;
+  T one_minus_dampening;
+};
+
+// Momentum flavour of an SGD tensor: none, heavy ball, or Nesterov.
+enum class Momentum : int { none = 0, heavy_ball = 1, nesterov = 2 };
 
 namespace ADAMCPP_MATH_NS {
 
@@ -105,6 +118,32 @@ ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max
     denom = sqrt_of(v_used) + s.eps;
   }
   param = p - (s.step_size * m) / denom;
+}
+
+// SGD with momentum, in torch.optim.SGD's operation order. `First` marks the
+// first momentum step, where the buffer starts as a copy of the gradient.
+template <typename T, bool WeightDecayOn, Momentum Mom, bool First>
+ADAMCPP_HD void sgd_element(T& param, T grad, T* momentum_buffer, const SgdScalars<T>& s) {
+  T g = grad * s.grad_scale;
+  const T p = param;
+  if constexpr (WeightDecayOn) {
+    g = g + s.weight_decay * p;
+  }
+  if constexpr (Mom != Momentum::none) {
+    T buf;
+    if constexpr (First) {
+      buf = g;
+    } else {
+      buf = *momentum_buffer * s.momentum + s.one_minus_dampening * g;
+    }
+    *momentum_buffer = buf;
+    if constexpr (Mom == Momentum::nesterov) {
+      g = g + s.momentum * buf;
+    } else {
+      g = buf;
+    }
+  }
+  param = p - s.lr * g;
 }
 
 }  // namespace ADAMCPP_MATH_NS
