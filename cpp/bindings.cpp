@@ -1,6 +1,10 @@
 // adamcpp: the Python bindings. Everything a kernel needs is checked here,
 // for every tensor of the call, before any buffer is written; then the GIL is
 // released for the whole multi-tensor update.
+//
+// This is the per-step path for thousands of small tensors, so it reads NumPy's
+// array structs directly, looks state up with interned keys, reuses its scratch
+// between calls and builds error messages only when it reports an error.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,27 +15,46 @@
 #include <string>
 #include <vector>
 
-#include "optim_math.h"
 #include "dispatch.h"
 #include "multi_tensor.h"
+#include "optim_math.h"
 
 namespace py = pybind11;
 
 namespace adamcpp {
 namespace {
 
-constexpr int kNpyWriteable = py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-constexpr int kNpyAligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
-constexpr int kNpyCContiguous = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
+using npy = py::detail::npy_api;
+constexpr int kNpyWriteable = npy::NPY_ARRAY_WRITEABLE_;
+constexpr int kNpyAligned = npy::NPY_ARRAY_ALIGNED_;
+constexpr int kNpyCContiguous = npy::NPY_ARRAY_C_CONTIGUOUS_;
 
-enum Kind : int { kParam = 0, kGrad = 1, kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4 };
+// Which array of a tensor a message is about; indexes the label patterns.
+enum Kind : int { kParam = 0, kGrad = 1, kState0 = 2 };
+enum AdamKind : int { kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4 };
+enum SgdKind : int { kMomentumBuffer = 2 };
 
-// Builds "params[3]" / "grads['w1']" / "state[2]['exp_avg']" only when an
+// Interned dict keys (hash cached), made once.
+struct Keys {
+  PyObject* step = PyUnicode_InternFromString("step");
+  PyObject* exp_avg = PyUnicode_InternFromString("exp_avg");
+  PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
+  PyObject* max_exp_avg_sq = PyUnicode_InternFromString("max_exp_avg_sq");
+  PyObject* momentum_buffer = PyUnicode_InternFromString("momentum_buffer");
+  PyObject* params = PyUnicode_InternFromString("params");
+};
+
+const Keys& keys() {
+  static const Keys* k = new Keys();  // lives as long as the interpreter
+  return *k;
+}
+
+// Builds "params[3]" / "grads['w1']" / "exp_avg of params[2]" only when an
 // error is reported: `patterns` holds one format per kind with "{}" standing
 // for the tensor's key, `names` the keys (None: the flat index).
 struct Labels {
-  py::object patterns;
-  py::object names;
+  py::handle patterns;
+  py::handle names;
 
   std::string key(std::size_t i) const {
     if (!names.is_none()) {
@@ -47,74 +70,101 @@ struct Labels {
   }
 };
 
-std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
 
-std::string shape_str(const py::array& a) {
+std::string type_name(PyObject* o) { return Py_TYPE(o)->tp_name; }
+
+// A validated look at one ndarray, read straight from NumPy's struct.
+struct ArrayView {
+  PyObject* obj = nullptr;
+  char* data = nullptr;
+  int nd = 0;
+  const py::ssize_t* dims = nullptr;
+  int dtype = -1;  // DType, or -1 for anything but native float32/float64
+  int flags = 0;
+  std::size_t numel = 0;
+
+  std::size_t nbytes() const { return numel * (dtype == static_cast<int>(DType::f64) ? 8 : 4); }
+};
+
+std::string shape_str(const ArrayView& a) {
   std::string s = "(";
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-    s += std::to_string(a.shape(d));
-    if (a.ndim() == 1 || d + 1 < a.ndim()) s += d + 1 < a.ndim() ? ", " : ",";
+  for (int d = 0; d < a.nd; ++d) {
+    s += std::to_string(a.dims[d]);
+    s += d + 1 < a.nd ? ", " : (a.nd == 1 ? "," : "");
   }
   return s + ")";
 }
 
-std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
-
-// dtype of a float32/float64 array in native byte order, or -1.
-int float_dtype(const py::array& a) {
-  const py::dtype dt = a.dtype();
-  const char order = dt.byteorder();
-  if (order == '>') return -1;  // adamcpp only builds for little-endian hosts' native order
-  switch (dt.num()) {
-    case py::detail::npy_api::NPY_FLOAT_: return static_cast<int>(DType::f32);
-    case py::detail::npy_api::NPY_DOUBLE_: return static_cast<int>(DType::f64);
-    default: return -1;
-  }
+std::string dtype_str(const ArrayView& a) {
+  return py::str(py::reinterpret_borrow<py::array>(a.obj).dtype()).cast<std::string>();
 }
 
-// Common checks for every array of a tensor. `like` is the parameter (null
-// for the parameter itself), `need_write` false only for gradients.
-py::array check_array(py::handle h, int kind, std::size_t i, const Labels& labels, const py::array* like,
-                      bool need_write) {
-  if (!py::isinstance<py::array>(h)) {
-    type_error(labels(kind, i) + ": expected a numpy.ndarray, got " + type_name(h));
+bool is_ndarray(PyObject* o) { return npy::get().PyArray_Check_(o); }
+
+ArrayView raw_view(PyObject* o) {
+  const auto* p = py::detail::array_proxy(o);
+  const auto* d = py::detail::array_descriptor_proxy(p->descr);
+  ArrayView v;
+  v.obj = o;
+  v.data = p->data;
+  v.nd = p->nd;
+  v.dims = p->dimensions;
+  v.flags = p->flags;
+  if (d->byteorder != '>') {  // '>' is the non-native order on the little-endian hosts adamcpp targets
+    if (d->type_num == npy::NPY_FLOAT_) v.dtype = static_cast<int>(DType::f32);
+    if (d->type_num == npy::NPY_DOUBLE_) v.dtype = static_cast<int>(DType::f64);
   }
-  py::array a = py::reinterpret_borrow<py::array>(h);
-  const int dt = float_dtype(a);
+  std::size_t n = 1;
+  for (int k = 0; k < v.nd; ++k) n *= static_cast<std::size_t>(v.dims[k]);
+  v.numel = n;
+  return v;
+}
+
+// The rules for every array of a tensor. `like` is the tensor's parameter
+// (null for the parameter itself); only gradients may be read-only.
+ArrayView check_array(PyObject* o, int kind, std::size_t i, const Labels& labels, const ArrayView* like,
+                      bool need_write) {
+  if (!is_ndarray(o)) type_error(labels(kind, i) + ": expected a numpy.ndarray, got " + type_name(o));
+  ArrayView a = raw_view(o);
   if (like == nullptr) {
-    if (dt < 0) {
-      type_error(labels(kind, i) + ": expected dtype float32 or float64 (native byte order), got " +
-                 dtype_str(a));
+    if (a.dtype < 0) {
+      type_error(labels(kind, i) + ": expected dtype float32 or float64 (native byte order), got " + dtype_str(a));
     }
   } else {
-    if (dt != float_dtype(*like)) {
-      type_error(labels(kind, i) + ": expected dtype " + dtype_str(*like) + " like " +
-                 labels(kParam, i) + ", got " + dtype_str(a));
+    if (a.dtype != like->dtype) {
+      type_error(labels(kind, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) +
+                 ", got " + dtype_str(a));
     }
-    bool same_shape = a.ndim() == like->ndim();
-    for (py::ssize_t d = 0; same_shape && d < a.ndim(); ++d) same_shape = a.shape(d) == like->shape(d);
+    bool same_shape = a.nd == like->nd;
+    for (int d = 0; same_shape && d < a.nd; ++d) same_shape = a.dims[d] == like->dims[d];
     if (!same_shape) {
       value_error(labels(kind, i) + ": expected shape " + shape_str(*like) + " like " + labels(kParam, i) +
                   ", got " + shape_str(a));
     }
   }
-  const int flags = a.flags();
-  if (!(flags & kNpyCContiguous)) {
+  if (!(a.flags & kNpyCContiguous)) {
     value_error(labels(kind, i) +
                 ": expected a C-contiguous array, got a non-contiguous view (adamcpp updates buffers in "
                 "place and never copies; pass a contiguous array)");
   }
-  if (!(flags & kNpyAligned)) {
-    value_error(labels(kind, i) + ": expected an aligned array, got a misaligned buffer");
-  }
-  if (need_write && !(flags & kNpyWriteable)) {
+  if (!(a.flags & kNpyAligned)) value_error(labels(kind, i) + ": expected an aligned array, got a misaligned buffer");
+  if (need_write && !(a.flags & kNpyWriteable)) {
     value_error(labels(kind, i) + ": expected a writeable array, got a read-only one");
   }
   return a;
 }
+
+// A zero-filled array shaped and typed like `like` (state that starts now).
+py::array zeros_like(const ArrayView& like) {
+  std::vector<py::ssize_t> shape(like.dims, like.dims + like.nd);
+  py::array out(like.dtype == static_cast<int>(DType::f64) ? py::dtype::of<double>() : py::dtype::of<float>(), shape);
+  if (like.numel) std::fill_n(static_cast<char*>(out.mutable_data()), like.nbytes(), 0);
+  return out;
+}
+
+// ------------------------------------------------------------------- aliasing
 
 struct Interval {
   std::uintptr_t begin;
@@ -123,35 +173,69 @@ struct Interval {
   std::size_t tensor;
 };
 
-Interval interval_of(const py::array& a, int kind, std::size_t i) {
-  const auto begin = reinterpret_cast<std::uintptr_t>(a.data());
+Interval interval_of(const ArrayView& a, int kind, std::size_t i) {
+  const auto begin = reinterpret_cast<std::uintptr_t>(a.data);
   return {begin, begin + static_cast<std::uintptr_t>(a.nbytes()), kind, i};
 }
 
-// Refuses any overlap between two written buffers, and between a gradient and
-// a written buffer. Gradients may overlap each other (they are only read).
-void check_aliasing(std::vector<Interval>& written, const std::vector<Interval>& read, const Labels& labels) {
-  written.erase(std::remove_if(written.begin(), written.end(), [](const Interval& v) { return v.end == v.begin; }),
-                written.end());
-  std::sort(written.begin(), written.end(), [](const Interval& x, const Interval& y) { return x.begin < y.begin; });
-  for (std::size_t j = 1; j < written.size(); ++j) {
-    if (written[j].begin < written[j - 1].end) {
-      const Interval& x = written[j - 1];
-      const Interval& y = written[j];
-      value_error(labels(y.kind, y.tensor) + " shares memory with " + labels(x.kind, x.tensor) +
-                  "; every parameter and state buffer must be distinct");
-    }
+bool same_ranges(const std::vector<Interval>& x, const std::vector<Interval>& y) {
+  if (x.size() != y.size()) return false;
+  for (std::size_t k = 0; k < x.size(); ++k) {
+    if (x[k].begin != y[k].begin || x[k].end != y[k].end) return false;
   }
+  return true;
+}
+
+// Refuses any overlap between two written buffers, and between a gradient and
+// a written buffer; gradients may overlap each other (they are only read).
+// The buffers an optimizer writes are the same from step to step, so the last
+// verified layout (sorted) is kept and reused while it is unchanged.
+void check_aliasing(const std::vector<Interval>& written, const std::vector<Interval>& read, const Labels& labels) {
+  struct Verified {
+    std::vector<Interval> written;  // in call order, as last verified
+    std::vector<Interval> sorted;   // non-empty, sorted, disjoint
+    std::vector<std::uintptr_t> ends;
+    std::vector<Interval> read;
+  };
+  thread_local Verified cache;
+  if (!same_ranges(written, cache.written)) {
+    cache.written.clear();
+    cache.read.clear();
+    std::vector<Interval>& sorted = cache.sorted;
+    sorted.clear();
+    for (const Interval& w : written) {
+      if (w.end != w.begin) sorted.push_back(w);
+    }
+    std::sort(sorted.begin(), sorted.end(), [](const Interval& x, const Interval& y) { return x.begin < y.begin; });
+    for (std::size_t j = 1; j < sorted.size(); ++j) {
+      if (sorted[j].begin < sorted[j - 1].end) {
+        const Interval x = sorted[j - 1];
+        const Interval y = sorted[j];
+        sorted.clear();
+        value_error(labels(y.kind, y.tensor) + " shares memory with " + labels(x.kind, x.tensor) +
+                    "; every parameter and state buffer must be distinct");
+      }
+    }
+    cache.ends.clear();
+    for (const Interval& w : sorted) cache.ends.push_back(w.end);
+    cache.written = written;
+  }
+  if (same_ranges(read, cache.read)) return;
+  cache.read.clear();
+  const std::uintptr_t* ends = cache.ends.data();
+  const std::size_t count = cache.ends.size();
   for (const Interval& g : read) {
     if (g.end == g.begin) continue;
-    // Written intervals are disjoint and sorted, so their ends are sorted too.
-    auto it = std::upper_bound(written.begin(), written.end(), g.begin,
-                               [](std::uintptr_t addr, const Interval& w) { return addr < w.end; });
-    if (it != written.end() && it->begin < g.end) {
-      value_error(labels(g.kind, g.tensor) + " shares memory with " + labels(it->kind, it->tensor) +
+    // Disjoint sorted intervals have sorted ends: the first one ending after
+    // the gradient begins is the only candidate.
+    const std::size_t k = static_cast<std::size_t>(std::upper_bound(ends, ends + count, g.begin) - ends);
+    if (k < count && cache.sorted[k].begin < g.end) {
+      const Interval& w = cache.sorted[k];
+      value_error(labels(g.kind, g.tensor) + " shares memory with " + labels(w.kind, w.tensor) +
                   "; a gradient must not alias a buffer that the step writes");
     }
   }
+  cache.read = read;
 }
 
 // ----------------------------------------------------------------- collection
@@ -161,27 +245,81 @@ struct Scratch {
   std::vector<Interval> written;
   std::vector<Interval> read;
   std::vector<std::int64_t> new_steps;
+  std::vector<PyObject*> held;  // strong references kept through the GIL-free section
+  struct Created {
+    std::size_t tensor;
+    PyObject* key;
+    py::object array;
+  };
+  std::vector<Created> created;  // state that starts this step, stored only if it applies
+
   void reset(std::size_t n) {
     written.clear();
     read.clear();
     new_steps.assign(n, 0);
+    release();
+  }
+  void hold(PyObject* o) {
+    Py_INCREF(o);
+    held.push_back(o);
+  }
+  void release() {
+    for (PyObject* o : held) Py_DECREF(o);
+    held.clear();
+    created.clear();
   }
 };
 
-Scratch& scratch() {
-  thread_local Scratch s;
-  return s;
+// Borrows the thread's scratch for one call and drops its references on exit.
+struct ScratchLease {
+  Scratch& s;
+  explicit ScratchLease(std::size_t n) : s(get()) { s.reset(n); }
+  ~ScratchLease() { s.release(); }
+  static Scratch& get() {
+    thread_local Scratch scratch;
+    return scratch;
+  }
+};
+
+PyObject* sequence_item(PyObject* seq, std::size_t i) {
+  // Lists and tuples (the only sequences accepted here) without a new reference.
+  return PyList_Check(seq) ? PyList_GET_ITEM(seq, static_cast<Py_ssize_t>(i))
+                           : PyTuple_GET_ITEM(seq, static_cast<Py_ssize_t>(i));
+}
+
+PyObject* as_list_or_tuple(PyObject* o, const char* what, std::size_t n) {
+  if (!PyList_Check(o) && !PyTuple_Check(o)) {
+    type_error(std::string(what) + ": expected a list or tuple, got " + type_name(o));
+  }
+  const std::size_t size = static_cast<std::size_t>(Py_SIZE(o));
+  if (size != n) {
+    value_error(std::string(what) + ": expected " + std::to_string(n) + " entries (one per parameter), got " +
+                std::to_string(size));
+  }
+  return o;
+}
+
+PyObject* as_grads(PyObject* o, std::size_t n) {
+  if (!PyList_Check(o) && !PyTuple_Check(o)) {
+    type_error("grads: expected a list or tuple of arrays, got " + type_name(o));
+  }
+  const std::size_t size = static_cast<std::size_t>(Py_SIZE(o));
+  if (size != n) {
+    value_error("grads: expected " + std::to_string(n) + " gradients (one per parameter), got " +
+                std::to_string(size));
+  }
+  return o;
 }
 
 // Checks tensor i's parameter and gradient and fills the common fields.
-py::array take_param_grad(py::handle ph, py::handle gh, std::size_t i, const Labels& labels, TensorRef& ref,
+ArrayView take_param_grad(PyObject* params, PyObject* grads, std::size_t i, const Labels& labels, TensorRef& ref,
                           double grad_scale, Scratch& sc) {
-  py::array p = check_array(ph, kParam, i, labels, nullptr, true);
-  py::array g = check_array(gh, kGrad, i, labels, &p, false);
-  ref.param = p.mutable_data();
-  ref.grad = g.data();
-  ref.numel = static_cast<std::size_t>(p.size());
-  ref.dtype = static_cast<DType>(float_dtype(p));
+  ArrayView p = check_array(sequence_item(params, i), kParam, i, labels, nullptr, true);
+  ArrayView g = check_array(sequence_item(grads, i), kGrad, i, labels, &p, false);
+  ref.param = p.data;
+  ref.grad = g.data;
+  ref.numel = p.numel;
+  ref.dtype = static_cast<DType>(p.dtype);
   ref.grad_scale = grad_scale;
   sc.written.push_back(interval_of(p, kParam, i));
   sc.read.push_back(interval_of(g, kGrad, i));
@@ -189,77 +327,97 @@ py::array take_param_grad(py::handle ph, py::handle gh, std::size_t i, const Lab
 }
 
 // Checks one state buffer of tensor i against its parameter; returns its data.
-void* take_state(py::handle h, int kind, std::size_t i, const Labels& labels, const py::array& p, Scratch& sc) {
-  py::array a = check_array(h, kind, i, labels, &p, true);
+void* take_state(PyObject* o, int kind, std::size_t i, const Labels& labels, const ArrayView& p, Scratch& sc) {
+  ArrayView a = check_array(o, kind, i, labels, &p, true);
   sc.written.push_back(interval_of(a, kind, i));
-  return a.mutable_data();
+  return a.data;
 }
 
-std::int64_t as_step(py::handle h, const std::string& what, std::int64_t minimum) {
-  if (!PyLong_Check(h.ptr()) && !PyIndex_Check(h.ptr())) {
-    type_error(what + ": expected an int step count, got " + type_name(h));
+// An int >= minimum; `what(i)` names it, built only for an error message.
+template <typename What>
+std::int64_t as_step(PyObject* o, std::int64_t minimum, What what) {
+  long long s;
+  if (PyLong_CheckExact(o)) {
+    s = PyLong_AsLongLong(o);
+  } else {
+    if (PyBool_Check(o) || !PyIndex_Check(o)) type_error(what() + ": expected an int step count, got " + type_name(o));
+    py::object v = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+    if (!v) throw py::error_already_set();
+    s = PyLong_AsLongLong(v.ptr());
   }
-  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(h.ptr()));
-  if (!v) throw py::error_already_set();
-  const long long s = PyLong_AsLongLong(v.ptr());
   if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
   if (s < minimum) {
-    value_error(what + ": expected an integer >= " + std::to_string(minimum) + ", got " + std::to_string(s));
+    value_error(what() + ": expected an integer >= " + std::to_string(minimum) + ", got " + std::to_string(s));
   }
   return s;
 }
 
-py::handle state_dict_of(const py::sequence& states, std::size_t i) {
-  py::handle st = states[i];
-  if (!PyDict_Check(st.ptr())) type_error("state[" + std::to_string(i) + "]: expected a dict, got " + type_name(st));
+PyObject* state_dict_of(PyObject* states, std::size_t i) {
+  PyObject* st = sequence_item(states, i);
+  if (!PyDict_Check(st)) type_error("state[" + std::to_string(i) + "]: expected a dict, got " + type_name(st));
   return st;
 }
 
-py::handle state_item(py::handle state, const char* key, std::size_t i, const Labels& labels, int kind) {
-  PyObject* v = PyDict_GetItemString(state.ptr(), key);
+// The state entry `key` of tensor i (borrowed), or null when absent or None.
+PyObject* state_entry(PyObject* state, PyObject* key) {
+  PyObject* v = PyDict_GetItemWithError(state, key);
+  if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return v == Py_None ? nullptr : v;
+}
+
+PyObject* required_state(PyObject* state, PyObject* key, std::size_t i, const Labels& labels, int kind) {
+  PyObject* v = state_entry(state, key);
   if (v == nullptr) value_error(labels(kind, i) + ": missing from the optimizer state");
   return v;
 }
 
-// The updates already applied to tensor i, read from its state dict.
-std::int64_t state_step(py::handle state, std::size_t i) {
-  PyObject* v = PyDict_GetItemString(state.ptr(), "step");
+// A state buffer, or a new zero one when it does not exist yet (stored in the
+// state dict only if the step applies). Returns the data and whether it is new.
+void* state_or_new(PyObject* state, PyObject* key, std::size_t i, const Labels& labels, int kind,
+                   const ArrayView& p, Scratch& sc, bool* is_new) {
+  PyObject* v = state_entry(state, key);
+  *is_new = v == nullptr;
+  if (v == nullptr) {
+    py::array fresh = zeros_like(p);
+    v = fresh.ptr();
+    sc.created.push_back({i, key, std::move(fresh)});
+  } else {
+    sc.hold(v);
+  }
+  return take_state(v, kind, i, labels, p, sc);
+}
+
+std::int64_t state_step(PyObject* state, std::size_t i) {
+  PyObject* v = state_entry(state, keys().step);
   if (v == nullptr) value_error("state[" + std::to_string(i) + "]['step']: missing from the optimizer state");
-  return as_step(v, "state[" + std::to_string(i) + "]['step']", 0);
+  return as_step(v, 0, [i] { return "state[" + std::to_string(i) + "]['step']"; });
 }
 
-void write_steps(const py::sequence& states, const std::vector<std::int64_t>& steps) {
-  for (std::size_t i = 0; i < steps.size(); ++i) {
-    py::int_ s(steps[i]);
-    if (PyDict_SetItemString(states[i].ptr(), "step", s.ptr()) != 0) throw py::error_already_set();
+// After a step applied: advance the counts and store the state that started.
+void commit_state(PyObject* states, Scratch& sc) {
+  PyObject* step_key = keys().step;
+  for (std::size_t i = 0; i < sc.new_steps.size(); ++i) {
+    PyObject* s = PyLong_FromLongLong(sc.new_steps[i]);
+    if (s == nullptr) throw py::error_already_set();
+    const int rc = PyDict_SetItem(sequence_item(states, i), step_key, s);
+    Py_DECREF(s);
+    if (rc != 0) throw py::error_already_set();
+  }
+  for (const auto& c : sc.created) {
+    if (PyDict_SetItem(sequence_item(states, c.tensor), c.key, c.array.ptr()) != 0) throw py::error_already_set();
   }
 }
 
-py::sequence as_grads(const py::object& grads_obj, std::size_t n) {
-  if (!PyList_Check(grads_obj.ptr()) && !PyTuple_Check(grads_obj.ptr())) {
-    type_error("grads: expected a list or tuple of arrays, got " + type_name(grads_obj));
-  }
-  py::sequence grads = py::reinterpret_borrow<py::sequence>(grads_obj);
-  if (grads.size() != n) {
-    value_error("grads: expected " + std::to_string(n) + " gradients (one per parameter), got " +
-                std::to_string(grads.size()));
-  }
-  return grads;
-}
-
-void check_len(const py::sequence& s, std::size_t n, const char* what) {
-  if (s.size() != n) {
-    value_error(std::string(what) + ": expected " + std::to_string(n) + " entries (one per parameter), got " +
-                std::to_string(s.size()));
-  }
-}
-
-std::vector<int> parse_group_of(const py::object& group_of_obj, std::size_t n, std::size_t groups) {
-  if (group_of_obj.is_none()) return std::vector<int>(n, 0);
-  std::vector<int> group_of = group_of_obj.cast<std::vector<int>>();
-  if (group_of.size() != n) value_error("internal: group_of must have one entry per parameter");
-  for (int g : group_of) {
+const std::vector<int>& parse_group_of(py::handle group_of_obj, std::size_t n, std::size_t groups) {
+  thread_local std::vector<int> group_of;
+  group_of.assign(n, 0);
+  if (group_of_obj.is_none()) return group_of;
+  PyObject* seq = as_list_or_tuple(group_of_obj.ptr(), "group_of", n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const long g = PyLong_AsLong(sequence_item(seq, i));
+    if (g == -1 && PyErr_Occurred()) throw py::error_already_set();
     if (g < 0 || static_cast<std::size_t>(g) >= groups) value_error("internal: bad group index");
+    group_of[i] = static_cast<int>(g);
   }
   return group_of;
 }
@@ -270,6 +428,27 @@ void check_call_scalars(double grad_scale, int nonfinite, double max_grad_norm) 
   if (!std::isfinite(grad_scale)) value_error("grad_scale: expected a finite float, got " + std::to_string(grad_scale));
   if (nonfinite < kPropagate || nonfinite > kRaise) value_error("internal: bad nonfinite policy");
   if (std::isnan(max_grad_norm)) value_error("max_grad_norm: expected a number >= 0 or None");
+}
+
+double tuple_double(PyObject* t, Py_ssize_t k) {
+  const double v = PyFloat_AsDouble(PyTuple_GET_ITEM(t, k));
+  if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+bool tuple_bool(PyObject* t, Py_ssize_t k) {
+  const int v = PyObject_IsTrue(PyTuple_GET_ITEM(t, k));
+  if (v < 0) throw py::error_already_set();
+  return v != 0;
+}
+
+PyObject* group_tuple(PyObject* groups, std::size_t g, Py_ssize_t size, const char* what) {
+  PyObject* t = sequence_item(groups, g);
+  if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != size) {
+    value_error(std::string("internal: ") + what + " group hyperparameters must be a " + std::to_string(size) +
+                "-tuple");
+  }
+  return t;
 }
 
 // Everything is valid when this runs. With the GIL released: the global
@@ -317,24 +496,42 @@ struct AdamGroup {
   bool decoupled, amsgrad, maximize, keras;
 };
 
-std::vector<AdamGroup> parse_adam_groups(const py::sequence& groups) {
-  std::vector<AdamGroup> out;
-  out.reserve(groups.size());
-  for (py::handle g : groups) {
-    auto t = py::reinterpret_borrow<py::tuple>(g);
-    if (t.size() != 9) value_error("internal: an Adam group's hyperparameters must be a 9-tuple");
-    out.push_back(AdamGroup{t[0].cast<double>(), t[1].cast<double>(), t[2].cast<double>(), t[3].cast<double>(),
-                            t[4].cast<double>(), t[5].cast<bool>(), t[6].cast<bool>(), t[7].cast<bool>(),
-                            t[8].cast<bool>()});
+const std::vector<AdamGroup>& parse_adam_groups(py::handle groups_obj) {
+  thread_local std::vector<AdamGroup> out;
+  out.clear();
+  PyObject* groups = groups_obj.ptr();
+  if (!PyList_Check(groups) && !PyTuple_Check(groups)) value_error("internal: groups must be a list");
+  for (std::size_t g = 0; g < static_cast<std::size_t>(Py_SIZE(groups)); ++g) {
+    PyObject* t = group_tuple(groups, g, 9, "an Adam");
+    out.push_back(AdamGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
+                            tuple_double(t, 4), tuple_bool(t, 5), tuple_bool(t, 6), tuple_bool(t, 7),
+                            tuple_bool(t, 8)});
   }
   return out;
 }
 
+// 1 - beta^t for the two betas; tensors of a group usually share t, so the
+// last pair is remembered.
+struct BiasCorrections {
+  double beta1 = -1.0, beta2 = -1.0;
+  std::int64_t step = -1;
+  double bias_correction1 = 0.0, bias_correction2 = 0.0;
+
+  void update(double b1, double b2, std::int64_t t) {
+    if (b1 == beta1 && b2 == beta2 && t == step) return;
+    beta1 = b1;
+    beta2 = b2;
+    step = t;
+    bias_correction1 = 1.0 - std::pow(b1, static_cast<double>(t));
+    bias_correction2 = 1.0 - std::pow(b2, static_cast<double>(t));
+  }
+};
+
 // Bias corrections and step sizes, once per tensor per step, in double.
-void set_adam_scalars(AdamTensor& t, const AdamGroup& h, std::int64_t step) {
-  const double steps = static_cast<double>(step);
-  const double bias_correction1 = 1.0 - std::pow(h.beta1, steps);
-  const double bias_correction2 = 1.0 - std::pow(h.beta2, steps);
+void set_adam_scalars(AdamTensor& t, const AdamGroup& h, std::int64_t step, BiasCorrections& bc) {
+  bc.update(h.beta1, h.beta2, step);
+  const double bias_correction1 = bc.bias_correction1;
+  const double bias_correction2 = bc.bias_correction2;
   AdamStepScalars& s = t.scalars;
   s.beta1 = h.beta1;
   s.beta2 = h.beta2;
@@ -352,82 +549,84 @@ void set_adam_scalars(AdamTensor& t, const AdamGroup& h, std::int64_t step) {
 }
 
 // The one native entry point of an Adam step. With `states` (a list of dicts
-// holding "step", "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq"),
-// the state arrays and step counts come from the dicts and the counts are
-// advanced on success; otherwise the state arrays come from the lists and
-// `steps` gives the 1-based step to apply to each tensor.
-py::tuple adam_step(py::sequence params, py::object grads_obj, py::object exp_avgs_obj, py::object exp_avg_sqs_obj,
-                    py::object max_exp_avg_sqs_obj, py::object steps_obj, py::object states_obj,
-                    py::object group_of_obj, py::sequence groups_obj, double grad_scale, int nonfinite,
-                    double max_grad_norm, py::object patterns, py::object names) {
+// holding "step", "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq",
+// which starts at zero when absent), the state arrays and step counts come
+// from the dicts and are updated there on success; otherwise the state arrays
+// come from the lists and `steps` gives the 1-based step of each tensor.
+py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_avgs_obj, py::handle exp_avg_sqs_obj,
+                    py::handle max_exp_avg_sqs_obj, py::handle steps_obj, py::handle states_obj,
+                    py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
+                    double max_grad_norm, py::handle patterns, py::handle names) {
   const Labels labels{patterns, names};
-  const std::size_t n = params.size();
+  if (!PyList_Check(params_obj.ptr()) && !PyTuple_Check(params_obj.ptr())) {
+    type_error("params: expected a list or tuple of arrays, got " + type_name(params_obj.ptr()));
+  }
+  PyObject* params = params_obj.ptr();
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
   check_call_scalars(grad_scale, nonfinite, max_grad_norm);
-  py::sequence grads = as_grads(grads_obj, n);
+  PyObject* grads = as_grads(grads_obj.ptr(), n);
   const bool from_states = !states_obj.is_none();
-  py::sequence states, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  PyObject *states = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr, *max_exp_avg_sqs = nullptr,
+           *steps = nullptr;
   if (from_states) {
-    states = py::reinterpret_borrow<py::sequence>(states_obj);
-    check_len(states, n, "state");
+    states = as_list_or_tuple(states_obj.ptr(), "state", n);
   } else {
-    exp_avgs = py::reinterpret_borrow<py::sequence>(exp_avgs_obj);
-    exp_avg_sqs = py::reinterpret_borrow<py::sequence>(exp_avg_sqs_obj);
-    steps = py::reinterpret_borrow<py::sequence>(steps_obj);
-    check_len(exp_avgs, n, "exp_avgs");
-    check_len(exp_avg_sqs, n, "exp_avg_sqs");
-    check_len(steps, n, "step");
+    exp_avgs = as_list_or_tuple(exp_avgs_obj.ptr(), "exp_avgs", n);
+    exp_avg_sqs = as_list_or_tuple(exp_avg_sqs_obj.ptr(), "exp_avg_sqs", n);
+    steps = as_list_or_tuple(steps_obj.ptr(), "step", n);
     if (!max_exp_avg_sqs_obj.is_none()) {
-      max_exp_avg_sqs = py::reinterpret_borrow<py::sequence>(max_exp_avg_sqs_obj);
-      check_len(max_exp_avg_sqs, n, "max_exp_avg_sqs");
+      max_exp_avg_sqs = as_list_or_tuple(max_exp_avg_sqs_obj.ptr(), "max_exp_avg_sqs", n);
     }
   }
-  const std::vector<AdamGroup> groups = parse_adam_groups(groups_obj);
-  const std::vector<int> group_of = parse_group_of(group_of_obj, n, groups.size());
+  const std::vector<AdamGroup>& groups = parse_adam_groups(groups_obj);
+  const std::vector<int>& group_of = parse_group_of(group_of_obj, n, groups.size());
 
   thread_local std::vector<AdamTensor> tensors;
   tensors.resize(n);
-  Scratch& sc = scratch();
-  sc.reset(n);
-  std::vector<py::object> keep;  // state arrays stay alive through the GIL-free section
-  if (from_states) keep.reserve(3 * n);
+  ScratchLease lease(n);
+  Scratch& sc = lease.s;
+  const Keys& key = keys();
+  BiasCorrections bc;
 
   for (std::size_t i = 0; i < n; ++i) {
     const AdamGroup& h = groups[static_cast<std::size_t>(group_of[i])];
     AdamTensor& t = tensors[i];
-    py::array p = take_param_grad(params[i], grads[i], i, labels, t, grad_scale, sc);
-    py::handle m, v, vmax;
+    const ArrayView p = take_param_grad(params, grads, i, labels, t, grad_scale, sc);
     std::int64_t step = 0;
+    t.max_exp_avg_sq = nullptr;
     if (from_states) {
-      py::handle st = state_dict_of(states, i);
-      m = state_item(st, "exp_avg", i, labels, kExpAvg);
-      v = state_item(st, "exp_avg_sq", i, labels, kExpAvgSq);
-      if (h.amsgrad) vmax = state_item(st, "max_exp_avg_sq", i, labels, kMaxExpAvgSq);
-      step = state_step(st, i) + 1;
-      keep.emplace_back(py::reinterpret_borrow<py::object>(m));
-      keep.emplace_back(py::reinterpret_borrow<py::object>(v));
-      if (h.amsgrad) keep.emplace_back(py::reinterpret_borrow<py::object>(vmax));
-    } else {
-      m = exp_avgs[i];
-      v = exp_avg_sqs[i];
+      PyObject* st = state_dict_of(states, i);
+      PyObject* m = required_state(st, key.exp_avg, i, labels, kExpAvg);
+      PyObject* v = required_state(st, key.exp_avg_sq, i, labels, kExpAvgSq);
+      sc.hold(m);
+      sc.hold(v);
+      t.exp_avg = take_state(m, kExpAvg, i, labels, p, sc);
+      t.exp_avg_sq = take_state(v, kExpAvgSq, i, labels, p, sc);
       if (h.amsgrad) {
-        if (max_exp_avg_sqs.ptr() == nullptr || max_exp_avg_sqs[i].is_none()) {
+        bool is_new = false;
+        t.max_exp_avg_sq = state_or_new(st, key.max_exp_avg_sq, i, labels, kMaxExpAvgSq, p, sc, &is_new);
+      }
+      step = state_step(st, i) + 1;
+    } else {
+      t.exp_avg = take_state(sequence_item(exp_avgs, i), kExpAvg, i, labels, p, sc);
+      t.exp_avg_sq = take_state(sequence_item(exp_avg_sqs, i), kExpAvgSq, i, labels, p, sc);
+      if (h.amsgrad) {
+        PyObject* vmax = max_exp_avg_sqs ? sequence_item(max_exp_avg_sqs, i) : Py_None;
+        if (vmax == Py_None) {
           value_error(labels(kMaxExpAvgSq, i) + ": amsgrad=True needs a max_exp_avg_sq array for every tensor");
         }
-        vmax = max_exp_avg_sqs[i];
+        t.max_exp_avg_sq = take_state(vmax, kMaxExpAvgSq, i, labels, p, sc);
       }
-      step = as_step(steps[i], "step[" + std::to_string(i) + "]", 1);
+      step = as_step(sequence_item(steps, i), 1, [i] { return "step[" + std::to_string(i) + "]"; });
     }
-    t.exp_avg = take_state(m, kExpAvg, i, labels, p, sc);
-    t.exp_avg_sq = take_state(v, kExpAvgSq, i, labels, p, sc);
-    t.max_exp_avg_sq = h.amsgrad ? take_state(vmax, kMaxExpAvgSq, i, labels, p, sc) : nullptr;
-    set_adam_scalars(t, h, step);
+    set_adam_scalars(t, h, step, bc);
     sc.new_steps[i] = step;
   }
   check_aliasing(sc.written, sc.read, labels);
 
   py::tuple result = run_step(tensors, nonfinite, max_grad_norm, grad_scale, labels,
                               [](const AdamTensor* t, std::size_t count) { adam_multi_tensor(t, count); });
-  if (from_states && result[0].cast<bool>()) write_steps(states, sc.new_steps);
+  if (from_states && PyTuple_GET_ITEM(result.ptr(), 0) == Py_True) commit_state(states, sc);
   return result;
 }
 
@@ -439,52 +638,48 @@ struct SgdGroup {
 };
 
 // One SGD step over every tensor. State dicts hold "step" and, with momentum,
-// "momentum_buffer"; `fresh[i]` marks a buffer that starts this step (it is
-// set to the gradient, like torch.optim.SGD's first momentum step).
-py::tuple sgd_step(py::sequence params, py::object grads_obj, py::sequence states, py::object fresh_obj,
-                   py::object group_of_obj, py::sequence groups_obj, double grad_scale, int nonfinite,
-                   double max_grad_norm, py::object patterns, py::object names) {
+// "momentum_buffer"; a buffer that is absent or None starts this step as the
+// gradient (torch.optim.SGD's first momentum step) and is stored on success.
+py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle states_obj, py::handle group_of_obj,
+                   py::handle groups_obj, double grad_scale, int nonfinite, double max_grad_norm,
+                   py::handle patterns, py::handle names) {
   const Labels labels{patterns, names};
-  const std::size_t n = params.size();
+  if (!PyList_Check(params_obj.ptr()) && !PyTuple_Check(params_obj.ptr())) {
+    type_error("params: expected a list or tuple of arrays, got " + type_name(params_obj.ptr()));
+  }
+  PyObject* params = params_obj.ptr();
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
   check_call_scalars(grad_scale, nonfinite, max_grad_norm);
-  py::sequence grads = as_grads(grads_obj, n);
-  check_len(states, n, "state");
-  std::vector<bool> fresh(n, false);
-  if (!fresh_obj.is_none()) {
-    fresh = fresh_obj.cast<std::vector<bool>>();
-    if (fresh.size() != n) value_error("internal: fresh must have one entry per parameter");
+  PyObject* grads = as_grads(grads_obj.ptr(), n);
+  PyObject* states = as_list_or_tuple(states_obj.ptr(), "state", n);
+  thread_local std::vector<SgdGroup> groups;
+  groups.clear();
+  PyObject* gl = groups_obj.ptr();
+  if (!PyList_Check(gl) && !PyTuple_Check(gl)) value_error("internal: groups must be a list");
+  for (std::size_t g = 0; g < static_cast<std::size_t>(Py_SIZE(gl)); ++g) {
+    PyObject* t = group_tuple(gl, g, 6, "an SGD");
+    groups.push_back(SgdGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
+                              tuple_bool(t, 4), tuple_bool(t, 5)});
   }
-  std::vector<SgdGroup> groups;
-  groups.reserve(groups_obj.size());
-  for (py::handle g : groups_obj) {
-    auto t = py::reinterpret_borrow<py::tuple>(g);
-    if (t.size() != 6) value_error("internal: an SGD group's hyperparameters must be a 6-tuple");
-    groups.push_back(SgdGroup{t[0].cast<double>(), t[1].cast<double>(), t[2].cast<double>(), t[3].cast<double>(),
-                              t[4].cast<bool>(), t[5].cast<bool>()});
-  }
-  const std::vector<int> group_of = parse_group_of(group_of_obj, n, groups.size());
+  const std::vector<int>& group_of = parse_group_of(group_of_obj, n, groups.size());
 
   thread_local std::vector<SgdTensor> tensors;
   tensors.resize(n);
-  Scratch& sc = scratch();
-  sc.reset(n);
-  std::vector<py::object> keep;
-  keep.reserve(n);
+  ScratchLease lease(n);
+  Scratch& sc = lease.s;
   for (std::size_t i = 0; i < n; ++i) {
     const SgdGroup& h = groups[static_cast<std::size_t>(group_of[i])];
     SgdTensor& t = tensors[i];
-    py::array p = take_param_grad(params[i], grads[i], i, labels, t, h.maximize ? -grad_scale : grad_scale, sc);
-    py::handle st = state_dict_of(states, i);
+    const ArrayView p = take_param_grad(params, grads, i, labels, t, h.maximize ? -grad_scale : grad_scale, sc);
+    PyObject* st = state_dict_of(states, i);
     t.momentum_buffer = nullptr;
+    t.first = false;
     if (h.momentum != 0.0) {
-      py::handle buf = state_item(st, "momentum_buffer", i, labels, 2);
-      keep.emplace_back(py::reinterpret_borrow<py::object>(buf));
-      t.momentum_buffer = take_state(buf, 2, i, labels, p, sc);
+      t.momentum_buffer = state_or_new(st, keys().momentum_buffer, i, labels, kMomentumBuffer, p, sc, &t.first);
     }
     t.momentum_mode = static_cast<int>(h.momentum == 0.0 ? Momentum::none
                                        : h.nesterov      ? Momentum::nesterov
                                                          : Momentum::heavy_ball);
-    t.first = fresh[i];
     t.weight_decay_on = h.weight_decay != 0.0;
     t.scalars = SgdStepScalars{h.lr, h.weight_decay, h.momentum, h.dampening};
     sc.new_steps[i] = state_step(st, i) + 1;
@@ -492,39 +687,69 @@ py::tuple sgd_step(py::sequence params, py::object grads_obj, py::sequence state
   check_aliasing(sc.written, sc.read, labels);
   py::tuple result = run_step(tensors, nonfinite, max_grad_norm, grad_scale, labels,
                               [](const SgdTensor* t, std::size_t count) { sgd_multi_tensor(t, count); });
-  if (result[0].cast<bool>()) write_steps(states, sc.new_steps);
+  if (PyTuple_GET_ITEM(result.ptr(), 0) == Py_True) commit_state(states, sc);
   return result;
 }
 
 // ------------------------------------------------------------------ global norm
 
-double global_norm(py::object grads_obj, py::object patterns, py::object names) {
+double global_norm(py::handle grads_obj, py::handle patterns, py::handle names) {
   const Labels labels{patterns, names};
-  if (!PyList_Check(grads_obj.ptr()) && !PyTuple_Check(grads_obj.ptr())) {
-    type_error("grads: expected a list or tuple of arrays, got " + type_name(grads_obj));
+  PyObject* grads = grads_obj.ptr();
+  if (!PyList_Check(grads) && !PyTuple_Check(grads)) {
+    type_error("grads: expected a list or tuple of arrays, got " + type_name(grads));
   }
-  py::sequence grads = py::reinterpret_borrow<py::sequence>(grads_obj);
-  const std::size_t n = grads.size();
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(grads));
   thread_local std::vector<TensorRef> tensors;
   tensors.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
-    py::array g = check_array(grads[i], kGrad, i, labels, nullptr, false);
+    const ArrayView g = check_array(sequence_item(grads, i), kGrad, i, labels, nullptr, false);
     TensorRef& t = tensors[i];
     t.param = nullptr;
-    t.grad = g.data();
-    t.numel = static_cast<std::size_t>(g.size());
-    t.dtype = static_cast<DType>(float_dtype(g));
+    t.grad = g.data;
+    t.numel = g.numel;
+    t.dtype = static_cast<DType>(g.dtype);
     t.grad_scale = 1.0;
   }
   py::gil_scoped_release release;
   return std::sqrt(sum_squares(tensors.data(), n));
 }
 
-py::array check_f32_buffer(py::handle h, const char* what, py::ssize_t n) {
-  if (!py::isinstance<py::array>(h)) type_error(std::string(what) + ": expected a numpy.ndarray");
-  py::array a = py::reinterpret_borrow<py::array>(h);
-  if (n >= 0 && a.size() != n) value_error(std::string(what) + ": size mismatch");
-  if (!(a.flags() & kNpyCContiguous) || !(a.flags() & kNpyAligned) || !(a.flags() & kNpyWriteable)) {
+// True when param_groups still holds exactly the arrays of `flat`, group by
+// group as `group_of` records (so the optimizer's state list still lines up).
+bool params_unchanged(py::handle param_groups, py::handle flat_obj, py::handle group_of_obj) {
+  PyObject* groups = param_groups.ptr();
+  PyObject* flat = flat_obj.ptr();
+  PyObject* group_of = group_of_obj.ptr();
+  if (!PyList_Check(groups) || !PyList_Check(flat) || !PyList_Check(group_of)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(flat);
+  if (PyList_GET_SIZE(group_of) != n) return false;
+  Py_ssize_t pos = 0;
+  for (Py_ssize_t g = 0; g < PyList_GET_SIZE(groups); ++g) {
+    PyObject* group = PyList_GET_ITEM(groups, g);
+    if (!PyDict_Check(group)) return false;
+    PyObject* ps = PyDict_GetItemWithError(group, keys().params);
+    if (ps == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return false;
+    }
+    if (!PyList_Check(ps)) return false;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(ps); ++k, ++pos) {
+      if (pos >= n || PyList_GET_ITEM(ps, k) != PyList_GET_ITEM(flat, pos)) return false;
+      if (PyLong_AsLong(PyList_GET_ITEM(group_of, pos)) != g) return false;
+    }
+  }
+  return pos == n;
+}
+
+// ------------------------------------------------------------ benchmark probes
+
+ArrayView bench_buffer(py::handle h, const char* what, int dtype, const ArrayView* like) {
+  if (!is_ndarray(h.ptr())) type_error(std::string(what) + ": expected a numpy.ndarray");
+  ArrayView a = raw_view(h.ptr());
+  if (a.dtype != dtype) type_error(std::string(what) + (dtype == 0 ? ": expected float32" : ": expected float64"));
+  if (like != nullptr && a.numel != like->numel) value_error(std::string(what) + ": size mismatch");
+  if (!(a.flags & kNpyCContiguous) || !(a.flags & kNpyAligned) || !(a.flags & kNpyWriteable)) {
     value_error(std::string(what) + ": expected a writeable, aligned, C-contiguous array");
   }
   return a;
@@ -532,37 +757,27 @@ py::array check_f32_buffer(py::handle h, const char* what, py::ssize_t n) {
 
 void ceiling_adam(py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq, double step_size,
                   double bias_correction2_sqrt) {
-  py::array p = check_f32_buffer(param, "param", -1);
-  for (auto* a : {&grad, &exp_avg, &exp_avg_sq}) check_f32_buffer(*a, "buffer", p.size());
-  for (py::handle h : {param, grad, exp_avg, exp_avg_sq}) {
-    if (float_dtype(py::reinterpret_borrow<py::array>(h)) != static_cast<int>(DType::f32)) {
-      type_error("ceiling_adam: every buffer must be float32");
-    }
-  }
-  auto ptr = [](py::handle h) { return static_cast<float*>(py::reinterpret_borrow<py::array>(h).mutable_data()); };
-  const std::size_t n = static_cast<std::size_t>(p.size());
-  float *pp = ptr(param), *gp = ptr(grad), *mp = ptr(exp_avg), *vp = ptr(exp_avg_sq);
+  const int f32 = static_cast<int>(DType::f32);
+  const ArrayView p = bench_buffer(param, "param", f32, nullptr);
+  const ArrayView g = bench_buffer(grad, "grad", f32, &p);
+  const ArrayView m = bench_buffer(exp_avg, "exp_avg", f32, &p);
+  const ArrayView v = bench_buffer(exp_avg_sq, "exp_avg_sq", f32, &p);
   const int threads = get_num_threads();
   py::gil_scoped_release release;
-  active_kernels().ceiling_adam(pp, gp, mp, vp, n, static_cast<float>(step_size),
-                                static_cast<float>(bias_correction2_sqrt), threads);
+  active_kernels().ceiling_adam(reinterpret_cast<float*>(p.data), reinterpret_cast<const float*>(g.data),
+                                reinterpret_cast<float*>(m.data), reinterpret_cast<float*>(v.data), p.numel,
+                                static_cast<float>(step_size), static_cast<float>(bias_correction2_sqrt), threads);
 }
 
 void triad(py::handle a, py::handle b, py::handle c, double s) {
-  py::array x = check_f32_buffer(a, "a", -1);
-  check_f32_buffer(b, "b", x.size());
-  check_f32_buffer(c, "c", x.size());
-  for (py::handle h : {a, b, c}) {
-    if (float_dtype(py::reinterpret_borrow<py::array>(h)) != static_cast<int>(DType::f64)) {
-      type_error("triad: every buffer must be float64");
-    }
-  }
-  auto ptr = [](py::handle h) { return static_cast<double*>(py::reinterpret_borrow<py::array>(h).mutable_data()); };
-  const std::size_t n = static_cast<std::size_t>(x.size());
-  double *ap = ptr(a), *bp = ptr(b), *cp = ptr(c);
+  const int f64 = static_cast<int>(DType::f64);
+  const ArrayView x = bench_buffer(a, "a", f64, nullptr);
+  const ArrayView y = bench_buffer(b, "b", f64, &x);
+  const ArrayView z = bench_buffer(c, "c", f64, &x);
   const int threads = get_num_threads();
   py::gil_scoped_release release;
-  active_kernels().triad(ap, bp, cp, n, s, threads);
+  active_kernels().triad(reinterpret_cast<double*>(x.data), reinterpret_cast<const double*>(y.data),
+                         reinterpret_cast<const double*>(z.data), x.numel, s, threads);
 }
 
 }  // namespace
@@ -570,7 +785,7 @@ void triad(py::handle a, py::handle b, py::handle c, double s) {
 
 PYBIND11_MODULE(_core, m) {
   using namespace adamcpp;
-  m.doc() = "adamcpp native core: fused multi-tensor Adam kernels with run-time SIMD dispatch";
+  m.doc() = "adamcpp native core: fused multi-tensor optimizer kernels with run-time SIMD dispatch";
 
   m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("states"), py::arg("group_of"), py::arg("groups"),
@@ -578,13 +793,15 @@ PYBIND11_MODULE(_core, m) {
         py::arg("names"),
         "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
-  m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("fresh"),
-        py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"),
-        py::arg("max_grad_norm"), py::arg("patterns"), py::arg("names"),
+  m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("group_of"),
+        py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
+        py::arg("patterns"), py::arg("names"),
         "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
   m.def("global_norm", &global_norm, py::arg("grads"), py::arg("patterns"), py::arg("names"),
         "L2 norm of all gradients together, one multi-threaded pass accumulating in float64.");
+  m.def("params_unchanged", &params_unchanged, py::arg("param_groups"), py::arg("flat"), py::arg("group_of"),
+        "Whether param_groups still holds exactly the arrays of `flat`, grouped as `group_of` says.");
   m.def("ceiling_adam", &ceiling_adam, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("step_size"), py::arg("bias_correction2_sqrt"),
         "The simplest `omp parallel for simd` float32 Adam loop (benchmark ceiling).");

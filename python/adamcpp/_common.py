@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from math import isfinite as _isfinite
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,16 @@ def _is_real(x: Any) -> bool:
 
 def check_float(value: Any, where: str, *, minimum: float | None = None, below: float | None = None) -> float:
     """A finite real number in [minimum, below)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value.item()
-    if not _is_real(value):
-        raise TypeError(f"{where}: expected a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, checked without ABCs
+        v = float(value)
+    else:
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if not _is_real(value):
+            raise TypeError(f"{where}: expected a real number, got {type(value).__name__}")
+        v = float(value)
+    if not _isfinite(v):
         raise ValueError(f"{where}: expected a finite number, got {v!r}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{where}: expected a value >= {minimum}, got {v!r}")
@@ -38,7 +43,9 @@ def check_float(value: Any, where: str, *, minimum: float | None = None, below: 
 
 
 def check_bool(value: Any, where: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, np.bool_):
         raise TypeError(f"{where}: expected a bool, got {type(value).__name__}")
     return bool(value)
 

@@ -28,6 +28,9 @@ LR = Union[float, Callable[[int], float]]
 
 
 
+_INF = float("inf")
+
+
 def _max_grad_norm_arg(value: Optional[float]) -> float:
     """The native encoding of `max_grad_norm`: -1 for no clipping."""
     if value is None:
@@ -89,6 +92,8 @@ class Optimizer(abc.ABC):
         _max_grad_norm_arg(max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Optional[float] = None
+        self._hyper_cache: List[Any] = []
+        self._hyper_keys = tuple(defaults)
         self._validate_group(dict(defaults), "defaults")
         self.defaults: Dict[str, Any] = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
@@ -140,6 +145,8 @@ class Optimizer(abc.ABC):
     def _sync_structure(self) -> None:
         """Follows edits of `param_groups[i]["params"]` between steps: state stays
         with its array; new arrays get fresh state."""
+        if _core.params_unchanged(self.param_groups, self._flat, self._group_of):
+            return
         flat: List[np.ndarray] = []
         group_of: List[int] = []
         for gi, g in enumerate(self.param_groups):
@@ -166,13 +173,33 @@ class Optimizer(abc.ABC):
 
     def _group_hypers(self) -> List[tuple]:
         """Each group's scalars for this step. A group's schedule position t is
-        the number of updates already applied to its first parameter."""
+        the number of updates already applied to its first parameter.
+
+        Validated scalars are reused while a group's raw values are unchanged
+        (edits between steps are seen at once); a callable lr is called and
+        checked every step."""
         hypers = []
         first = 0
+        cache = self._hyper_cache
+        if len(cache) != len(self.param_groups):
+            cache[:] = [None] * len(self.param_groups)
         for gi, g in enumerate(self.param_groups):
-            t = int(self.state[first].get("step", 0))
-            hypers.append(self._group_scalars(g, f"param_groups[{gi}]", t))
+            t = self.state[first]["step"]
             first += len(g["params"])
+            raw = tuple([g[k] for k in self._hyper_keys])
+            lr = raw[0]
+            hit = cache[gi]
+            if hit is not None and hit[0] == raw:
+                scalars = hit[1]
+            else:
+                scalars = self._group_scalars(g, f"param_groups[{gi}]", 0)
+                cache[gi] = (raw, scalars)
+            if callable(lr):
+                value = lr(t)
+                if type(value) is not float or not (0.0 <= value < _INF):
+                    value = check_float(value, f"param_groups[{gi}]['lr']({t})", minimum=0.0)
+                scalars = (value,) + scalars[1:]
+            hypers.append(scalars)
         return hypers
 
     # -------------------------------------------------------------------- step
@@ -209,24 +236,10 @@ class Optimizer(abc.ABC):
         grad_list = self._grads_list(grads)
         scale = check_grad_scale(grad_scale)
         hypers = self._group_hypers()
-        added = self._prepare_state(hypers)
-        try:
-            applied, norm = self._native_step(grad_list, hypers, scale, nonfinite, max_norm, added)
-        except BaseException:
-            self._undo_prepare(added)
-            raise
-        if not applied:
-            self._undo_prepare(added)
+        applied, norm = self._native_step(grad_list, hypers, scale, nonfinite, max_norm)
         if norm is not None:
             self.last_grad_norm = norm
         return bool(applied)
-
-    def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
-        return []
-
-    def _undo_prepare(self, added: List[Tuple[int, str]]) -> None:
-        for i, key in added:
-            self.state[i].pop(key, None)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -348,14 +361,17 @@ class Optimizer(abc.ABC):
 
     @abc.abstractmethod
     def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
-        """Implemented by each optimizer."""
+        """Implemented by each optimizer: the group's validated native tuple,
+        lr first (0.0 stands in for a callable lr, evaluated per step)."""
 
     @abc.abstractmethod
     def _native_step(
-        self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int, max_grad_norm: float,
-        added: List[Tuple[int, str]],
+        self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int, max_grad_norm: float
     ) -> Tuple[bool, Optional[float]]:
-        """Implemented by each optimizer: one native call; returns (applied, grad_norm)."""
+        """Implemented by each optimizer: one native call; returns (applied, grad_norm).
+        State that starts late (max_exp_avg_sq when amsgrad is switched on, a
+        momentum buffer) is created by the native call and stored only if the
+        step applies."""
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -431,10 +447,7 @@ class Adam(Optimizer):
 
     def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
         lr = group["lr"]
-        if callable(lr):
-            lr = check_float(lr(t), f"{where}['lr']({t})", minimum=0.0)
-        else:
-            lr = check_lr(lr, f"{where}['lr']", allow_callable=False)
+        lr = 0.0 if callable(lr) else check_lr(lr, f"{where}['lr']", allow_callable=False)
         beta1, beta2 = check_betas(group["betas"], f"{where}['betas']")
         return (
             lr,
@@ -448,17 +461,7 @@ class Adam(Optimizer):
             check_eps_style(group["eps_style"], f"{where}['eps_style']") == "keras",
         )
 
-    def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
-        """Creates max_exp_avg_sq for groups switched to amsgrad (tentatively:
-        removed again if the step does not apply)."""
-        added = []
-        for i, gi in enumerate(self._group_of):
-            if hypers[gi][6] and "max_exp_avg_sq" not in self.state[i]:
-                self.state[i]["max_exp_avg_sq"] = np.zeros_like(self._flat[i])
-                added.append((i, "max_exp_avg_sq"))
-        return added
-
-    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm, added):
+    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.adam_step(
             self._flat, grads, None, None, None, None, self.state, self._group_of, hypers,
             grad_scale, nonfinite, max_grad_norm, _STATE_PATTERNS, self._keys,
@@ -546,35 +549,13 @@ class SGD(Optimizer):
 
     def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
         lr = group["lr"]
-        if callable(lr):
-            lr = check_float(lr(t), f"{where}['lr']({t})", minimum=0.0)
-        else:
-            lr = check_lr(lr, f"{where}['lr']", allow_callable=False)
+        lr = 0.0 if callable(lr) else check_lr(lr, f"{where}['lr']", allow_callable=False)
         momentum, dampening, weight_decay, nesterov, maximize = self._checked(group, where)
         return (lr, momentum, dampening, weight_decay, nesterov, maximize)
 
-    def _prepare_state(self, hypers: List[tuple]) -> List[Tuple[int, str]]:
-        """Momentum buffers start at the first momentum step (tentatively:
-        dropped again if the step does not apply)."""
-        added = []
-        for i, gi in enumerate(self._group_of):
-            if hypers[gi][1] != 0.0 and self.state[i].get("momentum_buffer") is None:
-                self.state[i]["momentum_buffer"] = np.zeros_like(self._flat[i])
-                added.append((i, "momentum_buffer"))
-        return added
-
-    def _undo_prepare(self, added: List[Tuple[int, str]]) -> None:
-        for i, key in added:
-            self.state[i][key] = None
-
-    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm, added):
-        fresh = None
-        if added:
-            fresh = [False] * len(self._flat)
-            for i, _ in added:
-                fresh[i] = True
+    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.sgd_step(
-            self._flat, grads, self.state, fresh, self._group_of, hypers,
+            self._flat, grads, self.state, self._group_of, hypers,
             grad_scale, nonfinite, max_grad_norm, _SGD_PATTERNS, self._keys,
         )
 
