@@ -388,7 +388,8 @@ void* state_or_new(PyObject* state, PyObject* key, std::size_t i, const Labels& 
 }
 
 std::int64_t state_step(PyObject* state, std::size_t i) {
-  PyObject* v = state_entry(state, keys().step);
+  PyObject* v = PyDict_GetItemWithError(state, keys().step);
+  if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
   if (v == nullptr) value_error("state[" + std::to_string(i) + "]['step']: missing from the optimizer state");
   return as_step(v, 0, [i] { return "state[" + std::to_string(i) + "]['step']"; });
 }

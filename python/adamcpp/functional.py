@@ -7,7 +7,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._common import check_betas, check_bool, check_eps_style, check_float, check_grad_scale
+from ._common import check_bool, check_eps_style, check_float, check_grad_scale
 
 ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -70,7 +70,8 @@ def adam(
         steps = [step] * len(ps)
     hyper = (
         check_float(lr, "lr", minimum=0.0),
-        *check_betas((beta1, beta2), "(beta1, beta2)"),
+        check_float(beta1, "beta1", minimum=0.0, below=1.0),
+        check_float(beta2, "beta2", minimum=0.0, below=1.0),
         check_float(eps, "eps", minimum=0.0),
         check_float(weight_decay, "weight_decay", minimum=0.0),
         check_bool(decoupled_weight_decay, "decoupled_weight_decay"),

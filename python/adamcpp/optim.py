@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -103,12 +104,19 @@ class Optimizer(abc.ABC):
         self._keys: Optional[Tuple[Any, ...]] = None
         groups, keys = _normalize_params(params)
         for group in groups:
-            self.add_param_group(group)
+            self._add_group(group, keys)
         self._keys = keys
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Adds a group (a dict with "params" and optional overrides), like torch."""
+        self._add_group(param_group, None)
+
+    @staticmethod
+    def _label(i: int, keys: Optional[Tuple[Any, ...]]) -> str:
+        return f"params[{keys[i]!r}]" if keys is not None and i < len(keys) else f"params[{i}]"
+
+    def _add_group(self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]]) -> None:
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError("param_group: expected a dict with a 'params' entry")
         gi = len(self.param_groups)
@@ -124,9 +132,10 @@ class Optimizer(abc.ABC):
         base = len(self._flat)
         seen = {id(p) for p in self._flat}
         for j, p in enumerate(ps):
-            check_param_array(p, f"params[{base + j}]")
+            label = self._label(base + j, keys)
+            check_param_array(p, label)
             if id(p) in seen:
-                raise ValueError(f"params[{base + j}]: the same array appears more than once in the optimizer")
+                raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
         for key, value in self.defaults.items():
             group.setdefault(key, value)
@@ -158,12 +167,14 @@ class Optimizer(abc.ABC):
         ):
             return
         old = {id(p): s for p, s in zip(self._flat, self.state)}
+        keys = self._keys if len(flat) == len(self._flat) else None
         seen = set()
         state = []
         for i, (p, gi) in enumerate(zip(flat, group_of)):
-            check_param_array(p, f"params[{i}]")
+            label = self._label(i, keys)
+            check_param_array(p, label)
             if id(p) in seen:
-                raise ValueError(f"params[{i}]: the same array appears more than once in the optimizer")
+                raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
             state.append(old[id(p)] if id(p) in old else self._new_state(p, self.param_groups[gi]))
         for g in self.param_groups:
@@ -184,12 +195,15 @@ class Optimizer(abc.ABC):
         if len(cache) != len(self.param_groups):
             cache[:] = [None] * len(self.param_groups)
         for gi, g in enumerate(self.param_groups):
-            t = self.state[first]["step"]
-            first += len(g["params"])
+            size = len(g["params"])
+            t = self.state[first]["step"] if size else 0  # an emptied group updates nothing
+            first += size
             raw = tuple([g[k] for k in self._hyper_keys])
             lr = raw[0]
             hit = cache[gi]
-            if hit is not None and hit[0] == raw:
+            # Identity, not equality: `amsgrad = 1` after `True` must be re-checked
+            # (and refused), and array-valued entries must not be compared elementwise.
+            if hit is not None and all(map(operator.is_, hit[0], raw)):
                 scalars = hit[1]
             else:
                 scalars = self._group_scalars(g, f"param_groups[{gi}]", 0)

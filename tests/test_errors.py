@@ -1,0 +1,1011 @@
+"""Bad input gets a clear error and loses nothing.
+
+Every refused call is checked three ways: the exception type (TypeError for a
+wrong type or dtype, ValueError for shape/layout/read-only/alias/count/range),
+the message (it names the offending parameter and says what was expected), and
+the aftermath: every parameter and every piece of optimizer state is bitwise
+unchanged. The central scenario is an optimizer over 50 tensors that has taken
+a few good steps, where only the 50th tensor is bad: the first 49 must not
+have been touched, i.e. all validation happens before any buffer is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+import adamcpp
+from adamcpp import Adam, AdamW
+from adamcpp.functional import adam as functional_adam
+
+N = 50
+LAST = N - 1
+GOOD_STEPS = 3
+SMALL_SHAPES = [(3,), (2, 2), (5,), (1,), (2, 1, 2), (), (4,)]
+
+
+# --------------------------------------------------------------------------- helpers
+def shape_of(i: int) -> tuple:
+    # The last five tensors share shape (2, 3) so that aliasing between them
+    # is shape-compatible; the rest cycle through small shapes incl. 0-d.
+    return (2, 3) if i >= N - 5 else SMALL_SHAPES[i % len(SMALL_SHAPES)]
+
+
+def dtype_of(i: int) -> np.dtype:
+    # Odd indices (so the 50th tensor, index 49, and index 47) are float32.
+    return np.dtype(np.float32) if i % 2 else np.dtype(np.float64)
+
+
+def make_params(seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape_of(i)).astype(dtype_of(i)) for i in range(N)]
+
+
+def make_grads(params: list, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+
+
+def key(i: int) -> str:
+    return f"w{i}"
+
+
+FORMS = ["list", "dict", "groups"]
+OPTIMIZERS = [Adam, AdamW]
+
+
+def build(cls, form: str, params: list, *, amsgrad: bool = False, **kw):
+    if form == "list":
+        return cls(params, amsgrad=amsgrad, **kw)
+    if form == "dict":
+        return cls({key(i): p for i, p in enumerate(params)}, amsgrad=amsgrad, **kw)
+    assert form == "groups"
+    groups = [
+        {"params": params[:17]},
+        {"params": params[17:34], "lr": 2e-3, "weight_decay": 0.05, "eps_style": "keras"},
+        # The last group (holding the 50th tensor) always runs amsgrad.
+        {"params": params[34:], "amsgrad": True, "maximize": True, "betas": (0.8, 0.99)},
+    ]
+    return cls(groups, amsgrad=amsgrad, **kw)
+
+
+def as_form(form: str, grads: list):
+    return {key(i): g for i, g in enumerate(grads)} if form == "dict" else grads
+
+
+def label(form: str, what: str, i: int = LAST) -> str:
+    """The label adamcpp uses for tensor i: params[49] or params['w49']."""
+    return f"{what}[{key(i)!r}]" if form == "dict" else f"{what}[{i}]"
+
+
+def trained(cls, form: str, *, amsgrad: bool = False, seed: int = 0, **kw):
+    params = make_params(seed)
+    opt = build(cls, form, params, amsgrad=amsgrad, **kw)
+    for s in range(GOOD_STEPS):
+        assert opt.step(as_form(form, make_grads(params, 100 + s))) is True
+    return opt, params
+
+
+def _copy_value(v):
+    return v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v)
+
+
+def same_bits(a, b) -> bool:
+    if isinstance(a, TorchLike) and isinstance(b, TorchLike):
+        return same_bits(a._a, b._a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.tobytes() == b.tobytes()
+        )
+    return type(a) is type(b) and a == b
+
+
+class Snapshot:
+    """Bitwise copies of every parameter, every state entry and every group's
+    hyperparameters, compared later against the live objects."""
+
+    def __init__(self, opt, params: list):
+        self.opt = opt
+        self.params = [(p, p.copy()) for p in params]
+        self.state = [(s, {k: _copy_value(v) for k, v in s.items()}) for s in opt.state]
+        self.entries = [(s, dict(s)) for s in opt.state]  # identities of the stored objects
+        self.groups = [(g, {k: v for k, v in g.items() if k != "params"}, list(g["params"])) for g in opt.param_groups]
+
+    def assert_unchanged(self) -> None:
+        for i, (p, saved) in enumerate(self.params):
+            assert same_bits(p, saved), f"params[{i}] changed"
+        assert len(self.opt.state) == len(self.state), "number of state entries changed"
+        for i, ((live_entry, saved), (entry_obj, objs)) in enumerate(zip(self.state, self.entries)):
+            assert self.opt.state[i] is live_entry, f"state[{i}] was replaced"
+            assert set(live_entry) == set(saved), f"state[{i}] keys changed: {set(live_entry) ^ set(saved)}"
+            for k, v in saved.items():
+                assert live_entry[k] is objs[k], f"state[{i}][{k!r}] was replaced"
+                assert same_bits(live_entry[k], v), f"state[{i}][{k!r}] changed"
+        assert len(self.opt.param_groups) == len(self.groups)
+        for gi, (g, hyper, _) in enumerate(self.groups):
+            assert self.opt.param_groups[gi] is g
+            now = {k: v for k, v in g.items() if k != "params"}
+            assert now.keys() == hyper.keys(), f"param_groups[{gi}] keys changed"
+            for k, v in hyper.items():
+                assert now[k] is v or now[k] == v, f"param_groups[{gi}][{k!r}] changed: {v!r} -> {now[k]!r}"
+
+
+def check_raises(exc, fragments, fn):
+    """Runs fn, expecting `exc` whose message contains every fragment."""
+    other = ValueError if exc is TypeError else TypeError
+    with pytest.raises(exc) as info:
+        fn()
+    assert not isinstance(info.value, other), f"{type(info.value).__name__} is also a {other.__name__}"
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in message {msg!r}"
+    return msg
+
+
+class TorchLike:
+    """Quacks like a tensor (shape, dtype, __array__) but is not an ndarray:
+    adamcpp must refuse it rather than convert (a conversion is a copy, and an
+    in-place update of a copy is silently lost)."""
+
+    def __init__(self, a):
+        self._a = a
+        self.shape = a.shape
+        self.dtype = a.dtype
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a
+
+
+def misaligned_like(like: np.ndarray) -> np.ndarray:
+    # A writeable buffer (bytearray, not bytes) viewed one byte off alignment.
+    buf = bytearray(like.nbytes + like.itemsize + 1)
+    a = np.frombuffer(buf, dtype=like.dtype, count=like.size, offset=1).reshape(like.shape)
+    assert not a.flags.aligned and a.flags.writeable and a.flags.c_contiguous
+    return a
+
+
+def transposed_like(like: np.ndarray) -> np.ndarray:
+    a = np.zeros(like.shape[::-1], like.dtype).T
+    assert a.shape == like.shape and not a.flags.c_contiguous
+    return a
+
+
+def strided_like(like: np.ndarray) -> np.ndarray:
+    a = np.zeros(like.shape[:-1] + (2 * like.shape[-1],), like.dtype)[..., ::2]
+    assert a.shape == like.shape and not a.flags.c_contiguous
+    return a
+
+
+def readonly_like(like: np.ndarray) -> np.ndarray:
+    a = like.copy()
+    a.flags.writeable = False
+    return a
+
+
+# name -> (maker(like), exception, message fragments besides the label).
+# `like` is always the (2, 3) float32 50th tensor.
+BAD_ARRAYS = {
+    "list": (lambda a: a.tolist(), TypeError, ["expected a numpy.ndarray", "list"]),
+    "torch_like": (lambda a: TorchLike(a), TypeError, ["expected a numpy.ndarray", "TorchLike"]),
+    "scalar": (lambda a: 1.0, TypeError, ["expected a numpy.ndarray", "float"]),
+    "int64": (lambda a: a.astype(np.int64), TypeError, ["expected dtype", "float32", "int64"]),
+    "float16": (lambda a: a.astype(np.float16), TypeError, ["expected dtype", "float32", "float16"]),
+    "complex64": (lambda a: a.astype(np.complex64), TypeError, ["expected dtype", "float32", "complex64"]),
+    "big_endian": (lambda a: a.astype(">f4"), TypeError, ["expected dtype", "float32", ">f4"]),
+    "transposed": (transposed_like, ValueError, ["expected a C-contiguous array"]),
+    "strided": (strided_like, ValueError, ["expected a C-contiguous array"]),
+    "misaligned": (misaligned_like, ValueError, ["expected an aligned array"]),
+}
+# Only meaningful when the array must match an existing parameter.
+BAD_LIKE = {
+    "float64_for_float32": (lambda a: a.astype(np.float64), TypeError, ["expected dtype float32", "float64"]),
+    "wrong_shape": (lambda a: np.zeros((3, 2), a.dtype), ValueError, ["expected shape (2, 3)", "(3, 2)"]),
+    "wrong_size": (lambda a: np.zeros((7,), a.dtype), ValueError, ["expected shape (2, 3)", "(7,)"]),
+    "0d_for_2d": (lambda a: np.zeros((), a.dtype), ValueError, ["expected shape (2, 3)", "()"]),
+}
+READONLY = {"readonly": (readonly_like, ValueError, ["expected a writeable array", "read-only"])}
+
+GRAD_CASES = {**BAD_ARRAYS, **BAD_LIKE}
+STATE_CASES = {**BAD_ARRAYS, **BAD_LIKE, **READONLY}
+PARAM_REPLACE_CASES = {**BAD_ARRAYS, **READONLY}
+
+
+# ------------------------------------------------------- the 50th gradient is bad
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_bad_50th_grad_changes_nothing(cls, form, case):
+    opt, params = trained(cls, form)
+    grads = make_grads(params, 7)
+    maker, exc, fragments = GRAD_CASES[case]
+    grads[LAST] = maker(grads[LAST])
+    snap = Snapshot(opt, params)
+    check_raises(exc, [label(form, "grads"), *fragments], lambda: opt.step(as_form(form, grads)))
+    snap.assert_unchanged()
+    # The failed call must not have poisoned anything: a good step still works.
+    assert opt.step(as_form(form, make_grads(params, 8))) is True
+    assert all(s["step"] == GOOD_STEPS + 1 for s in opt.state)
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_functional_bad_50th_grad_changes_nothing(case):
+    params = make_params()
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    for s in range(1, GOOD_STEPS + 1):
+        functional_adam(params, make_grads(params, s), ms, vs, step=s, lr=1e-2)
+    grads = make_grads(params, 9)
+    maker, exc, fragments = GRAD_CASES[case]
+    grads[LAST] = maker(grads[LAST])
+    before = [a.copy() for a in params + ms + vs]
+    check_raises(exc, ["grads[49]", *fragments],
+                 lambda: functional_adam(params, grads, ms, vs, step=GOOD_STEPS + 1, lr=1e-2))
+    assert all(same_bits(a, b) for a, b in zip(params + ms + vs, before))
+
+
+# ------------------------------------------------ read-only gradients are accepted
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_readonly_grads_are_accepted(cls, form):
+    opt_a, params_a = trained(cls, form)
+    opt_b, params_b = trained(cls, form)
+    grads = make_grads(params_a, 11)
+    frozen = [readonly_like(g) for g in grads]
+    assert opt_a.step(as_form(form, grads)) is True
+    assert opt_b.step(as_form(form, frozen)) is True
+    assert all(same_bits(a, b) for a, b in zip(params_a, params_b))
+    assert all(same_bits(g, f) for g, f in zip(grads, frozen))  # gradients only read
+
+
+def test_functional_readonly_grad_single_array_is_accepted():
+    p = np.ones(4, np.float32)
+    g = readonly_like(np.full(4, 0.5, np.float32))
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    functional_adam(p, g, m, v, step=1, lr=0.1)
+    assert np.all(p < 1)
+
+
+def test_grads_may_alias_each_other():
+    # Gradients are only read, so one buffer may serve several of them.
+    opt, params = trained(Adam, "list")
+    grads = make_grads(params, 12)
+    grads[LAST] = grads[LAST - 2]
+    assert opt.step(grads) is True
+
+
+# ------------------------------------------- the 50th state array is replaced by a bad one
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_bad_50th_state_array_changes_nothing(cls, form, name, case):
+    opt, params = trained(cls, form, amsgrad=True)
+    maker, exc, fragments = STATE_CASES[case]
+    opt.state[LAST][name] = maker(opt.state[LAST][name])
+    snap = Snapshot(opt, params)
+    check_raises(exc, [f"{name} of {label(form, 'params')}", *fragments],
+                 lambda: opt.step(as_form(form, make_grads(params, 13))))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("form", FORMS)
+def test_missing_50th_state_array_changes_nothing(form, name):
+    opt, params = trained(Adam, form, amsgrad=True)
+    del opt.state[LAST][name]
+    if name == "max_exp_avg_sq":
+        # A missing max_exp_avg_sq is legitimate (amsgrad switched on later):
+        # it is created as zeros. Only the required entries are errors.
+        assert opt.step(as_form(form, make_grads(params, 14))) is True
+        assert name in opt.state[LAST]
+        return
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, [f"{name} of {label(form, 'params')}", "missing"],
+                 lambda: opt.step(as_form(form, make_grads(params, 14))))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "value, exc, fragments",
+    [
+        (-1, ValueError, ["step", "expected", ">= 0", "-1"]),
+        (1.5, TypeError, ["step", "expected", "int"]),
+        ("3", TypeError, ["step", "expected", "int"]),
+    ],
+    ids=["negative", "float", "str"],
+)
+def test_bad_50th_step_count_changes_nothing(value, exc, fragments):
+    opt, params = trained(Adam, "list")
+    opt.state[LAST]["step"] = value
+    snap = Snapshot(opt, params)
+    msg = check_raises(exc, fragments, lambda: opt.step(make_grads(params, 15)))
+    assert "49" in msg
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+@pytest.mark.parametrize("which", ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"])
+def test_functional_bad_50th_state_array_changes_nothing(which, case):
+    params = make_params()
+    state = {w: [np.zeros_like(p) for p in params] for w in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")}
+    for s in range(1, GOOD_STEPS + 1):
+        functional_adam(params, make_grads(params, s), state["exp_avgs"], state["exp_avg_sqs"], step=s, lr=1e-2,
+                        amsgrad=True, max_exp_avg_sqs=state["max_exp_avg_sqs"])
+    maker, exc, fragments = STATE_CASES[case]
+    state[which][LAST] = maker(state[which][LAST])
+    everything = params + state["exp_avgs"] + state["exp_avg_sqs"] + state["max_exp_avg_sqs"]
+    before = [_copy_value(a) for a in everything]
+    check_raises(exc, [f"{which}[49]", *fragments],
+                 lambda: functional_adam(params, make_grads(params, 9), state["exp_avgs"], state["exp_avg_sqs"],
+                                         step=GOOD_STEPS + 1, lr=1e-2, amsgrad=True,
+                                         max_exp_avg_sqs=state["max_exp_avg_sqs"]))
+    assert all(same_bits(a, b) for a, b in zip(everything, before))
+
+
+# --------------------------------------------------------- the 50th parameter is bad
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_50th_param_made_readonly_between_steps(cls, form):
+    opt, params = trained(cls, form)
+    params[LAST].flags.writeable = False
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, [label(form, "params"), "expected a writeable array", "read-only"],
+                 lambda: opt.step(as_form(form, make_grads(params, 16))))
+    snap.assert_unchanged()
+    params[LAST].flags.writeable = True
+    assert opt.step(as_form(form, make_grads(params, 16))) is True
+
+
+@pytest.mark.parametrize("case", sorted(PARAM_REPLACE_CASES))
+@pytest.mark.parametrize("form", ["list", "groups"])
+def test_50th_param_replaced_by_bad_array_between_steps(form, case):
+    opt, params = trained(Adam, form)
+    snap = Snapshot(opt, params)
+    maker, exc, fragments = PARAM_REPLACE_CASES[case]
+    opt.param_groups[-1]["params"][-1] = maker(params[LAST])
+    check_raises(exc, ["params[49]", *fragments], lambda: opt.step(make_grads(params, 17)))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("case", sorted(PARAM_REPLACE_CASES))
+@pytest.mark.parametrize("form", FORMS)
+def test_bad_50th_param_at_construction(form, case):
+    params = make_params()
+    maker, exc, fragments = PARAM_REPLACE_CASES[case]
+    params[LAST] = maker(params[LAST])
+    saved = [_copy_value(p) for p in params]
+    check_raises(exc, [label(form, "params"), *fragments], lambda: build(Adam, form, params))
+    assert all(same_bits(a, b) for a, b in zip(params, saved))
+
+
+@pytest.mark.parametrize("case", sorted(PARAM_REPLACE_CASES))
+def test_functional_bad_50th_param(case):
+    params = make_params()
+    grads = make_grads(params, 1)
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    maker, exc, fragments = PARAM_REPLACE_CASES[case]
+    params[LAST] = maker(params[LAST])
+    everything = params + ms + vs
+    before = [_copy_value(a) for a in everything]
+    check_raises(exc, ["params[49]", *fragments], lambda: functional_adam(params, grads, ms, vs, step=1, lr=1e-2))
+    assert all(same_bits(a, b) for a, b in zip(everything, before))
+
+
+# ------------------------------------------------------------------------ aliasing
+def _alias_grad_is_param(opt, params, grads):
+    grads[LAST] = params[LAST]
+    return ["grads[49]", "params[49]", "shares memory"]
+
+
+def _alias_grad_view_of_param(opt, params, grads):
+    grads[LAST] = params[LAST][...]  # a distinct ndarray object over the same memory
+    return ["grads[49]", "params[49]", "shares memory"]
+
+
+def _alias_grad_is_state(opt, params, grads):
+    grads[LAST] = opt.state[LAST]["exp_avg_sq"]
+    return ["grads[49]", "exp_avg_sq of params[49]", "shares memory"]
+
+
+def _alias_grad_is_other_param(opt, params, grads):
+    grads[LAST] = params[LAST - 2]
+    return ["grads[49]", "params[47]", "shares memory"]
+
+
+def _alias_state_is_other_param(opt, params, grads):
+    opt.state[LAST]["exp_avg"] = params[LAST - 2]
+    return ["exp_avg of params[49]", "params[47]", "shares memory"]
+
+
+def _alias_state_is_own_param(opt, params, grads):
+    opt.state[LAST]["exp_avg"] = params[LAST]
+    return ["exp_avg of params[49]", "params[49]", "shares memory"]
+
+
+def _alias_state_is_own_state(opt, params, grads):
+    opt.state[LAST]["exp_avg_sq"] = opt.state[LAST]["exp_avg"]
+    return ["exp_avg_sq of params[49]", "exp_avg of params[49]", "shares memory"]
+
+
+def _alias_state_is_other_state(opt, params, grads):
+    opt.state[LAST]["exp_avg"] = opt.state[LAST - 2]["exp_avg"]
+    return ["exp_avg of params[49]", "exp_avg of params[47]", "shares memory"]
+
+
+def _alias_state_overlaps_param(opt, params, grads):
+    # Partial overlap through a flat view: same shape, shifted by one row.
+    base = np.zeros(12, np.float32)
+    opt.state[LAST]["exp_avg"] = base[3:9].reshape(2, 3)
+    opt.state[LAST - 2]["exp_avg"] = base[:6].reshape(2, 3)
+    return ["exp_avg of params[", "shares memory", "49", "47"]
+
+
+ALIASES = {
+    "grad_is_param": _alias_grad_is_param,
+    "grad_view_of_param": _alias_grad_view_of_param,
+    "grad_is_state": _alias_grad_is_state,
+    "grad_is_other_param": _alias_grad_is_other_param,
+    "state_is_other_param": _alias_state_is_other_param,
+    "state_is_own_param": _alias_state_is_own_param,
+    "state_is_own_state": _alias_state_is_own_state,
+    "state_is_other_state": _alias_state_is_other_state,
+    "state_overlaps_other_state": _alias_state_overlaps_param,
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALIASES))
+def test_aliasing_is_refused_and_changes_nothing(case):
+    opt, params = trained(Adam, "list")
+    grads = make_grads(params, 18)
+    fragments = ALIASES[case](opt, params, grads)
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, fragments, lambda: opt.step(grads))
+    snap.assert_unchanged()
+
+
+def test_overlapping_params_are_refused_and_change_nothing():
+    params = make_params()
+    base = np.arange(12, dtype=np.float32)
+    params[LAST - 2] = base[:6].reshape(2, 3)
+    params[LAST] = base[3:9].reshape(2, 3)  # overlaps params[47] by three elements
+    opt = Adam(params)
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["params[49]", "params[47]", "shares memory"], lambda: opt.step(make_grads(params, 1)))
+    snap.assert_unchanged()
+    assert np.array_equal(base, np.arange(12, dtype=np.float32))
+
+
+def test_same_array_twice_at_construction():
+    params = make_params()
+    params[LAST] = params[LAST - 2]
+    check_raises(ValueError, ["params[49]", "more than once"], lambda: Adam(params))
+
+
+def test_same_array_twice_at_construction_dict():
+    params = make_params()
+    d = {key(i): p for i, p in enumerate(params)}
+    d[key(LAST)] = params[LAST - 2]
+    check_raises(ValueError, [label("dict", "params"), "more than once"], lambda: Adam(d))
+
+
+def test_same_array_twice_across_groups_at_construction():
+    params = make_params()
+    check_raises(ValueError, ["params[50]", "more than once"],
+                 lambda: Adam([{"params": params}, {"params": [params[LAST - 2]]}]))
+
+
+@pytest.mark.parametrize("how", ["append", "add_param_group"])
+def test_same_array_added_twice_between_steps(how):
+    opt, params = trained(Adam, "list")
+    snap = Snapshot(opt, params)
+    if how == "append":
+        opt.param_groups[0]["params"].append(params[LAST - 2])
+        check_raises(ValueError, ["params[50]", "more than once"], lambda: opt.step(make_grads(params, 1) + [params[0]]))
+    else:
+        check_raises(ValueError, ["params[50]", "more than once"],
+                     lambda: opt.add_param_group({"params": [params[LAST - 2]]}))
+        assert len(opt.param_groups) == 1
+    snap.assert_unchanged()
+
+
+def test_functional_aliasing_is_refused():
+    params = make_params()
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    grads = make_grads(params, 2)
+    cases = [
+        (dict(params=params[:-1] + [params[LAST - 2]]), ["params[49]", "params[47]", "shares memory"]),
+        (dict(exp_avgs=ms[:-1] + [params[LAST]]), ["exp_avgs[49]", "params[49]", "shares memory"]),
+        (dict(exp_avg_sqs=vs[:-1] + [ms[LAST]]), ["exp_avg_sqs[49]", "exp_avgs[49]", "shares memory"]),
+        (dict(grads=grads[:-1] + [vs[LAST]]), ["grads[49]", "exp_avg_sqs[49]", "shares memory"]),
+    ]
+    for override, fragments in cases:
+        args = dict(params=params, grads=grads, exp_avgs=ms, exp_avg_sqs=vs)
+        args.update(override)
+        everything = params + ms + vs
+        before = [a.copy() for a in everything]
+        check_raises(ValueError, fragments, lambda: functional_adam(**args, step=1, lr=1e-2))
+        assert all(same_bits(a, b) for a, b in zip(everything, before))
+
+
+# ---------------------------------------------------------------- counts and keys
+@pytest.mark.parametrize("form", ["list", "groups"])
+@pytest.mark.parametrize("count", [0, N - 1, N + 1])
+def test_wrong_number_of_grads(form, count):
+    opt, params = trained(Adam, form)
+    grads = make_grads(make_params() + make_params(), 3)[:count]
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["grads", "expected 50", f"got {count}"], lambda: opt.step(grads))
+    snap.assert_unchanged()
+
+
+def test_dict_grads_missing_key():
+    opt, params = trained(Adam, "dict")
+    grads = as_form("dict", make_grads(params, 3))
+    del grads[key(LAST)]
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["grads", "missing", repr(key(LAST))], lambda: opt.step(grads))
+    snap.assert_unchanged()
+
+
+def test_dict_grads_extra_key():
+    opt, params = trained(Adam, "dict")
+    grads = as_form("dict", make_grads(params, 3))
+    grads["zz"] = np.zeros(3)
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["grads", "unexpected", "'zz'"], lambda: opt.step(grads))
+    snap.assert_unchanged()
+
+
+def test_dict_grads_renamed_key():
+    opt, params = trained(Adam, "dict")
+    grads = as_form("dict", make_grads(params, 3))
+    grads["zz"] = grads.pop(key(LAST))
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["grads", repr(key(LAST))], lambda: opt.step(grads))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "grads, fragments",
+    [
+        (lambda ps: {key(i): g for i, g in enumerate(ps)}, ["grads", "dict"]),
+        (lambda ps: ps[0], ["grads", "single ndarray"]),
+        (lambda ps: None, ["grads", "NoneType"]),
+        (lambda ps: iter(ps), ["grads", "expected"]),
+    ],
+    ids=["dict_for_list_params", "single_array", "none", "iterator"],
+)
+def test_grads_container_type(grads, fragments):
+    opt, params = trained(Adam, "list")
+    snap = Snapshot(opt, params)
+    check_raises(TypeError, fragments, lambda: opt.step(grads(make_grads(params, 4))))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        (dict(grads=lambda g: g[:-1]), ["grads", "50", "49"]),
+        (dict(exp_avgs=lambda m: m[:-1]), ["exp_avgs", "50", "49"]),
+        (dict(exp_avg_sqs=lambda v: v + [np.zeros(1)]), ["exp_avg_sqs", "50", "51"]),
+        (dict(step=lambda s: [1] * (N - 1)), ["step", "50", "49"]),
+    ],
+    ids=["grads", "exp_avgs", "exp_avg_sqs", "step"],
+)
+def test_functional_wrong_counts(override, fragments):
+    params = make_params()
+    args = dict(params=params, grads=make_grads(params, 1), exp_avgs=[np.zeros_like(p) for p in params],
+                exp_avg_sqs=[np.zeros_like(p) for p in params], step=[1] * N)
+    for k, f in override.items():
+        args[k] = f(args[k])
+    before = [a.copy() for a in params]
+    check_raises(ValueError, fragments, lambda: functional_adam(**args, lr=1e-2))
+    assert all(same_bits(a, b) for a, b in zip(params, before))
+
+
+def test_functional_single_vs_list_mismatch():
+    p = np.zeros(3)
+    check_raises(TypeError, ["grads", "single array"],
+                 lambda: functional_adam(p, [np.zeros(3)], np.zeros(3), np.zeros(3), step=1, lr=0.1))
+    check_raises(TypeError, ["exp_avgs", "list"],
+                 lambda: functional_adam([p], [np.zeros(3)], np.zeros(3), [np.zeros(3)], step=1, lr=0.1))
+    assert not p.any()
+
+
+@pytest.mark.parametrize(
+    "step, exc, fragments",
+    [
+        (0, ValueError, ["step", "expected", ">= 1", "0"]),
+        (-2, ValueError, ["step", "expected", ">= 1"]),
+        (1.0, TypeError, ["step", "expected", "int"]),
+        ([1] * (N - 1) + [0], ValueError, ["step[49]", ">= 1"]),
+        ([1] * (N - 1) + [2.5], TypeError, ["step[49]", "int"]),
+        ([1] * (N - 1) + [None], TypeError, ["step[49]", "int"]),
+    ],
+    ids=["zero", "negative", "float", "list_zero_last", "list_float_last", "list_none_last"],
+)
+def test_functional_bad_step(step, exc, fragments):
+    params = make_params()
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    everything = params + ms + vs
+    before = [a.copy() for a in everything]
+    check_raises(exc, fragments, lambda: functional_adam(params, make_grads(params, 1), ms, vs, step=step, lr=1e-2))
+    assert all(same_bits(a, b) for a, b in zip(everything, before))
+
+
+# ----------------------------------------------------------------- hyperparameters
+NAN = float("nan")
+INF = float("inf")
+
+# (kwargs, exception, fragments) for the optimizer constructors and groups.
+BAD_HYPERS = [
+    (dict(lr=-1e-3), ValueError, ["lr", "expected a value >= 0"]),
+    (dict(lr=NAN), ValueError, ["lr", "finite"]),
+    (dict(lr=INF), ValueError, ["lr", "finite"]),
+    (dict(lr="0.1"), TypeError, ["lr", "real number", "str"]),
+    (dict(lr=None), TypeError, ["lr", "NoneType"]),
+    (dict(betas=(1.0, 0.999)), ValueError, ["betas'][0]", "< 1"]),
+    (dict(betas=(-0.1, 0.999)), ValueError, ["betas'][0]", ">= 0"]),
+    (dict(betas=(0.9, 1.0)), ValueError, ["betas'][1]", "< 1"]),
+    (dict(betas=(0.9, 1.5)), ValueError, ["betas'][1]", "< 1"]),
+    (dict(betas=(0.9, NAN)), ValueError, ["betas'][1]", "finite"]),
+    (dict(betas=0.9), TypeError, ["betas", "pair"]),
+    (dict(betas=(0.9, 0.99, 0.999)), TypeError, ["betas", "pair"]),
+    (dict(eps=-1e-8), ValueError, ["eps", ">= 0"]),
+    (dict(eps=NAN), ValueError, ["eps", "finite"]),
+    (dict(weight_decay=-0.1), ValueError, ["weight_decay", ">= 0"]),
+    (dict(weight_decay=INF), ValueError, ["weight_decay", "finite"]),
+    (dict(eps_style="pytorch"), ValueError, ["eps_style", "'torch'", "'keras'", "'pytorch'"]),
+    (dict(eps_style=None), ValueError, ["eps_style", "'torch'", "'keras'"]),
+    (dict(amsgrad=1), TypeError, ["amsgrad", "bool", "int"]),
+    (dict(amsgrad="yes"), TypeError, ["amsgrad", "bool", "str"]),
+    (dict(maximize=None), TypeError, ["maximize", "bool"]),
+    (dict(maximize=1), TypeError, ["maximize", "bool", "int"]),
+]
+HYPER_IDS = [f"{next(iter(kw))}={next(iter(kw.values()))!r}" for kw, _, _ in BAD_HYPERS]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs, exc, fragments", BAD_HYPERS, ids=HYPER_IDS)
+def test_bad_hyperparameter_at_construction(cls, kwargs, exc, fragments):
+    params = make_params()
+    saved = [p.copy() for p in params]
+    check_raises(exc, fragments, lambda: cls(params, **kwargs))
+    assert all(same_bits(a, b) for a, b in zip(params, saved))
+
+
+@pytest.mark.parametrize("kwargs, exc, fragments", BAD_HYPERS, ids=HYPER_IDS)
+def test_bad_hyperparameter_in_group_at_construction(kwargs, exc, fragments):
+    params = make_params()
+    groups = [{"params": params[:20]}, {"params": params[20:], **kwargs}]
+    check_raises(exc, ["param_groups[1]", *fragments], lambda: Adam(groups))
+
+
+@pytest.mark.parametrize("kwargs, exc, fragments", BAD_HYPERS, ids=HYPER_IDS)
+def test_bad_hyperparameter_edited_between_steps(kwargs, exc, fragments):
+    opt, params = trained(Adam, "groups")
+    snap = Snapshot(opt, params)
+    opt.param_groups[2].update(kwargs)
+    check_raises(exc, ["param_groups[2]", *fragments], lambda: opt.step(make_grads(params, 20)))
+    snap.groups = [(g, {k: v for k, v in g.items() if k != "params"}, ps) for g, _, ps in snap.groups]
+    snap.assert_unchanged()
+
+
+def test_decoupled_weight_decay_must_be_bool():
+    check_raises(TypeError, ["decoupled_weight_decay", "bool"],
+                 lambda: Adam(make_params(), decoupled_weight_decay=1))
+
+
+def test_unknown_group_hyperparameter():
+    params = make_params()
+    check_raises(ValueError, ["param_groups[1]", "lrr"],
+                 lambda: Adam([{"params": params[:3]}, {"params": params[3:], "lrr": 0.1}]))
+
+
+@pytest.mark.parametrize("value", ["ignore", "Skip", "", None, 1], ids=repr)
+def test_bad_nonfinite_policy(value):
+    params = make_params()
+    check_raises(ValueError, ["nonfinite", "'propagate'", "'skip'", "'raise'"], lambda: Adam(params, nonfinite=value))
+
+
+@pytest.mark.parametrize(
+    "scale, exc, fragments",
+    [
+        (NAN, ValueError, ["grad_scale", "finite"]),
+        (INF, ValueError, ["grad_scale", "finite"]),
+        (-INF, ValueError, ["grad_scale", "finite"]),
+        (np.float32("nan"), ValueError, ["grad_scale", "finite"]),
+        (np.array(np.inf), ValueError, ["grad_scale", "finite"]),
+        ("2", TypeError, ["grad_scale", "real number", "str"]),
+        (None, TypeError, ["grad_scale", "NoneType"]),
+        (True, TypeError, ["grad_scale", "bool"]),
+        ([1.0], TypeError, ["grad_scale", "list"]),
+    ],
+    ids=["nan", "inf", "-inf", "f32nan", "0d_inf", "str", "none", "bool", "list"],
+)
+@pytest.mark.parametrize("form", FORMS)
+def test_bad_grad_scale(form, scale, exc, fragments):
+    opt, params = trained(Adam, form)
+    snap = Snapshot(opt, params)
+    check_raises(exc, fragments, lambda: opt.step(as_form(form, make_grads(params, 21)), grad_scale=scale))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "value, exc, fragments",
+    [
+        (-0.1, ValueError, [">= 0", "-0.1"]),
+        (NAN, ValueError, ["finite", "nan"]),
+        (INF, ValueError, ["finite"]),
+        ("0.1", TypeError, ["real number", "str"]),
+        (None, TypeError, ["real number", "NoneType"]),
+    ],
+    ids=["negative", "nan", "inf", "str", "none"],
+)
+@pytest.mark.parametrize("form", FORMS)
+def test_callable_lr_returning_bad_value(form, value, exc, fragments):
+    calls = []
+
+    def schedule(t):
+        calls.append(t)
+        return 1e-3 if t < GOOD_STEPS else value
+
+    opt, params = trained(Adam, form, lr=schedule)
+    snap = Snapshot(opt, params)
+    check_raises(exc, ["lr", f"({GOOD_STEPS})", *fragments], lambda: opt.step(as_form(form, make_grads(params, 22))))
+    snap.assert_unchanged()
+    assert GOOD_STEPS in calls
+
+
+def test_callable_lr_raising_changes_nothing():
+    def schedule(t):
+        if t >= GOOD_STEPS:
+            raise ZeroDivisionError("schedule exhausted")
+        return 1e-3
+
+    opt, params = trained(Adam, "groups", lr=schedule)
+    snap = Snapshot(opt, params)
+    with pytest.raises(ZeroDivisionError, match="schedule exhausted"):
+        opt.step(make_grads(params, 23))
+    snap.assert_unchanged()
+
+
+def test_amsgrad_switched_on_then_failing_step_creates_no_state():
+    # The step that would create max_exp_avg_sq fails on the 50th gradient:
+    # no max_exp_avg_sq may be left behind.
+    opt, params = trained(Adam, "list")
+    snap = Snapshot(opt, params)
+    opt.param_groups[0]["amsgrad"] = True
+    grads = make_grads(params, 24)
+    grads[LAST] = grads[LAST].astype(np.float64)
+    check_raises(TypeError, ["grads[49]"], lambda: opt.step(grads))
+    snap.groups = [(g, {k: v for k, v in g.items() if k != "params"}, ps) for g, _, ps in snap.groups]
+    snap.assert_unchanged()
+    assert all("max_exp_avg_sq" not in s for s in opt.state)
+
+
+# (override(**kwargs) for functional.adam, exception, fragments)
+FUNCTIONAL_BAD_HYPERS = [
+    (dict(lr=-1.0), ValueError, ["lr", ">= 0"]),
+    (dict(lr=NAN), ValueError, ["lr", "finite"]),
+    (dict(lr=lambda t: 1e-3), TypeError, ["lr", "real number"]),
+    (dict(beta1=1.0), ValueError, ["beta1", "< 1"]),
+    (dict(beta1=-0.5), ValueError, ["beta1", ">= 0"]),
+    (dict(beta2=1.0), ValueError, ["beta2", "< 1"]),
+    (dict(beta2=NAN), ValueError, ["beta2", "finite"]),
+    (dict(eps=-1e-8), ValueError, ["eps", ">= 0"]),
+    (dict(weight_decay=-1e-2), ValueError, ["weight_decay", ">= 0"]),
+    (dict(eps_style="tf"), ValueError, ["eps_style", "'torch'", "'keras'"]),
+    (dict(amsgrad=1), TypeError, ["amsgrad", "bool"]),
+    (dict(amsgrad=True), ValueError, ["max_exp_avg_sqs", "amsgrad"]),
+    (dict(maximize="no"), TypeError, ["maximize", "bool"]),
+    (dict(decoupled_weight_decay=0), TypeError, ["decoupled_weight_decay", "bool"]),
+    (dict(grad_scale=NAN), ValueError, ["grad_scale", "finite"]),
+    (dict(grad_scale="1"), TypeError, ["grad_scale", "real number"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, fragments", FUNCTIONAL_BAD_HYPERS,
+                         ids=[f"{next(iter(k))}={next(iter(k.values()))!r}" for k, _, _ in FUNCTIONAL_BAD_HYPERS])
+def test_functional_bad_hyperparameter(kwargs, exc, fragments):
+    params = make_params()
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    everything = params + ms + vs
+    before = [a.copy() for a in everything]
+    args = dict(step=1, lr=1e-2)
+    args.update(kwargs)
+    msg = check_raises(exc, fragments, lambda: functional_adam(params, make_grads(params, 1), ms, vs, **args))
+    name = next(iter(kwargs))
+    if name in ("beta1", "beta2"):
+        # The message must name the offending argument unambiguously.
+        assert msg.startswith(name), msg
+    assert all(same_bits(a, b) for a, b in zip(everything, before))
+
+
+# ---------------------------------------------------------------- load_state_dict
+def _other_state_dict(cls, form):
+    """A valid state dict from a differently trained optimizer (so a partial
+    load would be visible), with changed hyperparameters."""
+    other, _ = trained(cls, form, seed=5, lr=0.25)
+    sd = other.state_dict()
+    for g in sd["param_groups"]:
+        g["lr"] = 0.125
+    return sd
+
+
+def _drop_group(sd):
+    sd["param_groups"].pop()
+
+
+def _extra_group(sd):
+    sd["param_groups"].append(dict(sd["param_groups"][-1], params=[1000]))
+
+
+def _fewer_params(sd):
+    sd["param_groups"][-1]["params"].pop()
+    del sd["state"][LAST]
+
+
+def _more_params(sd):
+    sd["param_groups"][-1]["params"].append(1000)
+
+
+def _wrong_shape(sd):
+    sd["state"][LAST]["exp_avg"] = np.zeros((3, 2), np.float32)
+
+
+def _wrong_size(sd):
+    sd["state"][LAST]["exp_avg_sq"] = np.zeros(6, np.float32)
+
+
+def _missing_exp_avg(sd):
+    del sd["state"][LAST]["exp_avg"]
+
+
+def _missing_exp_avg_sq(sd):
+    del sd["state"][LAST]["exp_avg_sq"]
+
+
+def _negative_step(sd):
+    sd["state"][LAST]["step"] = -1
+
+
+def _fractional_step(sd):
+    sd["state"][LAST]["step"] = np.float32(2.5)
+
+
+def _nan_step(sd):
+    sd["state"][LAST]["step"] = np.array(np.nan, np.float32)
+
+
+def _int_state(sd):
+    sd["state"][LAST]["exp_avg"] = np.zeros((2, 3), np.int64)
+
+
+def _unknown_id(sd):
+    sd["state"][1000] = sd["state"][LAST]
+
+
+def _bad_lr(sd):
+    sd["param_groups"][-1]["lr"] = -1.0
+
+
+def _bad_betas(sd):
+    sd["param_groups"][-1]["betas"] = (0.9, 1.0)
+
+
+def _bad_amsgrad(sd):
+    sd["param_groups"][-1]["amsgrad"] = "yes"
+
+
+def _no_state_key(sd):
+    del sd["state"]
+
+
+LOAD_CASES = {
+    "drop_group": (_drop_group, ValueError, ["group"]),
+    "extra_group": (_extra_group, ValueError, ["group"]),
+    "fewer_params": (_fewer_params, ValueError, ["param_groups'][", "parameter"]),
+    "more_params": (_more_params, ValueError, ["param_groups'][", "parameter"]),
+    "wrong_shape": (_wrong_shape, ValueError, ["['state'][49]", "exp_avg", "shape (2, 3)", "(3, 2)"]),
+    "wrong_size": (_wrong_size, ValueError, ["['state'][49]", "exp_avg_sq", "shape (2, 3)", "(6,)"]),
+    "missing_exp_avg": (_missing_exp_avg, ValueError, ["['state'][49]", "missing", "'exp_avg'"]),
+    "missing_exp_avg_sq": (_missing_exp_avg_sq, ValueError, ["['state'][49]", "missing", "'exp_avg_sq'"]),
+    "negative_step": (_negative_step, ValueError, ["['state'][49]", "step", "non-negative integer"]),
+    "fractional_step": (_fractional_step, ValueError, ["['state'][49]", "step", "integer"]),
+    "nan_step": (_nan_step, ValueError, ["['state'][49]", "step", "integer"]),
+    "int_state": (_int_state, TypeError, ["['state'][49]", "exp_avg", "floating", "int64"]),
+    "unknown_id": (_unknown_id, ValueError, ["1000"]),
+    "bad_lr": (_bad_lr, ValueError, ["param_groups'][", "lr", ">= 0"]),
+    "bad_betas": (_bad_betas, ValueError, ["param_groups'][", "betas", "< 1"]),
+    "bad_amsgrad": (_bad_amsgrad, TypeError, ["param_groups'][", "amsgrad", "bool"]),
+    "no_state_key": (_no_state_key, ValueError, ["'state'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_CASES))
+@pytest.mark.parametrize("form", ["list", "groups"])
+def test_load_state_dict_failure_changes_nothing(form, case):
+    opt, params = trained(Adam, form)
+    sd = _other_state_dict(Adam, form)
+    mutate, exc, fragments = LOAD_CASES[case]
+    mutate(sd)
+    snap = Snapshot(opt, params)
+    check_raises(exc, fragments, lambda: opt.load_state_dict(sd))
+    snap.assert_unchanged()
+    # And the unmodified dict still loads.
+    opt.load_state_dict(_other_state_dict(Adam, form))
+    assert all(g["lr"] == 0.125 for g in opt.param_groups)
+
+
+def test_load_state_dict_not_a_mapping():
+    opt, params = trained(Adam, "list")
+    snap = Snapshot(opt, params)
+    with pytest.raises((TypeError, ValueError), match="state_dict"):
+        opt.load_state_dict([1, 2, 3])
+    snap.assert_unchanged()
+
+
+# -------------------------------------------------------------- params container
+@pytest.mark.parametrize(
+    "params, exc, fragments",
+    [
+        (lambda: np.zeros(3), TypeError, ["params", "single ndarray"]),
+        (lambda: [], ValueError, ["params", "empty"]),
+        (lambda: {}, ValueError, ["params", "empty"]),
+        (lambda: 3, TypeError, ["params", "int"]),
+        (lambda: "w", TypeError, ["params", "str"]),
+        (lambda: [{"lr": 0.1}], ValueError, ["param_groups[0]", "'params'"]),
+        (lambda: [np.zeros(3), {"params": [np.zeros(3)]}], TypeError, ["params", "mix"]),
+        (lambda: [{"params": []}], ValueError, ["param_groups[0]", "no parameters"]),
+    ],
+    ids=["ndarray", "empty_list", "empty_dict", "int", "str", "group_without_params", "mixed", "empty_group"],
+)
+def test_bad_params_container(params, exc, fragments):
+    check_raises(exc, fragments, lambda: Adam(params()))
+
+
+def test_add_param_group_bad_param_changes_nothing():
+    opt, params = trained(Adam, "list")
+    snap = Snapshot(opt, params)
+    extra = [np.zeros(3, np.float32), np.zeros(4, np.int32)]
+    check_raises(TypeError, ["params[51]", "int32"], lambda: opt.add_param_group({"params": extra}))
+    assert len(opt.param_groups) == 1
+    snap.assert_unchanged()
+    assert opt.step(make_grads(params, 25)) is True
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_set_num_threads_range(n):
+    before = adamcpp.get_num_threads()
+    check_raises(ValueError, ["n", ">= 1"], lambda: adamcpp.set_num_threads(n))
+    assert adamcpp.get_num_threads() == before
+
+
+@pytest.mark.parametrize("n", [1.0, "2", None, True])
+def test_set_num_threads_type(n):
+    before = adamcpp.get_num_threads()
+    check_raises(TypeError, ["n", "int"], lambda: adamcpp.set_num_threads(n))
+    assert adamcpp.get_num_threads() == before
+
+
+def test_nothing_written_for_nonfinite_raise_policy():
+    # FloatingPointError is the third documented error; it also changes nothing.
+    opt, params = trained(Adam, "groups", nonfinite="raise")
+    grads = make_grads(params, 26)
+    grads[LAST][1, 2] = math.inf
+    snap = Snapshot(opt, params)
+    with pytest.raises(FloatingPointError, match=r"grads\[49\]"):
+        opt.step(grads)
+    snap.assert_unchanged()
