@@ -1,0 +1,509 @@
+"""Independent NumPy references for adamcpp's Adam/AdamW numerics.
+
+Two references live here, both written from the contract rather than from the
+C++ sources:
+
+``reference_step`` / ``ReferenceAdam(mode="reference")``
+    The float64 reference: the formulas of API.md ("Numerics") evaluated in
+    float64 exactly as they read there.  Optionally it records the trajectory
+    for a first-order worst-case *rounding-error bound* (``ErrorBound``:
+    every operation linearized, errors carried forward with their signs by an
+    adjoint sweep), which is what the tolerance-based tests use.
+
+``emulated_step`` / ``ReferenceAdam(mode="emulate")``
+    A bit-exact emulation in the element type (float32 or float64) of the
+    documented operation order (notes/context.md, "the exact per-element
+    operation order"): host scalars in float64, each rounded once to the
+    element type, then one IEEE-rounded NumPy operation per documented
+    operation.  NumPy's float32/float64 ``+ - * / sqrt`` are correctly rounded
+    and ``np.maximum`` propagates NaN, so a correct kernel compiled without FMA
+    contraction must agree with this *bitwise*.
+
+Hyperparameter keywords follow ``adamcpp.functional.adam``: ``lr``, ``beta1``,
+``beta2``, ``eps``, ``weight_decay``, ``decoupled_weight_decay``, ``amsgrad``,
+``maximize``, ``eps_style`` ("torch" | "keras").  ``grad_scale`` is given per
+step.  ``lr`` may be a callable ``schedule(t)`` where ``t`` is the number of
+updates already applied (so step number ``k`` uses ``lr(k - 1)``).
+
+Typical use::
+
+    ref = ReferenceAdam(p0, mode="reference", track_error=True, lr=1e-2, amsgrad=True)
+    for g in grads:
+        ref.step(g, grad_scale=0.5)
+    ref.p, ref.m, ref.v, ref.vmax         # float64 arrays
+    ref.error_bound("p", np.float32)      # |float32 result - ref.p| <= this, elementwise
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "HYPER_DEFAULTS",
+    "UNIT_ROUNDOFF",
+    "StepScalars",
+    "step_scalars",
+    "reference_step",
+    "emulated_step",
+    "ErrorBound",
+    "linearized_step",
+    "ReferenceAdam",
+    "run_trajectory",
+]
+
+LR = Union[float, Callable[[int], float]]
+
+#: Defaults of adamcpp.functional.adam (and of adamcpp.Adam).
+HYPER_DEFAULTS: Dict[str, Any] = dict(
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    amsgrad=False,
+    maximize=False,
+    eps_style="torch",
+)
+
+#: Unit roundoff u (half an ulp of 1): |fl(x) - x| <= u |x| for a correctly rounded operation.
+UNIT_ROUNDOFF: Dict[np.dtype, float] = {
+    np.dtype(np.float32): 2.0**-24,
+    np.dtype(np.float64): 2.0**-53,
+}
+
+
+def _hyper(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = set(kwargs) - set(HYPER_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)}")
+    h = dict(HYPER_DEFAULTS)
+    h.update(kwargs)
+    if h["eps_style"] not in ("torch", "keras"):
+        raise ValueError(f"eps_style must be 'torch' or 'keras', got {h['eps_style']!r}")
+    return h
+
+
+def _lr_for_step(lr: LR, step: int) -> float:
+    """The learning rate used by 1-based step `step` (a schedule sees step - 1)."""
+    return float(lr(step - 1)) if callable(lr) else float(lr)
+
+
+# --------------------------------------------------------------------------
+# Host scalars (float64), shared by both references.
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepScalars:
+    """The per-step scalars of API.md, computed in float64 on the host."""
+
+    lr: float
+    grad_scale: float  # sign included: negative for maximize
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    weight_decay: float
+    decay_factor: float  # 1 - lr * weight_decay (decoupled only)
+    bias_correction1: float  # 1 - beta1**t
+    bias_correction2: float  # 1 - beta2**t
+    bias_correction2_sqrt: float
+    step_size: float  # torch: lr / bc1;  keras: lr * sqrt(bc2) / bc1
+
+
+def step_scalars(step: int, grad_scale: float = 1.0, **hyper: Any) -> StepScalars:
+    """float64 scalars of 1-based step `step` for the given hyperparameters."""
+    h = _hyper(hyper)
+    if step < 1:
+        raise ValueError("step is 1-based")
+    lr = _lr_for_step(h["lr"], step)
+    b1, b2 = float(h["beta1"]), float(h["beta2"])
+    bc1 = 1.0 - b1**step
+    bc2 = 1.0 - b2**step
+    bc2_sqrt = math.sqrt(bc2)
+    step_size = lr / bc1 if h["eps_style"] == "torch" else lr * bc2_sqrt / bc1
+    return StepScalars(
+        lr=lr,
+        grad_scale=-float(grad_scale) if h["maximize"] else float(grad_scale),
+        beta1=b1,
+        one_minus_beta1=1.0 - b1,
+        beta2=b2,
+        one_minus_beta2=1.0 - b2,
+        eps=float(h["eps"]),
+        weight_decay=float(h["weight_decay"]),
+        decay_factor=1.0 - lr * float(h["weight_decay"]),
+        bias_correction1=bc1,
+        bias_correction2=bc2,
+        bias_correction2_sqrt=bc2_sqrt,
+        step_size=step_size,
+    )
+
+
+# --------------------------------------------------------------------------
+# The float64 reference: API.md's formulas as written.
+# --------------------------------------------------------------------------
+def reference_step(
+    p: np.ndarray,
+    grad: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    vmax: Optional[np.ndarray] = None,
+    *,
+    step: int,
+    grad_scale: float = 1.0,
+    **hyper: Any,
+):
+    """One Adam step in float64, straight from API.md. Pure: returns new
+    arrays ``(p, m, v, vmax)`` (vmax is None without amsgrad)."""
+    h = _hyper(hyper)
+    p = np.asarray(p, dtype=np.float64)
+    m = np.asarray(m, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    lr = _lr_for_step(h["lr"], step)
+    beta1, beta2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
+
+    with np.errstate(all="ignore"):
+        g = np.asarray(grad, dtype=np.float64) * grad_scale
+        if h["maximize"]:
+            g = -g
+        if wd != 0.0:
+            if h["decoupled_weight_decay"]:
+                p = p * (1.0 - lr * wd)
+            else:
+                g = g + wd * p
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g**2
+        v_hat = v
+        if h["amsgrad"]:
+            vmax = np.maximum(np.asarray(vmax, dtype=np.float64), v)
+            v_hat = vmax
+        else:
+            vmax = None
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        if h["eps_style"] == "torch":
+            p = p - (lr / bc1) * m / (np.sqrt(v_hat) / math.sqrt(bc2) + eps)
+        else:
+            p = p - (lr * math.sqrt(bc2) / bc1) * m / (np.sqrt(v_hat) + eps)
+    return p, m, v, vmax
+
+
+# --------------------------------------------------------------------------
+# The bit-exact emulation in the element type.
+# --------------------------------------------------------------------------
+def emulated_step(
+    p: np.ndarray,
+    grad: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    vmax: Optional[np.ndarray] = None,
+    *,
+    step: int,
+    grad_scale: float = 1.0,
+    **hyper: Any,
+):
+    """One Adam step in the arrays' own dtype (float32 or float64) with the
+    documented operation order; every scalar rounded once to that dtype.
+    Pure: returns new arrays ``(p, m, v, vmax)``."""
+    h = _hyper(hyper)
+    T = np.asarray(p).dtype.type
+    if np.dtype(T) not in UNIT_ROUNDOFF:
+        raise TypeError(f"emulation needs float32 or float64, got {np.dtype(T)}")
+    s = step_scalars(step, grad_scale, **hyper)
+    gs, b1, c1, b2, c2 = T(s.grad_scale), T(s.beta1), T(s.one_minus_beta1), T(s.beta2), T(s.one_minus_beta2)
+    eps, wd, df, ss, bc2s = T(s.eps), T(s.weight_decay), T(s.decay_factor), T(s.step_size), T(s.bias_correction2_sqrt)
+    p = np.asarray(p, dtype=T)
+    with np.errstate(all="ignore"):
+        g = np.asarray(grad, dtype=T) * gs
+        if s.weight_decay != 0.0:
+            if h["decoupled_weight_decay"]:
+                p = p * df
+            else:
+                g = g + wd * p
+        m = b1 * np.asarray(m, dtype=T) + c1 * g
+        v = b2 * np.asarray(v, dtype=T) + (c2 * g) * g
+        v_used = v
+        if h["amsgrad"]:
+            vmax = np.maximum(np.asarray(vmax, dtype=T), v)  # NaN in either operand wins
+            v_used = vmax
+        else:
+            vmax = None
+        if h["eps_style"] == "torch":
+            denom = np.sqrt(v_used) / bc2s + eps
+        else:
+            denom = np.sqrt(v_used) + eps
+        p = p - (ss * m) / denom
+    for a in (p, m, v) + ((vmax,) if vmax is not None else ()):
+        assert a.dtype == T
+    return p, m, v, vmax
+
+
+# --------------------------------------------------------------------------
+# First-order rounding-error bound (linearized worst case).
+# --------------------------------------------------------------------------
+class _Tape:
+    """A minimal reverse-mode tape over NumPy values. Nodes are ints; every
+    node created by `rnd` is one rounding x -> x (1 + u delta) with its own
+    delta (|delta| <= 1, in units of u)."""
+
+    def __init__(self):
+        self.val: list = []
+        self.parents: list = []  # [(node, local partial)]
+        self.roundings: list = []
+
+    def _node(self, val, parents=()):
+        self.val.append(val)
+        self.parents.append(list(parents))
+        return len(self.val) - 1
+
+    def leaf(self, val):
+        return self._node(np.asarray(val, dtype=np.float64))
+
+    def rnd(self, x, times=1):
+        for _ in range(times):
+            x = self._node(self.val[x], [(x, 1.0)])
+            self.roundings.append(x)
+        return x
+
+    def scalar(self, c, times=1):
+        """A host scalar (per step: shape (T, 1)) rounded to the element type."""
+        return self.rnd(self.leaf(c), times)
+
+    def add(self, a, b):
+        return self._node(self.val[a] + self.val[b], [(a, 1.0), (b, 1.0)])
+
+    def sub(self, a, b):
+        return self._node(self.val[a] - self.val[b], [(a, 1.0), (b, -1.0)])
+
+    def mul(self, a, b):
+        return self._node(self.val[a] * self.val[b], [(a, self.val[b]), (b, self.val[a])])
+
+    def div(self, a, b):
+        q = self.val[a] / self.val[b]
+        return self._node(q, [(a, 1.0 / self.val[b]), (b, -q / self.val[b])])
+
+    def sqrt(self, a):
+        r = np.sqrt(self.val[a])
+        with np.errstate(divide="ignore"):
+            d = np.where(r > 0, 0.5 / np.where(r > 0, r, 1.0), 0.0)
+        return self._node(r, [(a, d)])
+
+    def maximum(self, a, b):
+        # exact; to first order it follows the larger operand (ties have measure zero)
+        take_a = self.val[a] >= self.val[b]
+        return self._node(np.maximum(self.val[a], self.val[b]), [(a, take_a * 1.0), (b, (~take_a) * 1.0)])
+
+    def gradient(self, out):
+        """d out / d node for every node (reverse sweep)."""
+        adj: list = [None] * len(self.val)
+        adj[out] = np.ones_like(self.val[out])
+        for k in range(out, -1, -1):
+            if adj[k] is None:
+                continue
+            for parent, partial in self.parents[k]:
+                contrib = adj[k] * partial
+                adj[parent] = contrib if adj[parent] is None else adj[parent] + contrib
+        return adj
+
+
+#: lr/(1 - beta1**t), sqrt(1 - beta2**t) and 1 - lr*wd are each computed in
+#: float64 with up to two roundings, then rounded once to the element type.
+SCALAR_ROUNDINGS = 3
+
+
+def linearized_step(p, grad, m, v, vmax, s: Dict[str, np.ndarray], *, decoupled: bool, amsgrad: bool,
+                    eps_style: str):
+    """Adam's operation graph (the documented order) with every operation
+    and every host scalar modelled as rounded (x -> x (1 + u delta)),
+    linearized at the given float64 states. Arrays may carry leading batch
+    dimensions (e.g. all steps of a trajectory at once, shape (T, n)); the
+    scalars `s` (StepScalars fields) broadcast against them (shape (T, 1)).
+
+    Returns (J, C): J[i, j, ...] = d out_i / d in_j and
+    C[i, r, ...] = d out_i / d delta_r, for out, in = (p, m, v, vmax)."""
+    tp = _Tape()
+    P, M, V, VM = (tp.leaf(x) for x in (p, m, v, vmax))
+    state = (P, M, V, VM)
+    g = tp.rnd(tp.mul(tp.leaf(grad), tp.scalar(s["grad_scale"])))
+    if np.any(s["weight_decay"] != 0.0):
+        if decoupled:
+            P = tp.rnd(tp.mul(P, tp.scalar(s["decay_factor"], SCALAR_ROUNDINGS)))
+        else:
+            g = tp.rnd(tp.add(g, tp.rnd(tp.mul(tp.scalar(s["weight_decay"]), P))))
+    M1 = tp.rnd(tp.add(tp.rnd(tp.mul(tp.scalar(s["beta1"]), M)),
+                       tp.rnd(tp.mul(tp.scalar(s["one_minus_beta1"]), g))))
+    V1 = tp.rnd(tp.add(tp.rnd(tp.mul(tp.scalar(s["beta2"]), V)),
+                       tp.rnd(tp.mul(tp.rnd(tp.mul(tp.scalar(s["one_minus_beta2"]), g)), g))))
+    if amsgrad:
+        VM1 = tp.maximum(VM, V1)
+        VU = VM1
+    else:
+        VM1, VU = VM, V1
+    root = tp.rnd(tp.sqrt(VU))
+    if eps_style == "torch":
+        denom = tp.rnd(tp.add(tp.rnd(tp.div(root, tp.scalar(s["bias_correction2_sqrt"], SCALAR_ROUNDINGS))),
+                              tp.scalar(s["eps"])))
+    else:
+        denom = tp.rnd(tp.add(root, tp.scalar(s["eps"])))
+    num = tp.rnd(tp.mul(tp.scalar(s["step_size"], SCALAR_ROUNDINGS), M1))
+    P1 = tp.rnd(tp.sub(P, tp.rnd(tp.div(num, denom))))
+
+    shape = np.shape(p)
+    zeros = np.zeros(shape)
+    J = np.zeros((4, 4) + shape)
+    C = np.zeros((4, len(tp.roundings)) + shape)
+    for i, out in enumerate((P1, M1, V1, VM1)):
+        adj = tp.gradient(out)
+        for j, leaf in enumerate(state):
+            if adj[leaf] is not None:
+                J[i, j] = adj[leaf]
+        for r, node in enumerate(tp.roundings):
+            if adj[node] is not None:
+                C[i, r] = adj[node] * tp.val[node] + zeros
+    return J, C
+
+
+class ErrorBound:
+    """Elementwise first-order worst-case bound, in units of the unit roundoff
+    u, on |x_T - x_exact| for x = p, m, v, vmax, where x_T is any evaluation
+    of Adam's operation graph (the documented order: about 25 roundings per
+    step counting host scalars) with every operation correctly rounded in a
+    format with unit roundoff u, and x_exact is exact real arithmetic from the
+    same exactly representable inputs.
+
+    Each step t is linearized at the float64 reference state: the output
+    errors are J_t @ (incoming errors) + C_t @ delta_t with |delta_t| <= 1
+    (one component per rounding). The worst case over all deltas of all steps
+    is   B = sum_t |J_T ... J_{t+1} C_t| @ 1,   evaluated by an adjoint
+    (backward) sweep. Unlike adding absolute values step by step, this keeps
+    the signs of the propagation, so errors that the dynamics damp (coupled
+    weight decay feeds p back into g and Adam pulls p back) are not counted as
+    growing. Second-order terms (products of deltas) are neglected; they are
+    < 1e-2 of B for float32 trajectories of a few hundred steps. Needs v > 0
+    wherever sqrt is differentiated (non-zero gradients).
+    """
+
+    def __init__(self, decoupled: bool, amsgrad: bool, eps_style: str):
+        self.flags = dict(decoupled=decoupled, amsgrad=amsgrad, eps_style=eps_style)
+        self._steps: list = []  # (p, grad, m, v, vmax, StepScalars) before each step
+        self._cache = None
+
+    def record(self, p, grad, m, v, vmax, s: StepScalars):
+        if vmax is None:
+            vmax = np.zeros_like(p)
+        self._steps.append(tuple(np.array(x, dtype=np.float64).ravel() for x in (p, grad, m, v, vmax)) + (s,))
+        self._cache = None
+
+    def bounds(self) -> Dict[str, np.ndarray]:
+        """{"p": B_p, "m": B_m, "v": B_v, "vmax": B_vmax} (flat) after the recorded steps."""
+        if self._cache is None:
+            if not self._steps:
+                raise ValueError("no step recorded")
+            cols = list(zip(*self._steps))
+            arrays = [np.stack(c) for c in cols[:5]]  # (T, n) each
+            scalars = {k: np.array([getattr(s, k) for s in cols[5]])[:, None] for k in StepScalars.__dataclass_fields__}
+            J, C = linearized_step(*arrays, scalars, **self.flags)  # (4, 4, T, n), (4, R, T, n)
+            # W[:, :, t] = J_{T-1} ... J_{t+1}: the sensitivity of the final
+            # state to the errors made in step t.
+            W = np.empty_like(J)
+            w = np.zeros((4, 4) + J.shape[3:])
+            for k in range(4):
+                w[k, k] = 1.0
+            for t in range(J.shape[2] - 1, -1, -1):
+                W[:, :, t] = w
+                w = np.einsum("ij...,jk...->ik...", w, J[:, :, t])
+            WC = sum(W[:, j, None] * C[None, j] for j in range(4))  # (4, R, T, n)
+            B = np.abs(WC).sum(axis=(1, 2))  # (4, n)
+            self._cache = {name: B[k] for k, name in enumerate(("p", "m", "v", "vmax"))}
+        return self._cache
+
+
+# --------------------------------------------------------------------------
+# Trajectories.
+# --------------------------------------------------------------------------
+class ReferenceAdam:
+    """Runs an Adam trajectory of one array (any shape; flatten and
+    concatenate several tensors that share hyperparameters).
+
+    mode="reference": float64 API.md formulas (``reference_step``); with
+        ``track_error=True`` also the first-order rounding-error bound.
+    mode="emulate": bit-exact emulation in ``dtype`` (default: p's dtype).
+
+    Attributes ``p, m, v, vmax`` (vmax None without amsgrad) and ``t`` (the
+    number of the last applied step, 0 before the first).
+    """
+
+    def __init__(
+        self,
+        param: np.ndarray,
+        *,
+        mode: str = "reference",
+        dtype: Any = None,
+        track_error: bool = False,
+        **hyper: Any,
+    ):
+        if mode not in ("reference", "emulate"):
+            raise ValueError("mode must be 'reference' or 'emulate'")
+        self.hyper = _hyper(hyper)
+        self.mode = mode
+        param = np.asarray(param)
+        if mode == "reference":
+            self.dtype = np.dtype(np.float64)
+        else:
+            self.dtype = np.dtype(dtype) if dtype is not None else param.dtype
+        self.p = np.array(param, dtype=self.dtype, copy=True)
+        self.m = np.zeros_like(self.p)
+        self.v = np.zeros_like(self.p)
+        self.vmax = np.zeros_like(self.p) if self.hyper["amsgrad"] else None
+        self.t = 0
+        if track_error and mode != "reference":
+            raise ValueError("track_error needs mode='reference'")
+        self.bound: Optional[ErrorBound] = None
+        if track_error:
+            self.bound = ErrorBound(self.hyper["decoupled_weight_decay"], self.hyper["amsgrad"], self.hyper["eps_style"])
+
+    def step(self, grad: np.ndarray, *, grad_scale: float = 1.0, step: Optional[int] = None) -> None:
+        """Applies step number `step` (default: self.t + 1) and sets self.t to it."""
+        t = self.t + 1 if step is None else int(step)
+        if self.bound is not None:
+            s = step_scalars(t, grad_scale, **self.hyper)
+            self.bound.record(self.p, grad, self.m, self.v, self.vmax, s)
+        fn = reference_step if self.mode == "reference" else emulated_step
+        self.p, self.m, self.v, self.vmax = fn(
+            self.p, grad, self.m, self.v, self.vmax, step=t, grad_scale=grad_scale, **self.hyper
+        )
+        self.t = t
+
+    def error_bound(self, name: str, dtype: Any) -> np.ndarray:
+        """Elementwise bound on |x_dtype - x_ref| for name in p, m, v, vmax,
+        where x_dtype is any once-rounding evaluation in `dtype` and x_ref is
+        this float64 reference: u_dtype*B (the evaluation's error) plus
+        u_64*B (this reference's own error), times 1.01 for the neglected
+        second-order terms (products of O(u) relative errors over a few hundred
+        steps are < 1e-2 relative even in float32)."""
+        if self.bound is None:
+            raise ValueError("construct with track_error=True")
+        u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
+        return 1.01 * u * self.bound.bounds()[name].reshape(self.p.shape)
+
+
+def run_trajectory(
+    param: np.ndarray,
+    grads: Sequence[np.ndarray],
+    *,
+    mode: str = "reference",
+    grad_scale: Union[float, Sequence[float]] = 1.0,
+    track_error: bool = False,
+    **hyper: Any,
+) -> ReferenceAdam:
+    """Runs len(grads) steps from `param` (zero state); grad_scale is one float
+    or one per step."""
+    ref = ReferenceAdam(param, mode=mode, track_error=track_error, **hyper)
+    scales = [grad_scale] * len(grads) if np.isscalar(grad_scale) else list(grad_scale)  # type: ignore[arg-type]
+    for g, gs in zip(grads, scales):
+        ref.step(g, grad_scale=gs)
+    return ref
