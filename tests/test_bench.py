@@ -1,0 +1,212 @@
+"""Smoke tests of the adamcpp-bench CLI (python/adamcpp/bench.py).
+
+They run the whole CLI in-process on tiny cases (1 repetition, ~1 ms samples),
+so they check structure and plumbing, never speed. They pass without torch and
+without matplotlib; the torch and plot tests run only when those import.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import adamcpp
+from adamcpp import bench
+
+# Tiny and fast: one repetition of ~1 ms samples, a 32 KB bandwidth probe.
+FAST = ["--threads", "1", "--repeats", "1", "--min-time", "0.001", "--stream-elements", "4096", "--no-progress"]
+LOCAL = "adamcpp,numpy,ceiling,triad"  # contenders that need nothing optional
+
+
+def run(args, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    status = bench.main([*args, *FAST, "--json", str(path)])
+    out, err = capsys.readouterr()
+    report = json.loads(path.read_text()) if path.exists() else None
+    return status, report, out, err
+
+
+def test_smoke_json_structure_and_table(tmp_path, capsys):
+    threads_before = adamcpp.get_num_threads()
+    status, report, out, _ = run(["--sizes", "1000,3x257", "--contenders", LOCAL], tmp_path, capsys)
+    assert status == 0
+    assert adamcpp.get_num_threads() == threads_before  # the sweep restores the thread count
+
+    assert report["schema"] == "adamcpp-bench/1"
+    machine = report["machine"]
+    assert machine["isa"] == adamcpp.build_info()["simd"]
+    assert machine["numpy"] == np.__version__
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert len(machine["bandwidth"]) == 1 and machine["bandwidth"][0]["gb_per_s"] > 0
+    config = report["config"]
+    assert config["sizes"] == ["3x257", "1e3"]  # sorted by total elements: 771 < 1000
+    assert config["threads"] == [1] and config["repeats"] == 1
+    assert report["nonfinite"] == [] and report["interrupted"] is False
+
+    results = report["results"]
+    assert [(r["shape"]["n_tensors"], r["shape"]["tensor_elements"]) for r in results] == [(3, 257), (1, 1000)]
+    for r in results:
+        assert (r["dtype"], r["variant"], r["threads"]) == ("float32", "adam", 1)
+        assert r["bytes_per_element"] == 28  # read p, g, m, v + write p, m, v, 4 bytes each
+        assert r["bytes_per_step"] == 28 * r["shape"]["elements"]
+        assert list(r["contenders"]) == LOCAL.split(",")
+        for name, e in r["contenders"].items():
+            assert e["available"] and e["finite"], name
+            assert len(e["samples_s"]) == 1 and e["calls_per_sample"] >= 1
+            assert e["min_s"] <= e["median_s"] <= e["max_s"]
+            # derived figures are exactly the documented formulas
+            assert e["melem_per_s"] == pytest.approx(r["shape"]["elements"] / e["time_s"] / 1e6, rel=1e-12)
+            assert e["gb_per_s"] == pytest.approx(e["bytes_per_call"] / e["median_s"] / 1e9, rel=1e-12)
+        c = r["contenders"]
+        assert c["adamcpp"]["adamcpp_speedup"] == 1.0
+        assert c["ceiling"]["frac_ceiling"] == 1.0 and c["triad"]["frac_triad"] == 1.0
+        assert c["numpy"]["adamcpp_speedup"] == pytest.approx(c["numpy"]["time_s"] / c["adamcpp"]["time_s"], rel=1e-12)
+        # the ceiling runs one float32 buffer set of the same elements; the triad the same working-set bytes
+        assert c["ceiling"]["elements_per_call"] == r["shape"]["elements"]
+        assert c["triad"]["bytes_per_call"] == 24 * -(-16 * r["shape"]["elements"] // 24)
+
+    # the readable table: header lines, one table per case, every contender, the summary
+    assert out.startswith("adamcpp-bench")
+    for word in ("machine", "ISA", adamcpp.build_info()["simd"], "numpy " + np.__version__, "memory bandwidth",
+                 "Melem/s", "GB/s", "%ceiling", "%triad", "adamcpp is", "== summary"):
+        assert word in out, word
+    assert "s/step" in out
+    assert out.count("== 3x257:") == 1 and out.count("== 1e3:") == 1
+    assert "x faster" in out or "x slower" in out
+
+
+def test_dtypes_and_variants(tmp_path, capsys):
+    status, report, out, _ = run(
+        ["--sizes", "100", "--dtype", "all", "--variant", "all", "--contenders", "adamcpp,numpy,ceiling"],
+        tmp_path, capsys,
+    )
+    assert status == 0
+    got = {(r["dtype"], r["variant"]): r["bytes_per_element"] for r in report["results"]}
+    # 7 values per element (+2 with amsgrad's max_exp_avg_sq), times the itemsize
+    assert got == {
+        ("float32", "adam"): 28, ("float32", "adamw"): 28, ("float32", "amsgrad"): 36,
+        ("float64", "adam"): 56, ("float64", "adamw"): 56, ("float64", "amsgrad"): 72,
+    }
+    for r in report["results"]:
+        assert all(e["available"] and e["finite"] for e in r["contenders"].values())
+        # a float64 case's ceiling buffer set has the same bytes: twice the float32 elements
+        assert r["contenders"]["ceiling"]["elements_per_call"] == 100 * np.dtype(r["dtype"]).itemsize // 4
+
+
+def test_missing_optional_contenders_are_reported(tmp_path, capsys, monkeypatch):
+    # None in sys.modules makes `import torch` / `import deepspeed` raise ImportError.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    status, report, out, _ = run(["--sizes", "64", "--contenders", "adamcpp,torch,deepspeed"], tmp_path, capsys)
+    assert status == 0
+    entries = report["results"][0]["contenders"]
+    assert entries["adamcpp"]["available"]
+    for name in ("torch-foreach", "torch-fused", "deepspeed"):
+        assert entries[name]["available"] is False and "not importable" in entries[name]["reason"]
+        # reported once, in the header, not again under every case
+        assert f"{name:<14} unavailable: " in out and f"{name}: skipped" not in out
+
+
+def test_plot_without_matplotlib_fails_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    plot = tmp_path / "plot.png"
+    status, report, out, err = run(["--sizes", "64", "--contenders", "adamcpp", "--plot", str(plot)], tmp_path, capsys)
+    assert status != 0
+    assert "matplotlib" in err and "nothing was run" in err
+    assert report is None and not plot.exists() and out == ""
+
+
+def test_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "plot.png"
+    status, _, out, _ = run(["--sizes", "100,1000,2x300", "--contenders", LOCAL, "--plot", str(plot)], tmp_path, capsys)
+    assert status == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {plot}" in out
+
+
+def test_torch_contenders(tmp_path, capsys):
+    pytest.importorskip("torch")
+    status, report, _, _ = run(["--sizes", "2x100", "--contenders", "adamcpp,torch"], tmp_path, capsys)
+    assert status == 0
+    for name in ("torch-foreach", "torch-fused"):
+        e = report["results"][0]["contenders"][name]
+        assert e["available"] and e["finite"], e.get("reason")
+    assert report["machine"]["torch"]
+
+
+def test_nonfinite_params_are_flagged(tmp_path, capsys, monkeypatch):
+    class Broken(bench.NumpyContender):
+        def step(self):
+            self.params[0][0] = np.nan
+
+    monkeypatch.setitem(bench.FACTORIES, "numpy", Broken)
+    status, report, out, err = run(["--sizes", "64", "--contenders", "adamcpp,numpy"], tmp_path, capsys)
+    assert status == 1
+    assert report["nonfinite"] == ["64 float32 adam: numpy"]
+    entries = report["results"][0]["contenders"]
+    assert entries["numpy"]["finite"] is False and entries["adamcpp"]["finite"] is True
+    assert "NONFINITE" in out and "non-finite" in err
+
+
+@pytest.mark.parametrize("name", ["adamcpp", "numpy"])
+def test_timed_step_does_not_allocate_arrays(name):
+    case = bench.Case(bench.Shape(2, 50_000), "float32", "amsgrad")
+    rng = np.random.default_rng(0)
+    p0 = [rng.standard_normal(50_000, dtype=np.float32) for _ in range(2)]
+    grads = [rng.standard_normal(50_000, dtype=np.float32) for _ in range(2)]
+    contender = bench.FACTORIES[name](case, p0, grads, {})
+    contender.step()  # anything lazy happens here, outside the timed loop
+    tracemalloc.start()
+    try:
+        for _ in range(5):
+            contender.step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # NumPy reports its data buffers to tracemalloc; one tensor's worth is 200 KB.
+    # What remains is small Python objects (tuples, floats) of the call itself.
+    assert peak < 20_000
+
+
+def test_parse_sizes_and_errors(capsys):
+    shapes = bench.parse_sizes("5e7, 1e3,200x4096,1e3")
+    assert [(s.n_tensors, s.tensor_elements) for s in shapes] == [(1, 1000), (200, 4096), (1, 50_000_000)]
+    assert [s.label for s in shapes] == ["1e3", "200x4096", "5e7"]
+    for bad in (["--sizes", "1.5"], ["--sizes", "0"], ["--sizes", "ax3"], ["--threads", "0"],
+                ["--dtype", "float16"], ["--variant", "lion"], ["--contenders", "jax"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(bad)
+        assert exc.value.code == 2, bad
+    capsys.readouterr()
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = bench.Progress(4, stream=stream)
+    progress.begin("1e3 float32 adam, 1 thread")
+    progress.note("repetition 1/7")
+    progress.advance()
+    progress.clear()
+    text = stream.getvalue()
+    assert text.count("\r") >= 3 and "\n" not in text
+    assert "[" + "." * 24 + "] 0/4" in text and "1/4" in text and "repetition 1/7" in text
+    assert text.endswith("\r")  # cleared: the next output starts on a clean line
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "adamcpp.bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--sizes", "--threads", "--dtype", "--variant", "--contenders", "--repeats", "--min-time",
+                 "--quick", "--json", "--plot"):
+        assert flag in done.stdout
