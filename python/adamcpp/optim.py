@@ -12,7 +12,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 from . import _core
+from math import isfinite as _isfinite
+
 from ._common import (
+    NONFINITE_POLICIES as _NONFINITE_CODES,
     check_betas,
     check_bool,
     check_eps_style,
@@ -218,6 +221,9 @@ class Optimizer(abc.ABC):
 
     # -------------------------------------------------------------------- step
     def _grads_list(self, grads: Any) -> List[Any]:
+        kind = type(grads)
+        if kind is list or kind is tuple:
+            return grads
         if isinstance(grads, Mapping):
             if self._keys is None:
                 raise TypeError("grads: a dict of gradients needs dict-form params; pass a list in parameter order")
@@ -245,10 +251,12 @@ class Optimizer(abc.ABC):
         `last_grad_norm`.
         """
         self._sync_structure()
-        nonfinite = check_nonfinite(self.nonfinite)
-        max_norm = _max_grad_norm_arg(self.max_grad_norm)
+        nonfinite = _NONFINITE_CODES.get(self.nonfinite) if type(self.nonfinite) is str else None
+        if nonfinite is None:
+            nonfinite = check_nonfinite(self.nonfinite)
+        max_norm = -1.0 if self.max_grad_norm is None else _max_grad_norm_arg(self.max_grad_norm)
         grad_list = self._grads_list(grads)
-        scale = check_grad_scale(grad_scale)
+        scale = grad_scale if type(grad_scale) is float and _isfinite(grad_scale) else check_grad_scale(grad_scale)
         hypers = self._group_hypers()
         applied, norm = self._native_step(grad_list, hypers, scale, nonfinite, max_norm)
         if norm is not None:
