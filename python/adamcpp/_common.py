@@ -6,7 +6,6 @@ parameter and say what was expected.
 
 from __future__ import annotations
 
-import math
 import numbers
 from math import isfinite as _isfinite
 from typing import Any

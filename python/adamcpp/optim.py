@@ -7,13 +7,12 @@ import abc
 import copy
 import operator
 from collections.abc import Mapping, Sequence
+from math import isfinite as _isfinite
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from math import isfinite as _isfinite
-
 from ._common import (
     NONFINITE_POLICIES as _NONFINITE_CODES,
     check_betas,
@@ -29,8 +28,6 @@ from ._common import (
 ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
 GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 LR = Union[float, Callable[[int], float]]
-
-
 
 _INF = float("inf")
 
