@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -464,17 +465,24 @@ py::tuple run_step(std::vector<Tensor>& tensors, int nonfinite, double max_grad_
   const bool clip = max_grad_norm >= 0.0;
   {
     py::gil_scoped_release release;
+    bool check = nonfinite != kPropagate;
     if (clip) {
       norm = std::fabs(grad_scale) * std::sqrt(sum_squares(tensors.data(), n));
-      // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), capped at 1.
-      const double coef = std::min(1.0, max_grad_norm / (norm + 1e-6));
-      if (nonfinite != kPropagate && !std::isfinite(norm)) bad = find_nonfinite(tensors.data(), n);
-      if (bad < 0) {
-        for (Tensor& t : tensors) t.grad_scale *= coef;
+      // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), capped at 1;
+      // a NaN norm gives a NaN coefficient (every gradient becomes NaN), as in torch.
+      const double ratio = max_grad_norm / (norm + 1e-6);
+      const double coef = std::isnan(ratio) ? ratio : std::min(1.0, ratio);
+      if (std::isnan(coef)) {
+        // Only a NaN or Inf gradient makes the norm NaN: find it at the caller's scale.
+        if (check) bad = find_nonfinite(tensors.data(), n);
+        check = false;
       }
-    } else if (nonfinite != kPropagate) {
-      bad = find_nonfinite(tensors.data(), n);
+      for (Tensor& t : tensors) t.grad_scale *= coef;
+      // No scaled element exceeds the clipped norm, so a clipped norm well inside
+      // float32's range proves every element finite without a second pass.
+      if (norm * coef < 0.5 * static_cast<double>(std::numeric_limits<float>::max())) check = false;
     }
+    if (check) bad = find_nonfinite(tensors.data(), n);
     if (bad < 0) update(tensors.data(), n);
   }
   py::object norm_obj = clip ? py::object(py::float_(norm)) : py::object(py::none());

@@ -88,16 +88,29 @@ void sgd_chunk(const SgdTensor& t, std::size_t begin, std::size_t end) {
   }
 }
 
+// Sum of squares in double with a fixed summation order: eight interleaved
+// partial sums (element i of the range goes to lane i % 8), combined pairwise.
+// Every ISA target vectorises the lanes differently but adds the same numbers
+// in the same order, so the norm (and any clipped step) has the same bits on
+// every target.
 template <typename T>
 double sum_squares(const void* grad_ptr, std::size_t begin, std::size_t end) {
-  const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(grad_ptr);
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (std::size_t i = begin; i < end; ++i) {
-    const double x = static_cast<double>(grad[i]);
-    acc += x * x;
+  constexpr std::size_t kLanes = 8;
+  const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(grad_ptr) + begin;
+  const std::size_t n = end - begin;
+  double lane[kLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  std::size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (std::size_t l = 0; l < kLanes; ++l) {
+      const double x = static_cast<double>(grad[i + l]);
+      lane[l] += x * x;
+    }
   }
-  return acc;
+  for (std::size_t l = 0; i < n; ++i, ++l) {
+    const double x = static_cast<double>(grad[i]);
+    lane[l] += x * x;
+  }
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 // x * 0 is 0 for every finite x and NaN for NaN or +-Inf, so the sum of

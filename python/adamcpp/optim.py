@@ -80,6 +80,8 @@ class Optimizer(abc.ABC):
 
     # name -> required in a loaded state dict (optional entries are created on demand)
     _array_state: Dict[str, bool] = {}
+    # optional entries that the state keeps as None until they start
+    _nullable_state: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -357,9 +359,11 @@ class Optimizer(abc.ABC):
             raise ValueError(f"{where}['step']: expected a non-negative integer, got {step!r}")
         out["step"] = int(step_val)
         for name, required in self._array_state.items():
-            if name not in entry or entry[name] is None:
+            if entry.get(name) is None:
                 if required:
                     raise ValueError(f"{where}: missing '{name}'")
+                if name in self._nullable_state:
+                    out[name] = None
                 continue
             arr = np.asarray(entry[name])
             if arr.shape != p.shape:
@@ -526,6 +530,7 @@ class SGD(Optimizer):
     """
 
     _array_state = {"momentum_buffer": False}
+    _nullable_state = ("momentum_buffer",)
 
     def __init__(
         self,
