@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import operator
 from collections.abc import Mapping, Sequence
 from math import isfinite as _isfinite
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -69,6 +68,52 @@ def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple
     if any(isinstance(g, Mapping) for g in items):
         raise TypeError("params: mix of arrays and group dicts; pass either arrays or groups")
     return [{"params": items}], None
+
+
+class ParamGroup(dict):
+    """A parameter group: a plain dict that counts its edits, so that a step
+    re-validates a group's hyperparameters only after they changed."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.version = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.version += 1
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self.version += 1
+
+    def __ior__(self, other: Any) -> "ParamGroup":
+        self.update(other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self.version += 1
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self.version += 1
+
+    def __reduce__(self) -> Any:
+        return (ParamGroup, (dict(self),))
 
 
 class Optimizer(abc.ABC):
@@ -146,7 +191,7 @@ class Optimizer(abc.ABC):
             raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}; known: {sorted(self.defaults)}")
         self._validate_group(group, f"param_groups[{gi}]")
         group["params"] = ps
-        self.param_groups.append(group)
+        self.param_groups.append(ParamGroup(group))
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
@@ -188,9 +233,9 @@ class Optimizer(abc.ABC):
         """Each group's scalars for this step. A group's schedule position t is
         the number of updates already applied to its first parameter.
 
-        Validated scalars are reused while a group's raw values are unchanged
-        (edits between steps are seen at once); a callable lr is called and
-        checked every step."""
+        Validated scalars are reused until the group is edited (a ParamGroup
+        counts its edits; any other dict is validated at every step); a
+        callable lr is called and checked every step."""
         hypers = []
         first = 0
         cache = self._hyper_cache
@@ -200,16 +245,14 @@ class Optimizer(abc.ABC):
             size = len(g["params"])
             t = self.state[first]["step"] if size else 0  # an emptied group updates nothing
             first += size
-            raw = tuple([g[k] for k in self._hyper_keys])
-            lr = raw[0]
             hit = cache[gi]
-            # Identity, not equality: `amsgrad = 1` after `True` must be re-checked
-            # (and refused), and array-valued entries must not be compared elementwise.
-            if hit is not None and all(map(operator.is_, hit[0], raw)):
-                scalars = hit[1]
+            version = getattr(g, "version", None)
+            if hit is not None and hit[0] is g and version is not None and hit[1] == version:
+                scalars = hit[2]
             else:
                 scalars = self._group_scalars(g, f"param_groups[{gi}]", 0)
-                cache[gi] = (raw, scalars)
+                cache[gi] = (g, version, scalars)
+            lr = g["lr"]
             if callable(lr):
                 value = lr(t)
                 if type(value) is not float or not (0.0 <= value < _INF):
