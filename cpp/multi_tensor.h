@@ -10,11 +10,11 @@ namespace adamcpp {
 // Work is cut into fixed-size chunks of the concatenation of all tensors;
 // each thread takes one contiguous run of chunks. The split never changes an
 // element's arithmetic, so results do not depend on the thread count.
-constexpr std::size_t kChunkElements = std::size_t(1) << 15;
+constexpr std::size_t kChunkElements = std::size_t(1) << 13;
 
 // Below this many elements in total the step runs on the calling thread
 // without starting an OpenMP team.
-constexpr std::size_t kParallelMinElements = std::size_t(1) << 16;
+constexpr std::size_t kParallelMinElements = std::size_t(1) << 14;
 
 // Index of the first tensor whose scaled gradient has a NaN or Inf, or -1.
 template <typename Tensor>
