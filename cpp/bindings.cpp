@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <array>
 #include <cstdint>
+#include <memory>
 #include <limits>
 #include <string>
 #include <vector>
@@ -250,6 +252,7 @@ struct Scratch {
   struct Created {
     std::size_t tensor;
     PyObject* key;
+    int slot;  // index of the entry in the optimizer's StateCache
     py::object array;
   };
   std::vector<Created> created;  // state that starts this step, stored only if it applies
@@ -366,26 +369,24 @@ PyObject* state_entry(PyObject* state, PyObject* key) {
   return v == Py_None ? nullptr : v;
 }
 
-PyObject* required_state(PyObject* state, PyObject* key, std::size_t i, const Labels& labels, int kind) {
-  PyObject* v = state_entry(state, key);
-  if (v == nullptr) value_error(labels(kind, i) + ": missing from the optimizer state");
-  return v;
-}
-
-// A state buffer, or a new zero one when it does not exist yet (stored in the
-// state dict only if the step applies). Returns the data and whether it is new.
-void* state_or_new(PyObject* state, PyObject* key, std::size_t i, const Labels& labels, int kind,
+// A state buffer (entry `slot` of tensor i), or a new zero one when it does
+// not exist yet (stored only if the step applies). Returns the data and
+// whether the buffer is new.
+void* state_or_new(PyObject* existing, PyObject* key, int slot, std::size_t i, const Labels& labels, int kind,
                    const ArrayView& p, Scratch& sc, bool* is_new) {
-  PyObject* v = state_entry(state, key);
+  PyObject* v = existing;
   *is_new = v == nullptr;
   if (v == nullptr) {
     py::array fresh = zeros_like(p);
     v = fresh.ptr();
-    sc.created.push_back({i, key, std::move(fresh)});
-  } else {
-    sc.hold(v);
+    sc.created.push_back({i, key, slot, std::move(fresh)});
   }
   return take_state(v, kind, i, labels, p, sc);
+}
+
+PyObject* required(PyObject* v, std::size_t i, const Labels& labels, int kind) {
+  if (v == nullptr) value_error(labels(kind, i) + ": missing from the optimizer state");
+  return v;
 }
 
 std::int64_t state_step(PyObject* state, std::size_t i) {
@@ -395,19 +396,122 @@ std::int64_t state_step(PyObject* state, std::size_t i) {
   return as_step(v, 0, [i] { return "state[" + std::to_string(i) + "]['step']"; });
 }
 
-// After a step applied: advance the counts and store the state that started.
-void commit_state(PyObject* states, Scratch& sc) {
-  PyObject* step_key = keys().step;
-  for (std::size_t i = 0; i < sc.new_steps.size(); ++i) {
-    PyObject* s = PyLong_FromLongLong(sc.new_steps[i]);
-    if (s == nullptr) throw py::error_already_set();
-    const int rc = PyDict_SetItem(sequence_item(states, i), step_key, s);
-    Py_DECREF(s);
-    if (rc != 0) throw py::error_already_set();
+// The optimizer state as last read from the state dicts: each tensor's dict,
+// its state arrays and its step count. An optimizer keeps one and passes it
+// to every step together with the count of edits made to its state dicts
+// (ParamState counts them); while that count and the dicts themselves are
+// unchanged, a step reads nothing from the dicts. Plain dicts (which cannot
+// count their edits) are re-read at every step.
+class StateCache {
+ public:
+  static constexpr int kMaxEntries = 3;
+
+  StateCache() = default;
+  StateCache(const StateCache&) = delete;
+  StateCache& operator=(const StateCache&) = delete;
+  ~StateCache() { clear(); }
+
+  // Whether the cache still describes `states` after `edits` edits.
+  bool current(PyObject* states, long long edits) const {
+    if (!reusable_ || edits != edits_ || edits < 0) return false;
+    const std::size_t n = static_cast<std::size_t>(Py_SIZE(states));
+    if (n != dicts_.size()) return false;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (sequence_item(states, i) != dicts_[i]) return false;
+    }
+    return true;
   }
-  for (const auto& c : sc.created) {
-    if (PyDict_SetItem(sequence_item(states, c.tensor), c.key, c.array.ptr()) != 0) throw py::error_already_set();
+
+  // Reads every dict: the listed entries (absent or None -> null) and "step".
+  void rebuild(PyObject* states, long long edits, const std::vector<PyObject*>& keys) {
+    clear();
+    const std::size_t n = static_cast<std::size_t>(Py_SIZE(states));
+    bool reusable = edits >= 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      PyObject* st = state_dict_of(states, i);
+      const std::int64_t step = state_step(st, i);
+      std::array<PyObject*, kMaxEntries> row{};
+      for (std::size_t k = 0; k < keys.size(); ++k) {
+        row[k] = state_entry(st, keys[k]);
+        Py_XINCREF(row[k]);
+      }
+      Py_INCREF(st);
+      dicts_.push_back(st);
+      entries_.push_back(row);
+      steps_.push_back(step);
+      reusable = reusable && Py_TYPE(st) == counted_type();
+    }
+    edits_ = edits;
+    reusable_ = reusable;
   }
+
+  PyObject* entry(std::size_t i, int k) const { return entries_[i][static_cast<std::size_t>(k)]; }
+  std::int64_t step(std::size_t i) const { return steps_[i]; }
+
+  // After a step applied: advance the counts and store the state that started,
+  // in the dicts (without counting an edit) and here.
+  void commit(const Scratch& sc) {
+    PyObject* step_key = keys().step;
+    py::object value;
+    std::int64_t last = -1;
+    for (std::size_t i = 0; i < dicts_.size(); ++i) {
+      const std::int64_t s = sc.new_steps[i];
+      if (s != last || !value) {  // tensors usually share their count: one int object for all
+        value = py::reinterpret_steal<py::object>(PyLong_FromLongLong(s));
+        if (!value) throw py::error_already_set();
+        last = s;
+      }
+      if (PyDict_SetItem(dicts_[i], step_key, value.ptr()) != 0) throw py::error_already_set();
+      steps_[i] = s;
+    }
+    for (const auto& c : sc.created) {
+      if (PyDict_SetItem(dicts_[c.tensor], c.key, c.array.ptr()) != 0) throw py::error_already_set();
+      PyObject*& slot = entries_[c.tensor][static_cast<std::size_t>(c.slot)];
+      Py_XDECREF(slot);
+      slot = c.array.ptr();
+      Py_INCREF(slot);
+    }
+  }
+
+  void clear() {
+    for (auto& row : entries_) {
+      for (PyObject* o : row) Py_XDECREF(o);
+    }
+    for (PyObject* d : dicts_) Py_DECREF(d);
+    dicts_.clear();
+    entries_.clear();
+    steps_.clear();
+    reusable_ = false;
+    edits_ = -1;
+  }
+
+  // The dict subclass whose instances count their edits (set once from Python).
+  static PyTypeObject*& counted_type() {
+    static PyTypeObject* type = nullptr;
+    return type;
+  }
+
+ private:
+  std::vector<PyObject*> dicts_;
+  std::vector<std::array<PyObject*, kMaxEntries>> entries_;
+  std::vector<std::int64_t> steps_;
+  long long edits_ = -1;
+  bool reusable_ = false;
+};
+
+// The state of a step: the optimizer's cache when it is current, else a
+// fresh read of the dicts into it (or into a temporary one).
+StateCache& read_state(PyObject* states, py::handle cache_obj, long long edits, const std::vector<PyObject*>& keys,
+                       std::unique_ptr<StateCache>& temporary) {
+  StateCache* cache = nullptr;
+  if (!cache_obj.is_none()) {
+    cache = cache_obj.cast<StateCache*>();
+  } else {
+    temporary = std::make_unique<StateCache>();
+    cache = temporary.get();
+  }
+  if (!cache->current(states, edits)) cache->rebuild(states, edits, keys);
+  return *cache;
 }
 
 const std::vector<int>& parse_group_of(py::handle group_of_obj, std::size_t n, std::size_t groups) {
@@ -565,7 +669,8 @@ void set_adam_scalars(AdamTensor& t, const AdamGroup& h, std::int64_t step, Bias
 py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_avgs_obj, py::handle exp_avg_sqs_obj,
                     py::handle max_exp_avg_sqs_obj, py::handle steps_obj, py::handle states_obj,
                     py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                    double max_grad_norm, py::handle patterns, py::handle names) {
+                    double max_grad_norm, py::handle patterns, py::handle names, py::handle cache_obj,
+                    long long edits) {
   const Labels labels{patterns, names};
   if (!PyList_Check(params_obj.ptr()) && !PyTuple_Check(params_obj.ptr())) {
     type_error("params: expected a list or tuple of arrays, got " + type_name(params_obj.ptr()));
@@ -596,6 +701,12 @@ py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_
   Scratch& sc = lease.s;
   const Keys& key = keys();
   BiasCorrections bc;
+  std::unique_ptr<StateCache> temporary;
+  StateCache* state = nullptr;
+  if (from_states) {
+    static const std::vector<PyObject*> entries = {key.exp_avg, key.exp_avg_sq, key.max_exp_avg_sq};
+    state = &read_state(states, cache_obj, edits, entries, temporary);
+  }
 
   for (std::size_t i = 0; i < n; ++i) {
     const AdamGroup& h = groups[static_cast<std::size_t>(group_of[i])];
@@ -604,18 +715,14 @@ py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_
     std::int64_t step = 0;
     t.max_exp_avg_sq = nullptr;
     if (from_states) {
-      PyObject* st = state_dict_of(states, i);
-      PyObject* m = required_state(st, key.exp_avg, i, labels, kExpAvg);
-      PyObject* v = required_state(st, key.exp_avg_sq, i, labels, kExpAvgSq);
-      sc.hold(m);
-      sc.hold(v);
-      t.exp_avg = take_state(m, kExpAvg, i, labels, p, sc);
-      t.exp_avg_sq = take_state(v, kExpAvgSq, i, labels, p, sc);
+      t.exp_avg = take_state(required(state->entry(i, 0), i, labels, kExpAvg), kExpAvg, i, labels, p, sc);
+      t.exp_avg_sq = take_state(required(state->entry(i, 1), i, labels, kExpAvgSq), kExpAvgSq, i, labels, p, sc);
       if (h.amsgrad) {
         bool is_new = false;
-        t.max_exp_avg_sq = state_or_new(st, key.max_exp_avg_sq, i, labels, kMaxExpAvgSq, p, sc, &is_new);
+        t.max_exp_avg_sq =
+            state_or_new(state->entry(i, 2), key.max_exp_avg_sq, 2, i, labels, kMaxExpAvgSq, p, sc, &is_new);
       }
-      step = state_step(st, i) + 1;
+      step = state->step(i) + 1;
     } else {
       t.exp_avg = take_state(sequence_item(exp_avgs, i), kExpAvg, i, labels, p, sc);
       t.exp_avg_sq = take_state(sequence_item(exp_avg_sqs, i), kExpAvgSq, i, labels, p, sc);
@@ -635,7 +742,7 @@ py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_
 
   py::tuple result = run_step(tensors, nonfinite, max_grad_norm, grad_scale, labels,
                               [](const AdamTensor* t, std::size_t count) { adam_multi_tensor(t, count); });
-  if (from_states && PyTuple_GET_ITEM(result.ptr(), 0) == Py_True) commit_state(states, sc);
+  if (from_states && PyTuple_GET_ITEM(result.ptr(), 0) == Py_True) state->commit(sc);
   return result;
 }
 
@@ -651,7 +758,7 @@ struct SgdGroup {
 // gradient (torch.optim.SGD's first momentum step) and is stored on success.
 py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle states_obj, py::handle group_of_obj,
                    py::handle groups_obj, double grad_scale, int nonfinite, double max_grad_norm,
-                   py::handle patterns, py::handle names) {
+                   py::handle patterns, py::handle names, py::handle cache_obj, long long edits) {
   const Labels labels{patterns, names};
   if (!PyList_Check(params_obj.ptr()) && !PyTuple_Check(params_obj.ptr())) {
     type_error("params: expected a list or tuple of arrays, got " + type_name(params_obj.ptr()));
@@ -676,27 +783,30 @@ py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle state
   tensors.resize(n);
   ScratchLease lease(n);
   Scratch& sc = lease.s;
+  std::unique_ptr<StateCache> temporary;
+  static const std::vector<PyObject*> entries = {keys().momentum_buffer};
+  StateCache& state = read_state(states, cache_obj, edits, entries, temporary);
   for (std::size_t i = 0; i < n; ++i) {
     const SgdGroup& h = groups[static_cast<std::size_t>(group_of[i])];
     SgdTensor& t = tensors[i];
     const ArrayView p = take_param_grad(params, grads, i, labels, t, h.maximize ? -grad_scale : grad_scale, sc);
-    PyObject* st = state_dict_of(states, i);
     t.momentum_buffer = nullptr;
     t.first = false;
     if (h.momentum != 0.0) {
-      t.momentum_buffer = state_or_new(st, keys().momentum_buffer, i, labels, kMomentumBuffer, p, sc, &t.first);
+      t.momentum_buffer = state_or_new(state.entry(i, 0), keys().momentum_buffer, 0, i, labels, kMomentumBuffer, p,
+                                       sc, &t.first);
     }
     t.momentum_mode = static_cast<int>(h.momentum == 0.0 ? Momentum::none
                                        : h.nesterov      ? Momentum::nesterov
                                                          : Momentum::heavy_ball);
     t.weight_decay_on = h.weight_decay != 0.0;
     t.scalars = SgdStepScalars{h.lr, h.weight_decay, h.momentum, h.dampening};
-    sc.new_steps[i] = state_step(st, i) + 1;
+    sc.new_steps[i] = state.step(i) + 1;
   }
   check_aliasing(sc.written, sc.read, labels);
   py::tuple result = run_step(tensors, nonfinite, max_grad_norm, grad_scale, labels,
                               [](const SgdTensor* t, std::size_t count) { sgd_multi_tensor(t, count); });
-  if (PyTuple_GET_ITEM(result.ptr(), 0) == Py_True) commit_state(states, sc);
+  if (PyTuple_GET_ITEM(result.ptr(), 0) == Py_True) state.commit(sc);
   return result;
 }
 
@@ -799,14 +909,26 @@ PYBIND11_MODULE(_core, m) {
   m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("states"), py::arg("group_of"), py::arg("groups"),
         py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"), py::arg("patterns"),
-        py::arg("names"),
+        py::arg("names"), py::arg("cache") = py::none(), py::arg("edits") = -1,
         "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
   m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("group_of"),
         py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
-        py::arg("patterns"), py::arg("names"),
+        py::arg("patterns"), py::arg("names"), py::arg("cache") = py::none(), py::arg("edits") = -1,
         "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
+  py::class_<StateCache>(m, "StateCache",
+                         "An optimizer's view of its state dicts, reused by steps while nothing edited them.")
+      .def(py::init<>())
+      .def("clear", &StateCache::clear, "Forget everything (the next step re-reads the state dicts).");
+  m.def(
+      "set_counted_state_type",
+      [](py::handle type) {
+        if (!PyType_Check(type.ptr())) type_error("set_counted_state_type: expected a type");
+        Py_INCREF(type.ptr());
+        StateCache::counted_type() = reinterpret_cast<PyTypeObject*>(type.ptr());
+      },
+      py::arg("type"), "Register the dict subclass whose instances count their edits.");
   m.def("global_norm", &global_norm, py::arg("grads"), py::arg("patterns"), py::arg("names"),
         "L2 norm of all gradients together, one multi-threaded pass accumulating in float64.");
   m.def("params_unchanged", &params_unchanged, py::arg("param_groups"), py::arg("flat"), py::arg("group_of"),

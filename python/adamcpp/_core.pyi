@@ -32,6 +32,8 @@ def adam_step(
     max_grad_norm: float,
     patterns: _Patterns,
     names: Optional[Sequence[object]],
+    cache: Optional[StateCache] = None,
+    edits: int = -1,
 ) -> Tuple[bool, Optional[float]]:
     """One fused Adam step over every tensor.
 
@@ -39,7 +41,9 @@ def adam_step(
     maximize, keras_eps). With `states`, arrays and step counts come from the
     state dicts and counts advance on success; otherwise from the lists, with
     `steps` the 1-based step of each tensor. nonfinite: 0 propagate, 1 skip,
-    2 raise. max_grad_norm < 0 disables clipping. Returns (applied, grad_norm).
+    2 raise. max_grad_norm < 0 disables clipping. `cache` keeps what was read
+    from the state dicts while `edits` (the optimizer's count of edits to its
+    ParamState dicts) is unchanged. Returns (applied, grad_norm).
     """
 
 def sgd_step(
@@ -53,9 +57,21 @@ def sgd_step(
     max_grad_norm: float,
     patterns: _Patterns,
     names: Optional[Sequence[object]],
+    cache: Optional[StateCache] = None,
+    edits: int = -1,
 ) -> Tuple[bool, Optional[float]]:
     """One fused SGD step over every tensor. Group tuples are (lr, momentum,
     dampening, weight_decay, nesterov, maximize)."""
+
+class StateCache:
+    """An optimizer's view of its state dicts, reused by steps while nothing edited them."""
+
+    def __init__(self) -> None: ...
+    def clear(self) -> None:
+        """Forget everything (the next step re-reads the state dicts)."""
+
+def set_counted_state_type(type: type) -> None:
+    """Register the dict subclass whose instances count their edits."""
 
 def global_norm(grads: Sequence[np.ndarray], patterns: _Patterns, names: Optional[Sequence[object]]) -> float:
     """L2 norm of all gradients together, accumulated in float64."""

@@ -116,6 +116,69 @@ class ParamGroup(dict):
         return (ParamGroup, (dict(self),))
 
 
+class _EditCount:
+    """How many times an optimizer's state dicts were edited (shared by them)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class ParamState(dict):
+    """One parameter's state: a plain dict that counts its edits, so that a
+    step reads the state dicts again only after one of them changed (the
+    native step keeps what it read). Steps update "step" and add late state
+    without counting an edit."""
+
+    __slots__ = ("_edits",)
+
+    def __init__(self, data: Mapping[str, Any], edits: _EditCount):
+        super().__init__(data)
+        self._edits = edits
+
+    def _edited(self) -> None:
+        self._edits.count += 1
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._edited()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._edited()
+
+    def __ior__(self, other: Any) -> "ParamState":
+        self.update(other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._edited()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._edited()
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self._edited()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._edited()
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._edited()
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
+_core.set_counted_state_type(ParamState)
+
+
 class Optimizer(abc.ABC):
     """Base class: parameter forms, groups, the state list and checkpoints.
 
@@ -142,6 +205,8 @@ class Optimizer(abc.ABC):
         self.last_grad_norm: Optional[float] = None
         self._hyper_cache: List[Any] = []
         self._hyper_keys = tuple(defaults)
+        self._edits = _EditCount()
+        self._state_cache = _core.StateCache()
         self._validate_group(dict(defaults), "defaults")
         self.defaults: Dict[str, Any] = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
@@ -195,7 +260,7 @@ class Optimizer(abc.ABC):
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
-            self.state.append(self._new_state(p, group))
+            self.state.append(ParamState(self._new_state(p, group), self._edits))
         self._keys = None
 
     def _sync_structure(self) -> None:
@@ -223,7 +288,9 @@ class Optimizer(abc.ABC):
             if id(p) in seen:
                 raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
-            state.append(old[id(p)] if id(p) in old else self._new_state(p, self.param_groups[gi]))
+            state.append(
+                old[id(p)] if id(p) in old else ParamState(self._new_state(p, self.param_groups[gi]), self._edits)
+            )
         for g in self.param_groups:
             g["params"] = list(g["params"])
         self._flat, self._group_of, self.state = flat, group_of, state
@@ -371,7 +438,8 @@ class Optimizer(abc.ABC):
             new_state[i] = self._convert_state(entry, self._flat[i], f"state_dict['state'][{pid}]")
         for i, s in enumerate(new_state):
             if s is None:
-                new_state[i] = self._new_state(self._flat[i], new_groups[self._group_of[i]])
+                s = self._new_state(self._flat[i], new_groups[self._group_of[i]])
+            new_state[i] = ParamState(s, self._edits)
         # Everything validated: commit.
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
@@ -530,7 +598,7 @@ class Adam(Optimizer):
     def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.adam_step(
             self._flat, grads, None, None, None, None, self.state, self._group_of, hypers,
-            grad_scale, nonfinite, max_grad_norm, _STATE_PATTERNS, self._keys,
+            grad_scale, nonfinite, max_grad_norm, _STATE_PATTERNS, self._keys, self._state_cache, self._edits.count,
         )
 
 
@@ -623,7 +691,7 @@ class SGD(Optimizer):
     def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.sgd_step(
             self._flat, grads, self.state, self._group_of, hypers,
-            grad_scale, nonfinite, max_grad_norm, _SGD_PATTERNS, self._keys,
+            grad_scale, nonfinite, max_grad_norm, _SGD_PATTERNS, self._keys, self._state_cache, self._edits.count,
         )
 
 
