@@ -557,6 +557,25 @@ PyObject* group_tuple(PyObject* groups, std::size_t g, Py_ssize_t size, const ch
   return t;
 }
 
+// The arguments every step call shares: params and grads (lists or tuples of
+// the same length) and the call's scalars.
+struct StepCall {
+  PyObject* params;
+  PyObject* grads;
+  std::size_t n;
+};
+
+StepCall step_call(py::handle params_obj, py::handle grads_obj, double grad_scale, int nonfinite,
+                   double max_grad_norm) {
+  PyObject* params = params_obj.ptr();
+  if (!PyList_Check(params) && !PyTuple_Check(params)) {
+    type_error("params: expected a list or tuple of arrays, got " + type_name(params));
+  }
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
+  check_call_scalars(grad_scale, nonfinite, max_grad_norm);
+  return {params, as_grads(grads_obj.ptr(), n), n};
+}
+
 // Everything is valid when this runs. With the GIL released: the global
 // gradient norm (when clipping), the non-finite check (skip/raise), then the
 // fused update of every tensor. Returns (applied, grad_norm or None).
@@ -672,13 +691,10 @@ py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_
                     double max_grad_norm, py::handle patterns, py::handle names, py::handle cache_obj,
                     long long edits) {
   const Labels labels{patterns, names};
-  if (!PyList_Check(params_obj.ptr()) && !PyTuple_Check(params_obj.ptr())) {
-    type_error("params: expected a list or tuple of arrays, got " + type_name(params_obj.ptr()));
-  }
-  PyObject* params = params_obj.ptr();
-  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
-  check_call_scalars(grad_scale, nonfinite, max_grad_norm);
-  PyObject* grads = as_grads(grads_obj.ptr(), n);
+  const StepCall call = step_call(params_obj, grads_obj, grad_scale, nonfinite, max_grad_norm);
+  PyObject* params = call.params;
+  PyObject* grads = call.grads;
+  const std::size_t n = call.n;
   const bool from_states = !states_obj.is_none();
   PyObject *states = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr, *max_exp_avg_sqs = nullptr,
            *steps = nullptr;
@@ -760,13 +776,10 @@ py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle state
                    py::handle groups_obj, double grad_scale, int nonfinite, double max_grad_norm,
                    py::handle patterns, py::handle names, py::handle cache_obj, long long edits) {
   const Labels labels{patterns, names};
-  if (!PyList_Check(params_obj.ptr()) && !PyTuple_Check(params_obj.ptr())) {
-    type_error("params: expected a list or tuple of arrays, got " + type_name(params_obj.ptr()));
-  }
-  PyObject* params = params_obj.ptr();
-  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
-  check_call_scalars(grad_scale, nonfinite, max_grad_norm);
-  PyObject* grads = as_grads(grads_obj.ptr(), n);
+  const StepCall call = step_call(params_obj, grads_obj, grad_scale, nonfinite, max_grad_norm);
+  PyObject* params = call.params;
+  PyObject* grads = call.grads;
+  const std::size_t n = call.n;
   PyObject* states = as_list_or_tuple(states_obj.ptr(), "state", n);
   thread_local std::vector<SgdGroup> groups;
   groups.clear();

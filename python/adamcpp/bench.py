@@ -291,6 +291,16 @@ class NumpyContender(Contender):
             np.add(p, tmp, out=p)
 
 
+def _torch_views(torch: Any, params: List[np.ndarray], grads: List[np.ndarray]) -> List[Any]:
+    """Leaf tensors sharing memory with the NumPy params, their .grad the NumPy grads."""
+    tensors = []
+    for p, g in zip(params, grads):
+        t = torch.from_numpy(p).requires_grad_(True)
+        t.grad = torch.from_numpy(g)
+        tensors.append(t)
+    return tensors
+
+
 class TorchContender(Contender):
     fused = False
 
@@ -301,11 +311,7 @@ class TorchContender(Contender):
             raise Unavailable(env.get("torch_reason", "torch is not importable"))
         self.torch = torch
         self.params = [p.copy() for p in p0]
-        tensors = []
-        for p, g in zip(self.params, grads):
-            t = torch.from_numpy(p).requires_grad_(True)
-            t.grad = torch.from_numpy(g)
-            tensors.append(t)
+        tensors = _torch_views(torch, self.params, grads)
         weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
         cls = torch.optim.AdamW if decoupled else torch.optim.Adam
         mode = {"fused": True} if self.fused else {"foreach": True}
@@ -340,11 +346,7 @@ class DeepSpeedContender(Contender):
             raise Unavailable("DeepSpeedCPUAdam has no amsgrad")
         self.torch = torch
         self.params = [p.copy() for p in p0]
-        tensors = []
-        for p, g in zip(self.params, grads):
-            t = torch.from_numpy(p).requires_grad_(True)
-            t.grad = torch.from_numpy(g)
-            tensors.append(t)
+        tensors = _torch_views(torch, self.params, grads)
         self.opt = cpu_adam(
             tensors, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, adamw_mode=decoupled,
             fp32_optimizer_states=True,

@@ -22,6 +22,7 @@ of every segment are returned exactly (``w`` is exactly 1 or 0 there).
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 import numbers
@@ -62,7 +63,7 @@ def _check_positive(value: Any, name: str) -> float:
     return v
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class: immutable parameters (``_fields``), equality, hash, repr, pickling.
 
     Subclasses set ``_fields`` and implement ``_value(t)`` for a validated int t >= 0.
@@ -77,8 +78,9 @@ class Schedule:
             raise ValueError(f"t: expected an int >= 0 (updates already applied), got {int(t)}")
         return float(self._value(int(t)))
 
-    def _value(self, t: int) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _value(self, t: int) -> float:
+        """The learning rate after t updates (t >= 0, already validated)."""
 
     def _set(self, **values: Any) -> None:
         for key, value in values.items():
