@@ -128,4 +128,33 @@ def test_state_dicts_stay_dicts():
     opt.step(grads[0])
     assert all(isinstance(s, dict) for s in opt.state)
     copied = copy.deepcopy(opt.state)
-    assert all(type(s) is dict for s in copied)
+    assert all(isinstance(s, dict) and s.keys() == o.keys() for s, o in zip(copied, opt.state))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", [adamcpp.Adam, adamcpp.SGD])
+def test_optimizer_copies_step_like_the_original(how, cls):
+    """A deep copy (or a pickle round trip) of an optimizer with its params is
+    an independent optimizer that continues exactly like the original, and
+    edits to the copy's state are seen by the copy's next step."""
+    import pickle
+
+    params, grads = _setup()
+    kwargs = {"momentum": 0.9} if cls is adamcpp.SGD else {"amsgrad": True}
+    opt = cls(params, lr=1e-2, **kwargs)
+    opt.step(grads[0])
+    bundle = (params, opt)
+    params2, opt2 = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
+    assert all(not np.shares_memory(a, b) for a, b in zip(params, params2))
+    for g in grads[1:3]:
+        opt.step(g)
+        opt2.step(g)
+    for a, b in zip(params, params2):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    key = "momentum_buffer" if cls is adamcpp.SGD else "exp_avg"
+    opt2.state[0][key] = np.zeros(5, np.float32)
+    opt.state[0][key] = np.zeros(5, np.float32)
+    opt.step(grads[3])
+    opt2.step(grads[3])
+    for a, b in zip(params, params2):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))

@@ -173,7 +173,8 @@ class ParamState(dict):
         self._edited()
 
     def __reduce__(self) -> Any:
-        return (dict, (dict(self),))
+        # Copies keep counting into the (copied) counter they share with their optimizer.
+        return (ParamState, (dict(self), self._edits))
 
 
 _core.set_counted_state_type(ParamState)
@@ -506,6 +507,16 @@ class Optimizer(abc.ABC):
         State that starts late (max_exp_avg_sq when amsgrad is switched on, a
         momentum buffer) is created by the native call and stored only if the
         step applies."""
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The native cache is a view of this object's dicts: a copy gets its own.
+        state = self.__dict__.copy()
+        del state["_state_cache"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._state_cache = _core.StateCache()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
