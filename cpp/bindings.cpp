@@ -33,7 +33,7 @@ constexpr int kNpyAligned = npy::NPY_ARRAY_ALIGNED_;
 constexpr int kNpyCContiguous = npy::NPY_ARRAY_C_CONTIGUOUS_;
 
 // Which array of a tensor a message is about; indexes the label patterns.
-enum Kind : int { kParam = 0, kGrad = 1, kState0 = 2 };
+enum Kind : int { kParam = 0, kGrad = 1 };  // state buffers follow, per optimizer
 enum AdamKind : int { kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4 };
 enum SgdKind : int { kMomentumBuffer = 2 };
 
@@ -248,7 +248,6 @@ struct Scratch {
   std::vector<Interval> written;
   std::vector<Interval> read;
   std::vector<std::int64_t> new_steps;
-  std::vector<PyObject*> held;  // strong references kept through the GIL-free section
   struct Created {
     std::size_t tensor;
     PyObject* key;
@@ -261,24 +260,18 @@ struct Scratch {
     written.clear();
     read.clear();
     new_steps.assign(n, 0);
-    release();
-  }
-  void hold(PyObject* o) {
-    Py_INCREF(o);
-    held.push_back(o);
-  }
-  void release() {
-    for (PyObject* o : held) Py_DECREF(o);
-    held.clear();
     created.clear();
   }
 };
 
 // Borrows the thread's scratch for one call and drops its references on exit.
+// (The arrays a step reads stay alive through its GIL-free section: list
+// entries through the lists, state through the StateCache's references, new
+// state through `created`.)
 struct ScratchLease {
   Scratch& s;
   explicit ScratchLease(std::size_t n) : s(get()) { s.reset(n); }
-  ~ScratchLease() { s.release(); }
+  ~ScratchLease() { s.created.clear(); }
   static Scratch& get() {
     thread_local Scratch scratch;
     return scratch;
