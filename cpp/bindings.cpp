@@ -621,18 +621,26 @@ struct AdamGroup {
   bool decoupled, amsgrad, maximize, keras;
 };
 
-const std::vector<AdamGroup>& parse_adam_groups(py::handle groups_obj) {
-  thread_local std::vector<AdamGroup> out;
+// The groups' hyperparameter tuples (built by the Python layer), each turned
+// into a Group by `make(tuple)`.
+template <typename Group, typename Make>
+const std::vector<Group>& parse_groups(py::handle groups_obj, Py_ssize_t size, const char* what, Make make) {
+  thread_local std::vector<Group> out;
   out.clear();
   PyObject* groups = groups_obj.ptr();
   if (!PyList_Check(groups) && !PyTuple_Check(groups)) value_error("internal: groups must be a list");
   for (std::size_t g = 0; g < static_cast<std::size_t>(Py_SIZE(groups)); ++g) {
-    PyObject* t = group_tuple(groups, g, 9, "an Adam");
-    out.push_back(AdamGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
-                            tuple_double(t, 4), tuple_bool(t, 5), tuple_bool(t, 6), tuple_bool(t, 7),
-                            tuple_bool(t, 8)});
+    out.push_back(make(group_tuple(groups, g, size, what)));
   }
   return out;
+}
+
+const std::vector<AdamGroup>& parse_adam_groups(py::handle groups_obj) {
+  return parse_groups<AdamGroup>(groups_obj, 9, "an Adam", [](PyObject* t) {
+    return AdamGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
+                     tuple_double(t, 4), tuple_bool(t, 5),   tuple_bool(t, 6),   tuple_bool(t, 7),
+                     tuple_bool(t, 8)};
+  });
 }
 
 // 1 - beta^t for the two betas; tensors of a group usually share t, so the
@@ -774,15 +782,10 @@ py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle state
   PyObject* grads = call.grads;
   const std::size_t n = call.n;
   PyObject* states = as_list_or_tuple(states_obj.ptr(), "state", n);
-  thread_local std::vector<SgdGroup> groups;
-  groups.clear();
-  PyObject* gl = groups_obj.ptr();
-  if (!PyList_Check(gl) && !PyTuple_Check(gl)) value_error("internal: groups must be a list");
-  for (std::size_t g = 0; g < static_cast<std::size_t>(Py_SIZE(gl)); ++g) {
-    PyObject* t = group_tuple(gl, g, 6, "an SGD");
-    groups.push_back(SgdGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
-                              tuple_bool(t, 4), tuple_bool(t, 5)});
-  }
+  const std::vector<SgdGroup>& groups = parse_groups<SgdGroup>(groups_obj, 6, "an SGD", [](PyObject* t) {
+    return SgdGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
+                    tuple_bool(t, 4),   tuple_bool(t, 5)};
+  });
   const std::vector<int>& group_of = parse_group_of(group_of_obj, n, groups.size());
 
   thread_local std::vector<SgdTensor> tensors;

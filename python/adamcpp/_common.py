@@ -75,12 +75,6 @@ def check_grad_scale(value: Any) -> float:
     return check_float(value, "grad_scale")
 
 
-def check_lr(value: Any, where: str, *, allow_callable: bool) -> Any:
-    if allow_callable and callable(value):
-        return value
-    return check_float(value, where, minimum=0.0)
-
-
 def check_param_array(p: Any, label: str) -> np.ndarray:
     """The rules for a parameter: an in-place-updatable float array."""
     if not isinstance(p, np.ndarray):

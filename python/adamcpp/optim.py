@@ -6,20 +6,17 @@ from __future__ import annotations
 import abc
 import copy
 from collections.abc import Mapping, Sequence
-from math import isfinite as _isfinite
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
 from ._common import (
-    NONFINITE_POLICIES as _NONFINITE_CODES,
     check_betas,
     check_bool,
     check_eps_style,
     check_float,
     check_grad_scale,
-    check_lr,
     check_nonfinite,
     check_param_array,
 )
@@ -36,6 +33,12 @@ def _max_grad_norm_arg(value: Optional[float]) -> float:
     if value is None:
         return -1.0
     return check_float(value, "max_grad_norm", minimum=0.0)
+
+
+def _group_lr(group: Dict[str, Any], where: str) -> float:
+    """A group's validated lr; 0.0 stands in for a schedule, which each step calls."""
+    lr = group["lr"]
+    return 0.0 if callable(lr) else check_float(lr, f"{where}['lr']", minimum=0.0)
 
 
 def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple[Any, ...]]]:
@@ -183,8 +186,9 @@ _core.set_counted_state_type(ParamState)
 class Optimizer(abc.ABC):
     """Base class: parameter forms, groups, the state list and checkpoints.
 
-    Subclasses define the hyperparameters (`_validate_group`), the per-tensor
-    state (`_new_state`, `_array_state`) and the native step (`_native_step`).
+    Subclasses define the hyperparameters (`_group_scalars`, which validates
+    them), the per-tensor state (`_new_state`, `_array_state`) and the native
+    step (`_native_step`).
     """
 
     # name -> required in a loaded state dict (optional entries are created on demand)
@@ -205,7 +209,6 @@ class Optimizer(abc.ABC):
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Optional[float] = None
         self._hyper_cache: List[Any] = []
-        self._hyper_keys = tuple(defaults)
         self._edits = _EditCount()
         self._state_cache = _core.StateCache()
         self._validate_group(dict(defaults), "defaults")
@@ -318,7 +321,7 @@ class Optimizer(abc.ABC):
             if hit is not None and hit[0] is g and version is not None and hit[1] == version:
                 scalars = hit[2]
             else:
-                scalars = self._group_scalars(g, f"param_groups[{gi}]", 0)
+                scalars = self._group_scalars(g, f"param_groups[{gi}]")
                 cache[gi] = (g, version, scalars)
             lr = g["lr"]
             if callable(lr):
@@ -361,12 +364,10 @@ class Optimizer(abc.ABC):
         `last_grad_norm`.
         """
         self._sync_structure()
-        nonfinite = _NONFINITE_CODES.get(self.nonfinite) if type(self.nonfinite) is str else None
-        if nonfinite is None:
-            nonfinite = check_nonfinite(self.nonfinite)
-        max_norm = -1.0 if self.max_grad_norm is None else _max_grad_norm_arg(self.max_grad_norm)
+        nonfinite = check_nonfinite(self.nonfinite)
+        max_norm = _max_grad_norm_arg(self.max_grad_norm)
         grad_list = self._grads_list(grads)
-        scale = grad_scale if type(grad_scale) is float and _isfinite(grad_scale) else check_grad_scale(grad_scale)
+        scale = check_grad_scale(grad_scale)
         hypers = self._group_hypers()
         applied, norm = self._native_step(grad_list, hypers, scale, nonfinite, max_norm)
         if norm is not None:
@@ -486,16 +487,16 @@ class Optimizer(abc.ABC):
         return out
 
     # --------------------------------------------------------------- subclass
-    @abc.abstractmethod
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:
-        """Implemented by each optimizer."""
+        """Refuses a group with a missing or out-of-range hyperparameter."""
+        self._group_scalars(group, where)
 
     @abc.abstractmethod
     def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
         """Implemented by each optimizer."""
 
     @abc.abstractmethod
-    def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
+    def _group_scalars(self, group: Dict[str, Any], where: str) -> tuple:
         """Implemented by each optimizer: the group's validated native tuple,
         lr first (0.0 stands in for a callable lr, evaluated per step)."""
 
@@ -575,36 +576,22 @@ class Adam(Optimizer):
         )
         super().__init__(params, defaults, nonfinite, max_grad_norm)
 
-    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
-        check_lr(group["lr"], f"{where}['lr']", allow_callable=True)
-        check_betas(group["betas"], f"{where}['betas']")
-        check_float(group["eps"], f"{where}['eps']", minimum=0.0)
-        check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0)
-        for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
-            check_bool(group[flag], f"{where}['{flag}']")
-        check_eps_style(group["eps_style"], f"{where}['eps_style']")
-
     def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
         state: Dict[str, Any] = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
         if group.get("amsgrad"):
             state["max_exp_avg_sq"] = np.zeros_like(p)
         return state
 
-    def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
-        lr = group["lr"]
-        lr = 0.0 if callable(lr) else check_lr(lr, f"{where}['lr']", allow_callable=False)
+    def _group_scalars(self, group: Dict[str, Any], where: str) -> tuple:
+        lr = _group_lr(group, where)
         beta1, beta2 = check_betas(group["betas"], f"{where}['betas']")
-        return (
-            lr,
-            beta1,
-            beta2,
-            check_float(group["eps"], f"{where}['eps']", minimum=0.0),
-            check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0),
-            check_bool(group["decoupled_weight_decay"], f"{where}['decoupled_weight_decay']"),
-            check_bool(group["amsgrad"], f"{where}['amsgrad']"),
-            check_bool(group["maximize"], f"{where}['maximize']"),
-            check_eps_style(group["eps_style"], f"{where}['eps_style']") == "keras",
-        )
+        eps = check_float(group["eps"], f"{where}['eps']", minimum=0.0)
+        weight_decay = check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0)
+        amsgrad = check_bool(group["amsgrad"], f"{where}['amsgrad']")
+        maximize = check_bool(group["maximize"], f"{where}['maximize']")
+        decoupled = check_bool(group["decoupled_weight_decay"], f"{where}['decoupled_weight_decay']")
+        keras = check_eps_style(group["eps_style"], f"{where}['eps_style']") == "keras"
+        return (lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, keras)
 
     def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.adam_step(
@@ -673,12 +660,8 @@ class SGD(Optimizer):
         )
         super().__init__(params, defaults, nonfinite, max_grad_norm)
 
-    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
-        check_lr(group["lr"], f"{where}['lr']", allow_callable=True)
-        self._checked(group, where)
-
-    @staticmethod
-    def _checked(group: Dict[str, Any], where: str) -> Tuple[float, float, float, bool, bool]:
+    def _group_scalars(self, group: Dict[str, Any], where: str) -> tuple:
+        lr = _group_lr(group, where)
         momentum = check_float(group["momentum"], f"{where}['momentum']", minimum=0.0)
         dampening = check_float(group["dampening"], f"{where}['dampening']", minimum=0.0)
         if dampening > 1.0:
@@ -688,16 +671,10 @@ class SGD(Optimizer):
         maximize = check_bool(group["maximize"], f"{where}['maximize']")
         if nesterov and (momentum <= 0.0 or dampening != 0.0):
             raise ValueError(f"{where}['nesterov']: Nesterov momentum needs momentum > 0 and dampening == 0")
-        return momentum, dampening, weight_decay, nesterov, maximize
+        return (lr, momentum, dampening, weight_decay, nesterov, maximize)
 
     def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
         return {"step": 0, "momentum_buffer": None}
-
-    def _group_scalars(self, group: Dict[str, Any], where: str, t: int) -> tuple:
-        lr = group["lr"]
-        lr = 0.0 if callable(lr) else check_lr(lr, f"{where}['lr']", allow_callable=False)
-        momentum, dampening, weight_decay, nesterov, maximize = self._checked(group, where)
-        return (lr, momentum, dampening, weight_decay, nesterov, maximize)
 
     def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.sgd_step(
