@@ -10,11 +10,11 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <cstdint>
-#include <memory>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -137,14 +137,14 @@ ArrayView check_array(PyObject* o, int kind, std::size_t i, const Labels& labels
     }
   } else {
     if (a.dtype != like->dtype) {
-      type_error(labels(kind, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) +
-                 ", got " + dtype_str(a));
+      type_error(labels(kind, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) + ", got " +
+                 dtype_str(a));
     }
     bool same_shape = a.nd == like->nd;
     for (int d = 0; same_shape && d < a.nd; ++d) same_shape = a.dims[d] == like->dims[d];
     if (!same_shape) {
-      value_error(labels(kind, i) + ": expected shape " + shape_str(*like) + " like " + labels(kParam, i) +
-                  ", got " + shape_str(a));
+      value_error(labels(kind, i) + ": expected shape " + shape_str(*like) + " like " + labels(kParam, i) + ", got " +
+                  shape_str(a));
     }
   }
   if (!(a.flags & kNpyCContiguous)) {
@@ -302,8 +302,7 @@ PyObject* as_grads(PyObject* o, std::size_t n) {
   }
   const std::size_t size = static_cast<std::size_t>(Py_SIZE(o));
   if (size != n) {
-    value_error("grads: expected " + std::to_string(n) + " gradients (one per parameter), got " +
-                std::to_string(size));
+    value_error("grads: expected " + std::to_string(n) + " gradients (one per parameter), got " + std::to_string(size));
   }
   return o;
 }
@@ -637,9 +636,8 @@ const std::vector<Group>& parse_groups(py::handle groups_obj, Py_ssize_t size, c
 
 const std::vector<AdamGroup>& parse_adam_groups(py::handle groups_obj) {
   return parse_groups<AdamGroup>(groups_obj, 9, "an Adam", [](PyObject* t) {
-    return AdamGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
-                     tuple_double(t, 4), tuple_bool(t, 5),   tuple_bool(t, 6),   tuple_bool(t, 7),
-                     tuple_bool(t, 8)};
+    return AdamGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3), tuple_double(t, 4),
+                     tuple_bool(t, 5),   tuple_bool(t, 6),   tuple_bool(t, 7),   tuple_bool(t, 8)};
   });
 }
 
@@ -697,8 +695,7 @@ py::tuple adam_step(py::handle params_obj, py::handle grads_obj, py::handle exp_
   PyObject* grads = call.grads;
   const std::size_t n = call.n;
   const bool from_states = !states_obj.is_none();
-  PyObject *states = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr, *max_exp_avg_sqs = nullptr,
-           *steps = nullptr;
+  PyObject *states = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr, *max_exp_avg_sqs = nullptr, *steps = nullptr;
   if (from_states) {
     states = as_list_or_tuple(states_obj.ptr(), "state", n);
   } else {
@@ -774,8 +771,8 @@ struct SgdGroup {
 // "momentum_buffer"; a buffer that is absent or None starts this step as the
 // gradient (torch.optim.SGD's first momentum step) and is stored on success.
 py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle states_obj, py::handle group_of_obj,
-                   py::handle groups_obj, double grad_scale, int nonfinite, double max_grad_norm,
-                   py::handle patterns, py::handle names, py::handle cache_obj, long long edits) {
+                   py::handle groups_obj, double grad_scale, int nonfinite, double max_grad_norm, py::handle patterns,
+                   py::handle names, py::handle cache_obj, long long edits) {
   const Labels labels{patterns, names};
   const StepCall call = step_call(params_obj, grads_obj, grad_scale, nonfinite, max_grad_norm);
   PyObject* params = call.params;
@@ -783,8 +780,8 @@ py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle state
   const std::size_t n = call.n;
   PyObject* states = as_list_or_tuple(states_obj.ptr(), "state", n);
   const std::vector<SgdGroup>& groups = parse_groups<SgdGroup>(groups_obj, 6, "an SGD", [](PyObject* t) {
-    return SgdGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2), tuple_double(t, 3),
-                    tuple_bool(t, 4),   tuple_bool(t, 5)};
+    return SgdGroup{tuple_double(t, 0), tuple_double(t, 1), tuple_double(t, 2),
+                    tuple_double(t, 3), tuple_bool(t, 4),   tuple_bool(t, 5)};
   });
   const std::vector<int>& group_of = parse_group_of(group_of_obj, n, groups.size());
 
@@ -802,8 +799,8 @@ py::tuple sgd_step(py::handle params_obj, py::handle grads_obj, py::handle state
     t.momentum_buffer = nullptr;
     t.first = false;
     if (h.momentum != 0.0) {
-      t.momentum_buffer = state_or_new(state.entry(i, 0), keys().momentum_buffer, 0, i, labels, kMomentumBuffer, p,
-                                       sc, &t.first);
+      t.momentum_buffer =
+          state_or_new(state.entry(i, 0), keys().momentum_buffer, 0, i, labels, kMomentumBuffer, p, sc, &t.first);
     }
     t.momentum_mode = static_cast<int>(h.momentum == 0.0 ? Momentum::none
                                        : h.nesterov      ? Momentum::nesterov
@@ -917,13 +914,13 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("states"), py::arg("group_of"), py::arg("groups"),
-        py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"), py::arg("patterns"),
-        py::arg("names"), py::arg("cache") = py::none(), py::arg("edits") = -1,
+        py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"), py::arg("patterns"), py::arg("names"),
+        py::arg("cache") = py::none(), py::arg("edits") = -1,
         "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
   m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("group_of"),
-        py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
-        py::arg("patterns"), py::arg("names"), py::arg("cache") = py::none(), py::arg("edits") = -1,
+        py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"), py::arg("patterns"),
+        py::arg("names"), py::arg("cache") = py::none(), py::arg("edits") = -1,
         "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
   py::class_<StateCache>(m, "StateCache",

@@ -56,13 +56,11 @@ bool target_supported(const std::string& name) {
   __builtin_cpu_init();
   if (name == "baseline") return true;
   if (name == "avx2") {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("bmi2");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   }
   if (name == "avx512") {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-           target_supported("avx2");
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && target_supported("avx2");
   }
   return false;
 #else

@@ -53,8 +53,7 @@ void adam_chunk(const AdamTensor& t, std::size_t begin, std::size_t end) {
     T* ADAMCPP_RESTRICT max_exp_avg_sq = static_cast<T*>(t.max_exp_avg_sq);
 #pragma omp simd
     for (std::size_t i = begin; i < end; ++i) {
-      adam_element<T, WD, true, Eps>(param[i], grad[i], exp_avg[i], exp_avg_sq[i],
-                                     &max_exp_avg_sq[i], s);
+      adam_element<T, WD, true, Eps>(param[i], grad[i], exp_avg[i], exp_avg_sq[i], &max_exp_avg_sq[i], s);
     }
   } else {
 #pragma omp simd
@@ -128,9 +127,9 @@ bool any_nonfinite(const void* grad_ptr, std::size_t begin, std::size_t end, dou
   return acc != T(0);
 }
 
-void ceiling_adam(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT grad,
-                  float* ADAMCPP_RESTRICT exp_avg, float* ADAMCPP_RESTRICT exp_avg_sq,
-                  std::size_t n, float step_size, float bias_correction2_sqrt, int num_threads) {
+void ceiling_adam(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT grad, float* ADAMCPP_RESTRICT exp_avg,
+                  float* ADAMCPP_RESTRICT exp_avg_sq, std::size_t n, float step_size, float bias_correction2_sqrt,
+                  int num_threads) {
   const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
   (void)num_threads;
 #pragma omp parallel for simd schedule(static) num_threads(num_threads)
@@ -144,8 +143,8 @@ void ceiling_adam(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT g
   }
 }
 
-void triad(double* ADAMCPP_RESTRICT a, const double* ADAMCPP_RESTRICT b,
-           const double* ADAMCPP_RESTRICT c, std::size_t n, double s, int num_threads) {
+void triad(double* ADAMCPP_RESTRICT a, const double* ADAMCPP_RESTRICT b, const double* ADAMCPP_RESTRICT c,
+           std::size_t n, double s, int num_threads) {
   const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
   (void)num_threads;
 #pragma omp parallel for simd schedule(static) num_threads(num_threads)

@@ -33,7 +33,7 @@ struct AdamStepScalars {
 struct AdamTensor : TensorRef {
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;  // nullptr unless amsgrad
+  void* max_exp_avg_sq;   // nullptr unless amsgrad
   int weight_decay_mode;  // WeightDecay
   bool amsgrad;
   int eps_style;  // EpsStyle
@@ -67,13 +67,11 @@ using SumSquaresFn = double (*)(const void* grad, std::size_t begin, std::size_t
 
 // The simplest fused Adam loop over one float32 buffer set, one
 // `omp parallel for simd`: the benchmark's practical bandwidth ceiling.
-using CeilingAdamFn = void (*)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-                               std::size_t n, float step_size, float bias_correction2_sqrt,
-                               int num_threads);
+using CeilingAdamFn = void (*)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::size_t n,
+                               float step_size, float bias_correction2_sqrt, int num_threads);
 
 // STREAM triad a[i] = b[i] + s * c[i], one `omp parallel for simd`.
-using TriadFn = void (*)(double* a, const double* b, const double* c, std::size_t n, double s,
-                         int num_threads);
+using TriadFn = void (*)(double* a, const double* b, const double* c, std::size_t n, double s, int num_threads);
 
 struct KernelTable {
   const char* name;
@@ -88,8 +86,8 @@ struct KernelTable {
 };
 
 // One definition per compiled ISA target, each in its own namespace.
-#define ADAMCPP_DECLARE_TABLE(isa) \
-  namespace isa {                  \
+#define ADAMCPP_DECLARE_TABLE(isa)   \
+  namespace isa {                    \
   const KernelTable& kernel_table(); \
   }
 

@@ -39,7 +39,7 @@ enum class EpsStyle : int { torch = 0, keras = 1 };
 // rounded once to the element type T.
 template <typename T>
 struct AdamScalars {
-  T grad_scale;             // gradient multiplier, negated for `maximize`
+  T grad_scale;  // gradient multiplier, negated for `maximize`
   T beta1;
   T one_minus_beta1;
   T beta2;
@@ -54,9 +54,9 @@ struct AdamScalars {
 // Scalars of one SGD tensor for one step, rounded once to the element type.
 template <typename T>
 struct SgdScalars {
-  T grad_scale;          // gradient multiplier, negated for `maximize`
+  T grad_scale;  // gradient multiplier, negated for `maximize`
   T lr;
-  T weight_decay;        // coupled L2 coefficient
+  T weight_decay;  // coupled L2 coefficient
   T momentum;
   T one_minus_dampening;
 };
@@ -92,8 +92,7 @@ ADAMCPP_HD T nan_max(T current, T candidate) {
 //   v = beta2 * v + ((1 - beta2) * g) * g
 //   p = p - (step_size * m) / (sqrt(v) / bias_correction2_sqrt + eps)
 template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
-ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq,
-                             const AdamScalars<T>& s) {
+ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq, const AdamScalars<T>& s) {
   T g = grad * s.grad_scale;
   T p = param;
   if constexpr (WD == WeightDecay::coupled) {

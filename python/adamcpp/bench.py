@@ -348,7 +348,12 @@ class DeepSpeedContender(Contender):
         self.params = [p.copy() for p in p0]
         tensors = _torch_views(torch, self.params, grads)
         self.opt = cpu_adam(
-            tensors, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, adamw_mode=decoupled,
+            tensors,
+            lr=LR,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=weight_decay,
+            adamw_mode=decoupled,
             fp32_optimizer_states=True,
         )
         self.step = self.opt.step
@@ -630,7 +635,9 @@ def derive(case: Case, entries: Dict[str, Dict[str, Any]]) -> None:
         ref_entry = entries.get(ref, {})
         for entry in entries.values():
             if entry.get("available"):
-                entry[f"frac_{ref}"] = (entry["gb_per_s"] / ref_entry["gb_per_s"]) if ref_entry.get("available") else None
+                entry[f"frac_{ref}"] = (
+                    (entry["gb_per_s"] / ref_entry["gb_per_s"]) if ref_entry.get("available") else None
+                )
     base = entries.get("adamcpp", {})
     for entry in entries.values():
         if entry.get("available"):
@@ -647,7 +654,9 @@ def _estimate_bytes(case: Case, names: Sequence[str]) -> int:
     return total
 
 
-def _allocate(case: Case, names: Sequence[str], env: Dict[str, Any], seed: int) -> Tuple[Dict[str, Contender], Dict[str, str]]:
+def _allocate(
+    case: Case, names: Sequence[str], env: Dict[str, Any], seed: int
+) -> Tuple[Dict[str, Contender], Dict[str, str]]:
     rng = np.random.default_rng(seed)
     n, size = case.shape.n_tensors, case.shape.tensor_elements
     p0 = [rng.standard_normal(size, dtype=case.dtype) for _ in range(n)]
@@ -711,7 +720,9 @@ def run_case_threads(
     return entries
 
 
-def bandwidth_probe(elements: int, threads: Sequence[int], repeats: int, min_time: float, progress: Progress) -> List[Dict[str, Any]]:
+def bandwidth_probe(
+    elements: int, threads: Sequence[int], repeats: int, min_time: float, progress: Progress
+) -> List[Dict[str, Any]]:
     """STREAM triad over 3 float64 arrays of `elements`, at each thread count."""
     out: List[Dict[str, Any]] = []
     probe = TriadContender(Case(Shape(1, elements), "float64", "adam"), elements=elements)
@@ -722,15 +733,17 @@ def bandwidth_probe(elements: int, threads: Sequence[int], repeats: int, min_tim
             calls = warm_up(probe.step, min_time)
             samples = [_timed(probe.step, calls) for _ in range(repeats)]
             stats = summarize(samples)
-            out.append({
-                "threads": t,
-                "elements": elements,
-                "bytes_per_call": probe.bytes,
-                "calls_per_sample": calls,
-                "samples_s": samples,
-                **stats,
-                "gb_per_s": probe.bytes / stats["median_s"] / 1e9,
-            })
+            out.append(
+                {
+                    "threads": t,
+                    "elements": elements,
+                    "bytes_per_call": probe.bytes,
+                    "calls_per_sample": calls,
+                    "samples_s": samples,
+                    **stats,
+                    "gb_per_s": probe.bytes / stats["median_s"] / 1e9,
+                }
+            )
             progress.advance()
     finally:
         del probe
@@ -792,8 +805,11 @@ def format_header(machine: Dict[str, Any], config: Dict[str, Any], available: Di
         f"ISA        {machine['isa']} (supported: {', '.join(info['simd_supported'])};"
         f" compiled: {', '.join(info['simd_targets'])})",
         f"threads    {', '.join(str(t) for t in config['threads'])}"
-        + (f"  (load average at start {machine['load_average_at_start'][0]:.2f})"
-           if machine.get("load_average_at_start") else ""),
+        + (
+            f"  (load average at start {machine['load_average_at_start'][0]:.2f})"
+            if machine.get("load_average_at_start")
+            else ""
+        ),
         f"versions   python {machine['python']}, numpy {machine['numpy']}, "
         f"torch {machine['torch'] or 'not installed'}, deepspeed {machine['deepspeed'] or 'not installed'}",
         f"method     warm-up, then samples of k back-to-back steps lasting >= {config['min_time_s']:g} s; "
@@ -842,16 +858,18 @@ def format_case_table(result: Dict[str, Any], hide: Sequence[str] = ()) -> str:
                 notes.append(f"   {name}: skipped ({e['reason']})")
             continue
         flag = "" if e.get("finite", True) else "  NONFINITE PARAMS!"
-        rows.append((
-            name,
-            _num(e["time_s"] * 1e6),
-            f"{_num(e['time_min_s'] * 1e6)}..{_num(e['time_max_s'] * 1e6)}",
-            _num(e["melem_per_s"]),
-            _num(e["gb_per_s"]),
-            _pct(e.get("frac_ceiling")),
-            _pct(e.get("frac_triad")),
-            ("-" if name == "adamcpp" else _speedup(e.get("adamcpp_speedup"))) + flag,
-        ))
+        rows.append(
+            (
+                name,
+                _num(e["time_s"] * 1e6),
+                f"{_num(e['time_min_s'] * 1e6)}..{_num(e['time_max_s'] * 1e6)}",
+                _num(e["melem_per_s"]),
+                _num(e["gb_per_s"]),
+                _pct(e.get("frac_ceiling")),
+                _pct(e.get("frac_triad")),
+                ("-" if name == "adamcpp" else _speedup(e.get("adamcpp_speedup"))) + flag,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [title]
     for r in rows:
@@ -862,18 +880,27 @@ def format_case_table(result: Dict[str, Any], hide: Sequence[str] = ()) -> str:
 
 def format_summary(results: List[Dict[str, Any]], names: Sequence[str]) -> str:
     others = [
-        n for n in names
+        n
+        for n in names
         if n != "adamcpp" and n not in REFERENCES and any(r["contenders"].get(n, {}).get("available") for r in results)
     ]
-    head = ["case", "dtype", "variant", "thr", "adamcpp Melem/s", "GB/s", "%ceiling", "%triad"] + [f"vs {n}" for n in others]
+    head = ["case", "dtype", "variant", "thr", "adamcpp Melem/s", "GB/s", "%ceiling", "%triad"] + [
+        f"vs {n}" for n in others
+    ]
     rows = [head]
     for r in results:
         a = r["contenders"].get("adamcpp", {})
         if not a.get("available"):
             continue
         row = [
-            r["shape"]["label"], r["dtype"], r["variant"], str(r["threads"]),
-            _num(a["melem_per_s"]), _num(a["gb_per_s"]), _pct(a.get("frac_ceiling")), _pct(a.get("frac_triad")),
+            r["shape"]["label"],
+            r["dtype"],
+            r["variant"],
+            str(r["threads"]),
+            _num(a["melem_per_s"]),
+            _num(a["gb_per_s"]),
+            _pct(a.get("frac_ceiling")),
+            _pct(a.get("frac_triad")),
         ]
         for n in others:
             e = r["contenders"].get(n, {})
@@ -917,22 +944,39 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
                 vals = [e["melem_per_s"] for e in refs if e.get("available")]
                 band.append((min(vals), max(vals)) if vals else (math.nan, math.nan))
             if xs and any(math.isfinite(lo) for lo, _ in band):
-                ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color="0.85",
-                                label="ceiling loop .. triad bound")
+                ax.fill_between(
+                    xs, [b[0] for b in band], [b[1] for b in band], color="0.85", label="ceiling loop .. triad bound"
+                )
             for n in names:
-                pts = [(r["shape"]["elements"], r["contenders"][n]["melem_per_s"]) for r in single
-                       if r["contenders"].get(n, {}).get("available")]
+                pts = [
+                    (r["shape"]["elements"], r["contenders"][n]["melem_per_s"])
+                    for r in single
+                    if r["contenders"].get(n, {}).get("available")
+                ]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[n], label=n)
                 for k, label in enumerate(multi_shapes):
                     for r in rs:
                         e = r["contenders"].get(n, {})
                         if r["shape"]["label"] == label and e.get("available"):
-                            ax.plot([r["shape"]["elements"]], [e["melem_per_s"]], linestyle="none",
-                                    marker=markers[k % len(markers)], mfc="none", color=colors[n])
+                            ax.plot(
+                                [r["shape"]["elements"]],
+                                [e["melem_per_s"]],
+                                linestyle="none",
+                                marker=markers[k % len(markers)],
+                                mfc="none",
+                                color=colors[n],
+                            )
             for k, label in enumerate(multi_shapes):
-                ax.plot([], [], linestyle="none", marker=markers[k % len(markers)], mfc="none", color="0.3",
-                        label=f"{label} (many tensors)")
+                ax.plot(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker=markers[k % len(markers)],
+                    mfc="none",
+                    color="0.3",
+                    label=f"{label} (many tensors)",
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("elements per step (total)")
@@ -955,28 +999,70 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved run.",
         epilog="Example: adamcpp-bench --quick --json out.json --plot out.png",
     )
-    parser.add_argument("--sizes", type=parse_sizes, default=None, metavar="LIST",
-                        help=f"comma list of N (one tensor of N elements) or TxN (T tensors of N); "
-                        f"default {DEFAULT_SIZES}; --quick: {QUICK_SIZES}")
-    parser.add_argument("--threads", type=parse_threads, default=None, metavar="LIST",
-                        help="comma list of thread counts ('all' = every usable core); default 1,all")
-    parser.add_argument("--dtype", type=lambda s: _parse_choices(s, "--dtype", DTYPES, {"f32": ["float32"], "f64": ["float64"]}),
-                        default=["float32"], metavar="LIST", help="float32, float64 or all; default float32")
-    parser.add_argument("--variant", type=lambda s: _parse_choices(s, "--variant", tuple(VARIANTS), {}),
-                        default=["adam"], metavar="LIST", help="adam, adamw, amsgrad or all; default adam")
-    parser.add_argument("--contenders", type=lambda s: _parse_choices(
-        s, "--contenders", CONTENDERS, {"torch": ["torch-foreach", "torch-fused"], "stream": ["triad"]}),
-        default=list(CONTENDERS), metavar="LIST",
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=None,
+        metavar="LIST",
+        help=f"comma list of N (one tensor of N elements) or TxN (T tensors of N); "
+        f"default {DEFAULT_SIZES}; --quick: {QUICK_SIZES}",
+    )
+    parser.add_argument(
+        "--threads",
+        type=parse_threads,
+        default=None,
+        metavar="LIST",
+        help="comma list of thread counts ('all' = every usable core); default 1,all",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=lambda s: _parse_choices(s, "--dtype", DTYPES, {"f32": ["float32"], "f64": ["float64"]}),
+        default=["float32"],
+        metavar="LIST",
+        help="float32, float64 or all; default float32",
+    )
+    parser.add_argument(
+        "--variant",
+        type=lambda s: _parse_choices(s, "--variant", tuple(VARIANTS), {}),
+        default=["adam"],
+        metavar="LIST",
+        help="adam, adamw, amsgrad or all; default adam",
+    )
+    parser.add_argument(
+        "--contenders",
+        type=lambda s: _parse_choices(
+            s, "--contenders", CONTENDERS, {"torch": ["torch-foreach", "torch-fused"], "stream": ["triad"]}
+        ),
+        default=list(CONTENDERS),
+        metavar="LIST",
         help=f"comma list from {', '.join(CONTENDERS)} ('torch' = both torch modes); default all "
-        "(those not installed are reported and skipped)")
-    parser.add_argument("--repeats", type=int, default=None, metavar="N",
-                        help=f"interleaved repetitions, median reported; default {DEFAULT_REPEATS} (--quick {QUICK_REPEATS})")
-    parser.add_argument("--min-time", type=float, default=None, metavar="S",
-                        help=f"seconds each timed sample lasts at least; default {DEFAULT_MIN_TIME} (--quick {QUICK_MIN_TIME})")
-    parser.add_argument("--stream-elements", type=int, default=None, metavar="N",
-                        help=f"float64 elements per array of the stand-alone bandwidth probe (0 = skip); "
-                        f"default {DEFAULT_STREAM_ELEMENTS} (--quick {QUICK_STREAM_ELEMENTS})")
-    parser.add_argument("--quick", action="store_true", help="a run under a minute: few sizes, fewer repeats, shorter samples")
+        "(those not installed are reported and skipped)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"interleaved repetitions, median reported; default {DEFAULT_REPEATS} (--quick {QUICK_REPEATS})",
+    )
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds each timed sample lasts at least; default {DEFAULT_MIN_TIME} (--quick {QUICK_MIN_TIME})",
+    )
+    parser.add_argument(
+        "--stream-elements",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"float64 elements per array of the stand-alone bandwidth probe (0 = skip); "
+        f"default {DEFAULT_STREAM_ELEMENTS} (--quick {QUICK_STREAM_ELEMENTS})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a run under a minute: few sizes, fewer repeats, shorter samples"
+    )
     parser.add_argument("--json", metavar="PATH", help="write all raw samples, medians and machine info as JSON")
     parser.add_argument("--plot", metavar="PATH", help="save a throughput-vs-size plot (needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random parameters and gradients")
@@ -1004,8 +1090,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("adamcpp-bench: --plot needs matplotlib, which is not importable here "
-                  "(pip install matplotlib, or pip install 'adamcpp[bench]'); nothing was run.", file=sys.stderr)
+            print(
+                "adamcpp-bench: --plot needs matplotlib, which is not importable here "
+                "(pip install matplotlib, or pip install 'adamcpp[bench]'); nothing was run.",
+                file=sys.stderr,
+            )
             return 2
 
     names = list(args.contenders)
@@ -1061,7 +1150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             avail_mem = _meminfo("MemAvailable")
             if avail_mem is not None and need > 0.8 * avail_mem:
                 reason = f"needs about {_bytes(need)}, only {_bytes(avail_mem)} available"
-                skipped_cases.append({"shape": case.shape.label, "dtype": case.dtype, "variant": case.variant, "reason": reason})
+                skipped_cases.append(
+                    {"shape": case.shape.label, "dtype": case.dtype, "variant": case.variant, "reason": reason}
+                )
                 progress.clear()
                 print(f"== {label}: skipped ({reason})", flush=True)
                 progress.done += len(threads)
@@ -1078,16 +1169,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     entries = run_case_threads(contenders, dict(skipped), t, repeats, min_time, progress)
                     ordered = {n: entries[n] for n in names if n in entries}
                     derive(case, ordered)
-                    case_results.append({
-                        "shape": {"label": case.shape.label, "n_tensors": case.shape.n_tensors,
-                                  "tensor_elements": case.shape.tensor_elements, "elements": case.shape.elements},
-                        "dtype": case.dtype,
-                        "variant": case.variant,
-                        "threads": t,
-                        "bytes_per_element": case.bytes_per_element,
-                        "bytes_per_step": case.bytes_per_step,
-                        "contenders": ordered,
-                    })
+                    case_results.append(
+                        {
+                            "shape": {
+                                "label": case.shape.label,
+                                "n_tensors": case.shape.n_tensors,
+                                "tensor_elements": case.shape.tensor_elements,
+                                "elements": case.shape.elements,
+                            },
+                            "dtype": case.dtype,
+                            "variant": case.variant,
+                            "threads": t,
+                            "bytes_per_element": case.bytes_per_element,
+                            "bytes_per_step": case.bytes_per_step,
+                            "contenders": ordered,
+                        }
+                    )
                     progress.advance()
             finally:
                 # Numerics are not measured here, but nonsense is caught: every

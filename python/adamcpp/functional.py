@@ -80,5 +80,18 @@ def adam(
         check_eps_style(eps_style, "eps_style") == "keras",
     )
     _core.adam_step(
-        ps, gs, ms, vs, vmaxs, steps, None, None, [hyper], check_grad_scale(grad_scale), 0, -1.0, _PATTERNS, None,
+        ps,
+        gs,
+        ms,
+        vs,
+        vmaxs,
+        steps,
+        None,
+        None,
+        [hyper],
+        check_grad_scale(grad_scale),
+        0,
+        -1.0,
+        _PATTERNS,
+        None,
     )

@@ -57,7 +57,9 @@ def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple
             raise ValueError("params: the optimizer got an empty parameter dict")
         return [{"params": [params[k] for k in keys]}], keys
     if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
-        raise TypeError(f"params: expected a sequence of arrays, a dict or a list of groups, got {type(params).__name__}")
+        raise TypeError(
+            f"params: expected a sequence of arrays, a dict or a list of groups, got {type(params).__name__}"
+        )
     items = list(params)
     if not items:
         raise ValueError("params: the optimizer got an empty parameter list")
@@ -278,8 +280,10 @@ class Optimizer(abc.ABC):
             ps = g["params"]
             flat.extend(ps)
             group_of.extend([gi] * len(ps))
-        if len(flat) == len(self._flat) and group_of == self._group_of and all(
-            a is b for a, b in zip(flat, self._flat)
+        if (
+            len(flat) == len(self._flat)
+            and group_of == self._group_of
+            and all(a is b for a, b in zip(flat, self._flat))
         ):
             return
         old = {id(p): s for p, s in zip(self._flat, self.state)}
@@ -595,8 +599,22 @@ class Adam(Optimizer):
 
     def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.adam_step(
-            self._flat, grads, None, None, None, None, self.state, self._group_of, hypers,
-            grad_scale, nonfinite, max_grad_norm, _STATE_PATTERNS, self._keys, self._state_cache, self._edits.count,
+            self._flat,
+            grads,
+            None,
+            None,
+            None,
+            None,
+            self.state,
+            self._group_of,
+            hypers,
+            grad_scale,
+            nonfinite,
+            max_grad_norm,
+            _STATE_PATTERNS,
+            self._keys,
+            self._state_cache,
+            self._edits.count,
         )
 
 
@@ -618,8 +636,17 @@ class AdamW(Adam):
         max_grad_norm: Optional[float] = None,
     ):
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-            decoupled_weight_decay=True, eps_style=eps_style, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=True,
+            eps_style=eps_style,
+            nonfinite=nonfinite,
+            max_grad_norm=max_grad_norm,
         )
 
 
@@ -655,8 +682,12 @@ class SGD(Optimizer):
         max_grad_norm: Optional[float] = None,
     ):
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
         )
         super().__init__(params, defaults, nonfinite, max_grad_norm)
 
@@ -678,8 +709,18 @@ class SGD(Optimizer):
 
     def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
         return _core.sgd_step(
-            self._flat, grads, self.state, self._group_of, hypers,
-            grad_scale, nonfinite, max_grad_norm, _SGD_PATTERNS, self._keys, self._state_cache, self._edits.count,
+            self._flat,
+            grads,
+            self.state,
+            self._group_of,
+            hypers,
+            grad_scale,
+            nonfinite,
+            max_grad_norm,
+            _SGD_PATTERNS,
+            self._keys,
+            self._state_cache,
+            self._edits.count,
         )
 
 

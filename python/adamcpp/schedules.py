@@ -163,7 +163,7 @@ class ExponentialDecay(Schedule):
 
     def _value(self, t: int) -> float:
         if self.decay_steps == 1:
-            return self.lr * self.gamma ** t
+            return self.lr * self.gamma**t
         return self.lr * self.gamma ** (t / self.decay_steps)
 
 
