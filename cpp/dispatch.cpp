@@ -14,24 +14,25 @@ namespace {
 struct Target {
   const char* name;
   const KernelTable& (*table)();
+  const ProbeTable& (*probes)();
 };
 
 const std::vector<Target>& targets() {
 #if defined(ADAMCPP_X86)
   static const std::vector<Target> list = {
-      {"baseline", &baseline::kernel_table},
-      {"avx2", &avx2::kernel_table},
-      {"avx512", &avx512::kernel_table},
+      {"baseline", &baseline::kernel_table, &baseline::probe_table},
+      {"avx2", &avx2::kernel_table, &avx2::probe_table},
+      {"avx512", &avx512::kernel_table, &avx512::probe_table},
   };
 #else
   static const std::vector<Target> list = {
-      {"generic", &generic::kernel_table},
+      {"generic", &generic::kernel_table, &generic::probe_table},
   };
 #endif
   return list;
 }
 
-std::atomic<const KernelTable*> g_active{nullptr};
+std::atomic<const Target*> g_active{nullptr};
 
 int initial_threads() {
 #ifdef _OPENMP
@@ -82,7 +83,7 @@ void select_target(const std::string& name) {
       if (!target_supported(name)) {
         throw std::runtime_error("SIMD target '" + name + "' is not supported by this CPU");
       }
-      g_active.store(&t.table());
+      g_active.store(&t);
       return;
     }
   }
@@ -91,14 +92,22 @@ void select_target(const std::string& name) {
   throw std::invalid_argument("unknown SIMD target '" + name + "'; compiled targets: " + known);
 }
 
-const KernelTable& active_kernels() {
-  const KernelTable* table = g_active.load();
-  if (table == nullptr) {
+namespace {
+
+const Target& active_target() {
+  const Target* target = g_active.load();
+  if (target == nullptr) {
     select_target(best_target());
-    table = g_active.load();
+    target = g_active.load();
   }
-  return *table;
+  return *target;
 }
+
+}  // namespace
+
+const KernelTable& active_kernels() { return active_target().table(); }
+
+const ProbeTable& active_probes() { return active_target().probes(); }
 
 int get_num_threads() { return g_num_threads.load(); }
 

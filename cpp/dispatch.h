@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "probes.h"
 
 namespace adamcpp {
 
@@ -23,6 +24,9 @@ void select_target(const std::string& name);
 
 // The kernel table in use (selected target, or the best one by default).
 const KernelTable& active_kernels();
+
+// The benchmark probes of the same target.
+const ProbeTable& active_probes();
 
 int get_num_threads();
 void set_num_threads(int n);

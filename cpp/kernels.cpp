@@ -127,32 +127,6 @@ bool any_nonfinite(const void* grad_ptr, std::size_t begin, std::size_t end, dou
   return acc != T(0);
 }
 
-void ceiling_adam(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT grad, float* ADAMCPP_RESTRICT exp_avg,
-                  float* ADAMCPP_RESTRICT exp_avg_sq, std::size_t n, float step_size, float bias_correction2_sqrt,
-                  int num_threads) {
-  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
-  (void)num_threads;
-#pragma omp parallel for simd schedule(static) num_threads(num_threads)
-  for (std::ptrdiff_t i = 0; i < count; ++i) {
-    const float g = grad[i];
-    const float m = 0.9f * exp_avg[i] + 0.1f * g;
-    const float v = 0.999f * exp_avg_sq[i] + 0.001f * g * g;
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    param[i] = param[i] - (step_size * m) / (sqrt_of(v) / bias_correction2_sqrt + 1e-8f);
-  }
-}
-
-void triad(double* ADAMCPP_RESTRICT a, const double* ADAMCPP_RESTRICT b, const double* ADAMCPP_RESTRICT c,
-           std::size_t n, double s, int num_threads) {
-  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
-  (void)num_threads;
-#pragma omp parallel for simd schedule(static) num_threads(num_threads)
-  for (std::ptrdiff_t i = 0; i < count; ++i) {
-    a[i] = b[i] + s * c[i];
-  }
-}
-
 template <typename T, int WD, int A, int E>
 constexpr AdamChunkFn pick() {
   return &adam_chunk<T, static_cast<WeightDecay>(WD), A != 0, static_cast<EpsStyle>(E)>;
@@ -211,8 +185,6 @@ KernelTable make_table() {
   table.sum_squares[1] = &sum_squares<double>;
   table.nonfinite[0] = &any_nonfinite<float>;
   table.nonfinite[1] = &any_nonfinite<double>;
-  table.ceiling_adam = &ceiling_adam;
-  table.triad = &triad;
   return table;
 }
 

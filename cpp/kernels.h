@@ -6,9 +6,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace adamcpp {
+#include "optim_types.h"
 
-enum class DType : int { f32 = 0, f64 = 1 };
+namespace adamcpp {
 
 // What every tensor of a multi-tensor call has: a parameter and its gradient.
 struct TensorRef {
@@ -33,10 +33,10 @@ struct AdamStepScalars {
 struct AdamTensor : TensorRef {
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;   // nullptr unless amsgrad
-  int weight_decay_mode;  // WeightDecay
+  void* max_exp_avg_sq;  // nullptr unless amsgrad
+  WeightDecay weight_decay_mode;
   bool amsgrad;
-  int eps_style;  // EpsStyle
+  EpsStyle eps_style;
   AdamStepScalars scalars;
 };
 
@@ -50,8 +50,8 @@ struct SgdStepScalars {
 struct SgdTensor : TensorRef {
   void* momentum_buffer;  // nullptr without momentum
   bool weight_decay_on;
-  int momentum_mode;  // Momentum
-  bool first;         // first momentum step: the buffer starts as the gradient
+  Momentum momentum_mode;
+  bool first;  // first momentum step: the buffer starts as the gradient
   SgdStepScalars scalars;
 };
 
@@ -65,24 +65,28 @@ using NonfiniteFn = bool (*)(const void* grad, std::size_t begin, std::size_t en
 // Sum of squares of grad[begin, end), accumulated in double.
 using SumSquaresFn = double (*)(const void* grad, std::size_t begin, std::size_t end);
 
-// The simplest fused Adam loop over one float32 buffer set, one
-// `omp parallel for simd`: the benchmark's practical bandwidth ceiling.
-using CeilingAdamFn = void (*)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::size_t n,
-                               float step_size, float bias_correction2_sqrt, int num_threads);
-
-// STREAM triad a[i] = b[i] + s * c[i], one `omp parallel for simd`.
-using TriadFn = void (*)(double* a, const double* b, const double* c, std::size_t n, double s, int num_threads);
+constexpr int kDTypes = 2;
+constexpr int kWeightDecayModes = 3;
+constexpr int kEpsStyles = 2;
+constexpr int kMomentumModes = 3;
 
 struct KernelTable {
   const char* name;
   // [dtype][weight decay mode][amsgrad][eps style]
-  AdamChunkFn adam[2][3][2][2];
+  AdamChunkFn adam[kDTypes][kWeightDecayModes][2][kEpsStyles];
   // [dtype][weight decay on][momentum mode][first]
-  SgdChunkFn sgd[2][2][3][2];
-  NonfiniteFn nonfinite[2];
-  SumSquaresFn sum_squares[2];
-  CeilingAdamFn ceiling_adam;
-  TriadFn triad;
+  SgdChunkFn sgd[kDTypes][2][kMomentumModes][2];
+  NonfiniteFn nonfinite[kDTypes];
+  SumSquaresFn sum_squares[kDTypes];
+
+  AdamChunkFn adam_fn(const AdamTensor& t) const {
+    return adam[static_cast<int>(t.dtype)][static_cast<int>(t.weight_decay_mode)][t.amsgrad ? 1 : 0]
+               [static_cast<int>(t.eps_style)];
+  }
+  SgdChunkFn sgd_fn(const SgdTensor& t) const {
+    return sgd[static_cast<int>(t.dtype)][t.weight_decay_on ? 1 : 0][static_cast<int>(t.momentum_mode)]
+              [t.first ? 1 : 0];
+  }
 };
 
 // One definition per compiled ISA target, each in its own namespace.

@@ -1,27 +1,79 @@
-// adamcpp: the chunked multi-tensor driver, shared by every ISA target.
+// adamcpp: the chunked multi-tensor driver and the GIL-free core of a step,
+// shared by every ISA target (the kernels come from the dispatch table).
 #include "multi_tensor.h"
 
 #include <algorithm>
 #include <atomic>
-#include <vector>
+#include <cmath>
+#include <limits>
 
 #include "dispatch.h"
+#include "step_scalars.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define ADAMCPP_HAVE_MXCSR 1
+#else
+#include <cfenv>
+#endif
+
 namespace adamcpp {
 namespace {
+
+// The calling thread's floating-point modes (rounding, flush-to-zero,
+// denormals-are-zero), carried into every worker of a parallel region: a
+// caller that flushes denormals gets the same bits at any thread count.
+class FloatModes {
+ public:
+  static FloatModes current() {
+    FloatModes m;
+#ifdef ADAMCPP_HAVE_MXCSR
+    m.csr_ = _mm_getcsr();
+#else
+    std::fegetenv(&m.env_);
+#endif
+    return m;
+  }
+
+ private:
+#ifdef ADAMCPP_HAVE_MXCSR
+  // Control bits (DAZ, exception masks, rounding, FTZ); the status flags stay the worker's own.
+  static constexpr unsigned kControl = 0xFFC0u;
+  void apply(const FloatModes& own) const {
+    if ((csr_ ^ own.csr_) & kControl) _mm_setcsr((own.csr_ & ~kControl) | (csr_ & kControl));
+  }
+  void restore() const { _mm_setcsr(csr_); }
+  unsigned csr_ = 0;
+#else
+  void apply(const FloatModes&) const { std::fesetenv(&env_); }
+  void restore() const { std::fesetenv(&env_); }
+  std::fenv_t env_{};
+#endif
+  friend class FloatModeScope;
+};
+
+// Applies a thread's modes to this thread until the end of the scope.
+class FloatModeScope {
+ public:
+  explicit FloatModeScope(const FloatModes& modes) : saved_(FloatModes::current()) { modes.apply(saved_); }
+  ~FloatModeScope() { saved_.restore(); }
+  FloatModeScope(const FloatModeScope&) = delete;
+  FloatModeScope& operator=(const FloatModeScope&) = delete;
+
+ private:
+  FloatModes saved_;
+};
 
 // Calls body(tensor_index, begin, end, chunk) for every non-empty piece of
 // every tensor; a piece never crosses a chunk boundary, and each thread takes
 // one contiguous run of whole chunks.
 template <typename Tensor, typename Body>
-void for_each_piece(const Tensor* tensors, std::size_t count, Body&& body) {
-  // offsets[i] = first global element of tensor i; reused between calls so the
-  // steady-state step does not allocate.
-  thread_local std::vector<std::size_t> offsets;
+void for_each_piece(const Tensor* tensors, std::size_t count, Workspace& ws, Body&& body) {
+  std::vector<std::size_t>& offsets = ws.offsets;
   offsets.resize(count + 1);
   std::size_t total = 0;
   for (std::size_t i = 0; i < count; ++i) {
@@ -52,8 +104,10 @@ void for_each_piece(const Tensor* tensors, std::size_t count, Body&& body) {
   if (static_cast<std::size_t>(threads) > chunks) threads = static_cast<int>(chunks);
 #ifdef _OPENMP
   if (threads > 1 && total >= kParallelMinElements) {
+    const FloatModes caller = FloatModes::current();
 #pragma omp parallel num_threads(threads)
     {
+      const FloatModeScope modes(caller);
       const std::size_t tid = static_cast<std::size_t>(omp_get_thread_num());
       const std::size_t team = static_cast<std::size_t>(omp_get_num_threads());
       run_chunks(chunks * tid / team, chunks * (tid + 1) / team);
@@ -64,13 +118,12 @@ void for_each_piece(const Tensor* tensors, std::size_t count, Body&& body) {
   run_chunks(0, chunks);
 }
 
-}  // namespace
-
+// Index of the first tensor whose scaled gradient has a NaN or Inf, or -1.
 template <typename Tensor>
-std::ptrdiff_t find_nonfinite(const Tensor* tensors, std::size_t count) {
+std::ptrdiff_t find_nonfinite(const Tensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
   std::atomic<std::ptrdiff_t> first{-1};
-  for_each_piece(tensors, count, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
+  for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
     const std::ptrdiff_t idx = static_cast<std::ptrdiff_t>(i);
     std::ptrdiff_t cur = first.load(std::memory_order_relaxed);
     if (cur >= 0 && cur <= idx) return;
@@ -85,42 +138,76 @@ std::ptrdiff_t find_nonfinite(const Tensor* tensors, std::size_t count) {
 }
 
 template <typename Tensor>
-double sum_squares(const Tensor* tensors, std::size_t count) {
+double sum_squares_of(const Tensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
   std::size_t total = 0;
   for (std::size_t i = 0; i < count; ++i) total += tensors[i].numel;
-  thread_local std::vector<double> partial;
-  partial.assign((total + kChunkElements - 1) / kChunkElements, 0.0);
-  double* part = partial.data();
-  for_each_piece(tensors, count, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t chunk) {
+  ws.partial.assign((total + kChunkElements - 1) / kChunkElements, 0.0);
+  double* part = ws.partial.data();
+  for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t chunk) {
     const TensorRef& t = tensors[i];
     part[chunk] += k.sum_squares[static_cast<int>(t.dtype)](t.grad, lo, hi);
   });
   double sum = 0.0;
-  for (double p : partial) sum += p;
+  for (double p : ws.partial) sum += p;
   return sum;
 }
 
-template std::ptrdiff_t find_nonfinite<AdamTensor>(const AdamTensor*, std::size_t);
-template std::ptrdiff_t find_nonfinite<SgdTensor>(const SgdTensor*, std::size_t);
-template double sum_squares<AdamTensor>(const AdamTensor*, std::size_t);
-template double sum_squares<SgdTensor>(const SgdTensor*, std::size_t);
-template double sum_squares<TensorRef>(const TensorRef*, std::size_t);
-
-void adam_multi_tensor(const AdamTensor* tensors, std::size_t count) {
+void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
-  for_each_piece(tensors, count, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
-    const AdamTensor& t = tensors[i];
-    k.adam[static_cast<int>(t.dtype)][t.weight_decay_mode][t.amsgrad ? 1 : 0][t.eps_style](t, lo, hi);
+  for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
+    k.adam_fn(tensors[i])(tensors[i], lo, hi);
   });
 }
 
-void sgd_multi_tensor(const SgdTensor* tensors, std::size_t count) {
+void update(const SgdTensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
-  for_each_piece(tensors, count, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
-    const SgdTensor& t = tensors[i];
-    k.sgd[static_cast<int>(t.dtype)][t.weight_decay_on ? 1 : 0][t.momentum_mode][t.first ? 1 : 0](t, lo, hi);
+  for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
+    k.sgd_fn(tensors[i])(tensors[i], lo, hi);
   });
+}
+
+template <typename Tensor>
+StepOutcome run_any_step(Tensor* tensors, std::size_t count, const StepPolicy& policy, Workspace& ws) {
+  StepOutcome out{false, -1, std::nan("")};
+  bool check = policy.nonfinite != Nonfinite::propagate;
+  if (policy.max_grad_norm >= 0.0) {
+    out.grad_norm = std::fabs(policy.grad_scale) * std::sqrt(sum_squares_of(tensors, count, ws));
+    const double coef = clip_coefficient(policy.max_grad_norm, out.grad_norm);
+    if (std::isnan(coef)) {
+      // Only a NaN or Inf gradient makes the norm NaN: find it at the caller's scale.
+      if (check) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
+      check = false;
+    }
+    for (std::size_t i = 0; i < count; ++i) tensors[i].grad_scale *= coef;
+    // No scaled element exceeds the clipped norm, so a clipped norm well inside
+    // float32's range proves every element finite without a second pass, as
+    // long as the scale itself is a finite float32 (a zero gradient times an
+    // infinite scale is NaN).
+    constexpr double kFloatMax = static_cast<double>(std::numeric_limits<float>::max());
+    const double scale = std::fabs(policy.grad_scale * coef);
+    if (out.grad_norm * coef < 0.5 * kFloatMax && scale <= kFloatMax) check = false;
+  }
+  if (check) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
+  if (out.nonfinite_tensor < 0) {
+    update(tensors, count, ws);
+    out.applied = true;
+  }
+  return out;
+}
+
+}  // namespace
+
+StepOutcome run_step(AdamTensor* tensors, std::size_t count, const StepPolicy& policy, Workspace& ws) {
+  return run_any_step(tensors, count, policy, ws);
+}
+
+StepOutcome run_step(SgdTensor* tensors, std::size_t count, const StepPolicy& policy, Workspace& ws) {
+  return run_any_step(tensors, count, policy, ws);
+}
+
+double sum_squares(const TensorRef* tensors, std::size_t count, Workspace& ws) {
+  return sum_squares_of(tensors, count, ws);
 }
 
 }  // namespace adamcpp

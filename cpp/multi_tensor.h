@@ -1,7 +1,11 @@
-// adamcpp: one call over many tensors (the multi_tensor_apply idea on the CPU).
+// adamcpp: one call over many tensors (the multi_tensor_apply idea on the
+// CPU) and the GIL-free core of a step: the global norm, clipping, the
+// non-finite check and the fused update, over tables of raw pointers. No
+// Python here; the caller has validated everything.
 #pragma once
 
 #include <cstddef>
+#include <vector>
 
 #include "kernels.h"
 
@@ -16,17 +20,35 @@ constexpr std::size_t kChunkElements = std::size_t(1) << 13;
 // without starting an OpenMP team.
 constexpr std::size_t kParallelMinElements = std::size_t(1) << 14;
 
-// Index of the first tensor whose scaled gradient has a NaN or Inf, or -1.
-template <typename Tensor>
-std::ptrdiff_t find_nonfinite(const Tensor* tensors, std::size_t count);
+// Scratch a multi-tensor pass reuses between calls so that a steady-state
+// step does not allocate. Its owner lets one call use it at a time.
+struct Workspace {
+  std::vector<std::size_t> offsets;  // first global element of each tensor, then the total
+  std::vector<double> partial;       // per-chunk sums of squares
+};
+
+// What a step does with its gradients besides the update.
+struct StepPolicy {
+  double grad_scale;     // the call's gradient multiplier (the reported norm is after it)
+  Nonfinite nonfinite;   // what a NaN/Inf scaled gradient does
+  double max_grad_norm;  // clip by the global norm to this; < 0: no clipping
+};
+
+struct StepOutcome {
+  bool applied;
+  std::ptrdiff_t nonfinite_tensor;  // a tensor whose scaled gradient has a NaN/Inf (skip/raise), or -1
+  double grad_norm;                 // the global norm after grad_scale; NaN without clipping
+};
+
+// One step over every tensor: with clipping, the global norm and the
+// coefficient folded into each tensor's grad_scale; with "skip"/"raise", the
+// non-finite check; then the fused update unless a non-finite gradient was
+// found (then nothing is written).
+StepOutcome run_step(AdamTensor* tensors, std::size_t count, const StepPolicy& policy, Workspace& ws);
+StepOutcome run_step(SgdTensor* tensors, std::size_t count, const StepPolicy& policy, Workspace& ws);
 
 // Sum of squares of all (unscaled) gradients, accumulated in double per chunk
 // and then over chunks in order: the same bits at any thread count.
-template <typename Tensor>
-double sum_squares(const Tensor* tensors, std::size_t count);
-
-// Applies one step to every tensor. Pure pointer math; no validation.
-void adam_multi_tensor(const AdamTensor* tensors, std::size_t count);
-void sgd_multi_tensor(const SgdTensor* tensors, std::size_t count);
+double sum_squares(const TensorRef* tensors, std::size_t count, Workspace& ws);
 
 }  // namespace adamcpp

@@ -1,4 +1,4 @@
-"""Validation helpers shared by the optimizers and the functional API.
+"""Validation helpers shared by the optimizers, the functional API and the schedules.
 
 Every check here runs before any buffer is written. Messages name the offending
 parameter and say what was expected.
@@ -8,30 +8,42 @@ from __future__ import annotations
 
 import numbers
 from math import isfinite as _isfinite
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
+from . import _core
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-EPS_STYLES = ("torch", "keras")
-NONFINITE_POLICIES = {"propagate": 0, "skip": 1, "raise": 2}
+# The native core's names, index = the value it reads.
+EPS_STYLES = _core.EPS_STYLES
+NONFINITE_POLICIES = {name: i for i, name in enumerate(_core.NONFINITE_POLICIES)}
 
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
-def check_float(value: Any, where: str, *, minimum: float | None = None, below: float | None = None) -> float:
+def describe_number(value: Any) -> str:
+    """A number for a message: its repr, or its digit count when it is huge."""
+    text = repr(value)
+    if isinstance(value, numbers.Integral) and len(text) > 40:
+        return f"an integer of {len(text.lstrip('-'))} digits"
+    return text
+
+
+def check_float(value: Any, where: str, *, minimum: Optional[float] = None, below: Optional[float] = None) -> float:
     """A finite real number in [minimum, below)."""
     kind = type(value)
-    if kind is float or kind is int:  # the common case, checked without ABCs
-        v = float(value)
-    else:
+    if kind is not float and kind is not int:  # the common cases are checked without ABCs
         if isinstance(value, np.ndarray) and value.ndim == 0:
             value = value.item()
         if not _is_real(value):
             raise TypeError(f"{where}: expected a real number, got {type(value).__name__}")
+    try:
         v = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{where}: expected a finite number, got {describe_number(value)}") from None
     if not _isfinite(v):
         raise ValueError(f"{where}: expected a finite number, got {v!r}")
     if minimum is not None and v < minimum:
@@ -49,23 +61,24 @@ def check_bool(value: Any, where: str) -> bool:
     return bool(value)
 
 
-def check_betas(value: Any, where: str) -> tuple[float, float]:
+def check_betas(value: Any, where: str) -> tuple[Any, Any]:
+    """A pair (beta1, beta2), each still to be checked as a number."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{where}: expected a pair (beta1, beta2), got {value!r}")
-    b1 = check_float(value[0], f"{where}[0]", minimum=0.0, below=1.0)
-    b2 = check_float(value[1], f"{where}[1]", minimum=0.0, below=1.0)
-    return (b1, b2)
+    return value[0], value[1]
 
 
-def check_eps_style(value: Any, where: str) -> str:
-    if value not in EPS_STYLES:
+def check_eps_style(value: Any, where: str) -> int:
+    """The native index of an eps style name."""
+    if not isinstance(value, str) or value not in EPS_STYLES:
         raise ValueError(f"{where}: expected 'torch' or 'keras', got {value!r}")
-    return str(value)
+    return EPS_STYLES.index(value)
 
 
 def check_nonfinite(value: Any) -> int:
+    """The native index of a non-finite policy name."""
     if not isinstance(value, str) or value not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite: expected 'propagate', 'skip' or 'raise', got {value!r}")
     return NONFINITE_POLICIES[value]
@@ -73,6 +86,13 @@ def check_nonfinite(value: Any) -> int:
 
 def check_grad_scale(value: Any) -> float:
     return check_float(value, "grad_scale")
+
+
+def check_max_grad_norm(value: Optional[float]) -> float:
+    """The native encoding of `max_grad_norm`: -1 for no clipping."""
+    if value is None:
+        return -1.0
+    return check_float(value, "max_grad_norm", minimum=0.0)
 
 
 def check_param_array(p: Any, label: str) -> np.ndarray:
@@ -91,3 +111,31 @@ def check_param_array(p: Any, label: str) -> np.ndarray:
     if not p.flags.writeable:
         raise ValueError(f"{label}: expected a writeable array, got a read-only one")
     return p
+
+
+# A stored step count must leave room for the step that adds one (signed 64-bit in the native step).
+MAX_STEP_COUNT = 2**63 - 2
+
+
+def check_step_count(value: Any, where: str) -> int:
+    """A stored step count: a non-negative integral number (an int, a NumPy
+    scalar or a 0-d array such as torch's float step tensor) up to
+    MAX_STEP_COUNT."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = value  # any size: NumPy could not hold the largest
+    else:
+        arr = np.asarray(value)
+        if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr):
+            raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+        x = arr.item()
+        if float(x) != int(x):
+            raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+        v = int(x)
+    if v < 0:
+        raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+    if v > MAX_STEP_COUNT:
+        raise ValueError(
+            f"{where}: expected an integer <= {MAX_STEP_COUNT} (step counts are signed 64-bit integers, "
+            f"and a step adds one), got {describe_number(v)}"
+        )
+    return v

@@ -15,63 +15,83 @@ openmp: bool
 chunk_elements: int
 parallel_min_elements: int
 
+# The named contract (docs/api.md, "The native contract"): the fields of the
+# per-group named tuples in the order the native step reads them, the names
+# behind the integer codes it takes, and the role of each array of a tensor
+# (a state role's name is its state dict key).
+ADAM_HYPER_FIELDS: Tuple[str, ...]
+SGD_HYPER_FIELDS: Tuple[str, ...]
+EPS_STYLES: Tuple[str, ...]
+NONFINITE_POLICIES: Tuple[str, ...]
+ADAM_ROLES: Tuple[str, ...]
+SGD_ROLES: Tuple[str, ...]
+
 _Patterns = Sequence[str]
 
+class StateCache:
+    """An optimizer's native owner: what its steps reuse (state rows, scratch,
+    the verified buffer layout) and every object a running step uses. One step
+    at a time: a second call while one runs raises RuntimeError."""
+
+    def __init__(self) -> None: ...
+    def clear(self) -> None:
+        """Forget the state rows (the next step re-reads every state dict)."""
+
+def set_state_type(type: type) -> None:
+    """Register the dict subclass whose '_reader' slot is cleared on every edit."""
+
 def adam_step(
+    cache: StateCache,
     params: Sequence[np.ndarray],
     grads: Sequence[np.ndarray],
-    exp_avgs: Optional[Sequence[np.ndarray]],
-    exp_avg_sqs: Optional[Sequence[np.ndarray]],
-    max_exp_avg_sqs: Optional[Sequence[Optional[np.ndarray]]],
-    steps: Optional[Sequence[int]],
-    states: Optional[Sequence[dict]],
-    group_of: Optional[Sequence[int]],
-    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, bool]],
+    states: Sequence[dict],
+    group_of: Sequence[int],
+    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, int]],
     grad_scale: float,
     nonfinite: int,
     max_grad_norm: float,
     patterns: _Patterns,
     names: Optional[Sequence[object]],
-    cache: Optional[StateCache] = None,
-    edits: int = -1,
 ) -> Tuple[bool, Optional[float]]:
-    """One fused Adam step over every tensor.
+    """One fused Adam step of an optimizer over every tensor.
 
-    Group tuples are (lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-    maximize, keras_eps). With `states`, arrays and step counts come from the
-    state dicts and counts advance on success; otherwise from the lists, with
-    `steps` the 1-based step of each tensor. nonfinite: 0 propagate, 1 skip,
-    2 raise. max_grad_norm < 0 disables clipping. `cache` keeps what was read
-    from the state dicts while `edits` (the optimizer's count of edits to its
-    ParamState dicts) is unchanged. Returns (applied, grad_norm).
+    `groups` holds one AdamHyper per group (fields ADAM_HYPER_FIELDS),
+    `group_of` each tensor's group. Arrays and step counts come from the state
+    dicts and are updated there on success. nonfinite indexes
+    NONFINITE_POLICIES; max_grad_norm < 0 disables clipping; `patterns` labels
+    each role (ADAM_ROLES) in messages and `names` are dict-form keys.
+    Returns (applied, grad_norm).
     """
 
 def sgd_step(
+    cache: StateCache,
     params: Sequence[np.ndarray],
     grads: Sequence[np.ndarray],
     states: Sequence[dict],
-    group_of: Optional[Sequence[int]],
+    group_of: Sequence[int],
     groups: Sequence[Tuple[float, float, float, float, bool, bool]],
     grad_scale: float,
     nonfinite: int,
     max_grad_norm: float,
     patterns: _Patterns,
     names: Optional[Sequence[object]],
-    cache: Optional[StateCache] = None,
-    edits: int = -1,
 ) -> Tuple[bool, Optional[float]]:
-    """One fused SGD step over every tensor. Group tuples are (lr, momentum,
-    dampening, weight_decay, nesterov, maximize)."""
+    """One fused SGD step of an optimizer over every tensor; `groups` holds
+    one SgdHyper per group (fields SGD_HYPER_FIELDS)."""
 
-class StateCache:
-    """An optimizer's view of its state dicts, reused by steps while nothing edited them."""
-
-    def __init__(self) -> None: ...
-    def clear(self) -> None:
-        """Forget everything (the next step re-reads the state dicts)."""
-
-def set_counted_state_type(type: type) -> None:
-    """Register the dict subclass whose instances count their edits."""
+def adam_functional(
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    exp_avgs: Sequence[np.ndarray],
+    exp_avg_sqs: Sequence[np.ndarray],
+    max_exp_avg_sqs: Optional[Sequence[Optional[np.ndarray]]],
+    steps: Sequence[int],
+    hyper: Tuple[float, float, float, float, float, bool, bool, bool, int],
+    grad_scale: float,
+    patterns: _Patterns,
+) -> None:
+    """Stateless fused Adam step over lists of arrays: `steps` gives each
+    tensor's 1-based step; nothing is incremented."""
 
 def global_norm(grads: Sequence[np.ndarray], patterns: _Patterns, names: Optional[Sequence[object]]) -> float:
     """L2 norm of all gradients together, accumulated in float64."""

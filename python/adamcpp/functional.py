@@ -1,4 +1,4 @@
-"""Stateless, in-place Adam: the same native path as the optimizers."""
+"""Stateless, in-place Adam: the same native step as the optimizers."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._common import check_bool, check_eps_style, check_float, check_grad_scale
+from ._common import check_bool, check_grad_scale
+from ._hyper import adam_hyper
 
 ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 
-_PATTERNS = ("params[{}]", "grads[{}]", "exp_avgs[{}]", "exp_avg_sqs[{}]", "max_exp_avg_sqs[{}]")
+# Message label of each native array role: params[3], exp_avgs[3], ...
+_PATTERNS = tuple(f"{role}s[{{}}]" for role in _core.ADAM_ROLES)
 
 
 def _as_list(x: Any, name: str, single: bool) -> List[Any]:
@@ -68,30 +70,15 @@ def adam(
         steps = step.tolist() if step.ndim else [step.item()] * len(ps)
     else:
         steps = [step] * len(ps)
-    hyper = (
-        check_float(lr, "lr", minimum=0.0),
-        check_float(beta1, "beta1", minimum=0.0, below=1.0),
-        check_float(beta2, "beta2", minimum=0.0, below=1.0),
-        check_float(eps, "eps", minimum=0.0),
-        check_float(weight_decay, "weight_decay", minimum=0.0),
-        check_bool(decoupled_weight_decay, "decoupled_weight_decay"),
-        amsgrad,
-        check_bool(maximize, "maximize"),
-        check_eps_style(eps_style, "eps_style") == "keras",
+    values = dict(
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        eps_style=eps_style,
     )
-    _core.adam_step(
-        ps,
-        gs,
-        ms,
-        vs,
-        vmaxs,
-        steps,
-        None,
-        None,
-        [hyper],
-        check_grad_scale(grad_scale),
-        0,
-        -1.0,
-        _PATTERNS,
-        None,
-    )
+    hyper = adam_hyper(values, str)
+    _core.adam_functional(ps, gs, ms, vs, vmaxs, steps, hyper, check_grad_scale(grad_scale), _PATTERNS)

@@ -1,10 +1,18 @@
 """The optimizers: parameter groups, state and checkpoints in Python; one native
-call per step for every tensor."""
+call per step for every tensor.
+
+Ownership (docs/api.md, "Concurrency" and "Copies"): each optimizer has one
+native owner (adamcpp._core.StateCache) for everything its steps reuse, and a
+lock that runs its calls one at a time. Groups and state dicts are dict
+subclasses that notice their own edits; copies of them (pickle, deepcopy,
+joblib) start fresh, so nothing a copy carries can make a cache look current.
+"""
 
 from __future__ import annotations
 
 import abc
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -12,33 +20,35 @@ import numpy as np
 
 from . import _core
 from ._common import (
-    check_betas,
-    check_bool,
-    check_eps_style,
     check_float,
     check_grad_scale,
+    check_max_grad_norm,
     check_nonfinite,
     check_param_array,
+    check_step_count,
 )
+from ._hyper import AdamHyper, SgdHyper, adam_hyper, sgd_hyper
 
 ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
 GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 LR = Union[float, Callable[[int], float]]
+Hyper = Union[AdamHyper, SgdHyper]
 
 _INF = float("inf")
+# Values that cannot change behind a group's back: a group whose
+# hyperparameters are all of these keeps its validated tuple until it is edited.
+_IMMUTABLE = (float, int, bool, str, type(None), np.number, np.bool_)
 
 
-def _max_grad_norm_arg(value: Optional[float]) -> float:
-    """The native encoding of `max_grad_norm`: -1 for no clipping."""
-    if value is None:
-        return -1.0
-    return check_float(value, "max_grad_norm", minimum=0.0)
+def _immutable(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(isinstance(v, _IMMUTABLE) for v in value)
+    return isinstance(value, _IMMUTABLE)
 
 
-def _group_lr(group: Dict[str, Any], where: str) -> float:
-    """A group's validated lr; 0.0 stands in for a schedule, which each step calls."""
-    lr = group["lr"]
-    return 0.0 if callable(lr) else check_float(lr, f"{where}['lr']", minimum=0.0)
+def _state_patterns(roles: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Message labels of an optimizer's arrays, one per native role."""
+    return ("params[{}]", "grads[{}]") + tuple(f"{role} of params[{{}}]" for role in roles[2:])
 
 
 def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple[Any, ...]]]:
@@ -75,125 +85,98 @@ def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple
     return [{"params": items}], None
 
 
-class ParamGroup(dict):
-    """A parameter group: a plain dict that counts its edits, so that a step
-    re-validates a group's hyperparameters only after they changed."""
+class _EditAwareDict(dict):
+    """A dict that notices edits made through its methods (`_edited` runs after
+    each). Its copies (pickle, deepcopy, joblib, copy.copy) hold the same
+    items and start fresh: nothing noticed travels with them."""
 
-    __slots__ = ("version",)
+    __slots__ = ()
+
+    def _edited(self) -> None:
+        """What an edit invalidates (each subclass says)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._edited()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._edited()
+
+    def __ior__(self, other: Any) -> Any:
+        self.update(other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._edited()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._edited()
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self._edited()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._edited()
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._edited()
+
+    def __reduce__(self) -> Any:
+        return (type(self), (dict(self),))
+
+
+class ParamGroup(_EditAwareDict):
+    """A parameter group: a dict ("params" plus the hyperparameters) that keeps
+    its validated hyperparameters until it is edited. A group holding a
+    mutable value (a list or an array as betas) is validated at every step."""
+
+    __slots__ = ("_hyper",)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.version = 0
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.version += 1
-
-    def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
-        self.version += 1
-
-    def __ior__(self, other: Any) -> "ParamGroup":
-        self.update(other)
-        return self
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        super().update(*args, **kwargs)
-        self.version += 1
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        self.version += 1
-        return super().setdefault(key, default)
-
-    def pop(self, *args: Any) -> Any:
-        self.version += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self.version += 1
-        return super().popitem()
-
-    def clear(self) -> None:
-        super().clear()
-        self.version += 1
-
-    def __reduce__(self) -> Any:
-        return (ParamGroup, (dict(self),))
-
-
-class _EditCount:
-    """How many times an optimizer's state dicts were edited (shared by them)."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
-class ParamState(dict):
-    """One parameter's state: a plain dict that counts its edits, so that a
-    step reads the state dicts again only after one of them changed (the
-    native step keeps what it read). Steps update "step" and add late state
-    without counting an edit."""
-
-    __slots__ = ("_edits",)
-
-    def __init__(self, data: Mapping[str, Any], edits: _EditCount):
-        super().__init__(data)
-        self._edits = edits
+        self._hyper: Optional[Hyper] = None
 
     def _edited(self) -> None:
-        self._edits.count += 1
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self._edited()
-
-    def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
-        self._edited()
-
-    def __ior__(self, other: Any) -> "ParamState":
-        self.update(other)
-        return self
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        super().update(*args, **kwargs)
-        self._edited()
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        self._edited()
-        return super().setdefault(key, default)
-
-    def pop(self, *args: Any) -> Any:
-        self._edited()
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self._edited()
-        return super().popitem()
-
-    def clear(self) -> None:
-        super().clear()
-        self._edited()
-
-    def __reduce__(self) -> Any:
-        # Copies keep counting into the (copied) counter they share with their optimizer.
-        return (ParamState, (dict(self), self._edits))
+        self._hyper = None
 
 
-_core.set_counted_state_type(ParamState)
+class ParamState(_EditAwareDict):
+    """One parameter's state. `_reader` is the mark of the native owner that
+    last read this dict; any edit clears it, so that owner reads the dict again
+    at its next step. Steps store "step" and state that starts late directly,
+    keeping the mark."""
+
+    __slots__ = ("_reader",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._reader: Any = None
+
+    def _edited(self) -> None:
+        self._reader = None
+
+
+_core.set_state_type(ParamState)
 
 
 class Optimizer(abc.ABC):
-    """Base class: parameter forms, groups, the state list and checkpoints.
+    """Base class: parameter forms, groups, the state list, checkpoints and the
+    one native step.
 
-    Subclasses define the hyperparameters (`_group_scalars`, which validates
-    them), the per-tensor state (`_new_state`, `_array_state`) and the native
-    step (`_native_step`).
+    Each optimizer class names its native entry (`_native`), the labels of its
+    arrays (`_patterns`, one per native role), how a group's hyperparameters are validated (`_hyper`) and its
+    per-parameter state (`_new_state`, `_array_state`).
     """
 
-    # name -> required in a loaded state dict (optional entries are created on demand)
+    _native: Callable[..., Tuple[bool, Optional[float]]]
+    _patterns: Tuple[str, ...] = ()  # message label of each native array role
+    # name -> required in a loaded state dict (optional entries start on demand)
     _array_state: Dict[str, bool] = {}
     # optional entries that the state keeps as None until they start
     _nullable_state: Tuple[str, ...] = ()
@@ -206,14 +189,12 @@ class Optimizer(abc.ABC):
         max_grad_norm: Optional[float] = None,
     ):
         check_nonfinite(nonfinite)
+        check_max_grad_norm(max_grad_norm)
+        self._start_runtime()
         self.nonfinite = nonfinite
-        _max_grad_norm_arg(max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Optional[float] = None
-        self._hyper_cache: List[Any] = []
-        self._edits = _EditCount()
-        self._state_cache = _core.StateCache()
-        self._validate_group(dict(defaults), "defaults")
+        self._hyper(defaults, "defaults")
         self.defaults: Dict[str, Any] = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
         self.state: List[Dict[str, Any]] = []
@@ -225,119 +206,159 @@ class Optimizer(abc.ABC):
             self._add_group(group, keys)
         self._keys = keys
 
+    def _start_runtime(self) -> None:
+        """What an optimizer owns at run time and never copies: its native
+        owner and its call lock."""
+        self._state_cache = _core.StateCache()
+        self._lock = threading.Lock()
+        self._holder: Optional[int] = None  # the thread running a call
+
+    # ------------------------------------------------------------ one at a time
+    def _enter(self) -> None:
+        me = threading.get_ident()
+        if not self._lock.acquire(False):
+            if self._holder == me:
+                raise RuntimeError(
+                    f"{type(self).__name__}: called again while a call on this optimizer is running on the same "
+                    "thread (from Python code that the call ran, such as a schedule); one call at a time"
+                )
+            self._lock.acquire()  # another thread's call: wait for it (the GIL is released meanwhile)
+        self._holder = me
+
+    def _leave(self) -> None:
+        self._holder = None
+        self._lock.release()
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Adds a group (a dict with "params" and optional overrides), like torch."""
-        self._add_group(param_group, None)
+        self._enter()
+        try:
+            self._sync_structure()
+            self._add_group(param_group, None)
+        finally:
+            self._leave()
 
     @staticmethod
     def _label(i: int, keys: Optional[Tuple[Any, ...]]) -> str:
         return f"params[{keys[i]!r}]" if keys is not None and i < len(keys) else f"params[{i}]"
+
+    @staticmethod
+    def _group_params(ps: Any, gi: int) -> List[Any]:
+        """A group's "params" entry as a list (one bare array is accepted)."""
+        if isinstance(ps, np.ndarray):
+            return [ps]
+        if isinstance(ps, Mapping):
+            raise TypeError(f"param_groups[{gi}]['params']: expected a list of arrays, got a dict")
+        return list(ps)
+
+    def _check_new_params(self, flat: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
+        """The rules for the parameters of flat positions start, start + 1, ...:
+        valid arrays, each appearing once in the whole optimizer."""
+        seen = {id(p) for p in flat[:start]}
+        for i in range(start, len(flat)):
+            p = flat[i]
+            label = self._label(i, keys)
+            check_param_array(p, label)
+            if id(p) in seen:
+                raise ValueError(f"{label}: the same array appears more than once in the optimizer")
+            seen.add(id(p))
 
     def _add_group(self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]]) -> None:
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError("param_group: expected a dict with a 'params' entry")
         gi = len(self.param_groups)
         group = dict(param_group)
-        ps = group["params"]
-        if isinstance(ps, np.ndarray):
-            ps = [ps]
-        elif isinstance(ps, Mapping):
-            raise TypeError(f"param_groups[{gi}]['params']: expected a list of arrays, got a dict")
-        ps = list(ps)
+        ps = self._group_params(group["params"], gi)
         if not ps:
             raise ValueError(f"param_groups[{gi}]['params']: the group has no parameters")
-        base = len(self._flat)
-        seen = {id(p) for p in self._flat}
-        for j, p in enumerate(ps):
-            label = self._label(base + j, keys)
-            check_param_array(p, label)
-            if id(p) in seen:
-                raise ValueError(f"{label}: the same array appears more than once in the optimizer")
-            seen.add(id(p))
+        self._check_new_params(self._flat + ps, keys, start=len(self._flat))
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         unknown = sorted(set(group) - set(self.defaults) - {"params"})
         if unknown:
             raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}; known: {sorted(self.defaults)}")
-        self._validate_group(group, f"param_groups[{gi}]")
+        self._hyper(group, f"param_groups[{gi}]")
         group["params"] = ps
         self.param_groups.append(ParamGroup(group))
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
-            self.state.append(ParamState(self._new_state(p, group), self._edits))
+            self.state.append(ParamState(self._new_state(p, group)))
         self._keys = None
 
-    def _sync_structure(self) -> None:
-        """Follows edits of `param_groups[i]["params"]` between steps: state stays
-        with its array; new arrays get fresh state."""
-        if _core.params_unchanged(self.param_groups, self._flat, self._group_of):
-            return
+    def _layout(self) -> Tuple[List[np.ndarray], List[int]]:
+        """The flat parameter list and each parameter's group, from param_groups."""
         flat: List[np.ndarray] = []
         group_of: List[int] = []
         for gi, g in enumerate(self.param_groups):
             ps = g["params"]
+            if type(ps) is not list:
+                ps = self._group_params(ps, gi)
+                g["params"] = ps
             flat.extend(ps)
             group_of.extend([gi] * len(ps))
-        if (
-            len(flat) == len(self._flat)
-            and group_of == self._group_of
-            and all(a is b for a, b in zip(flat, self._flat))
-        ):
+        return flat, group_of
+
+    def _sync_structure(self) -> None:
+        """Follows edits of `param_groups[i]["params"]` between calls. State
+        stays with its array. An array new to the optimizer that takes the
+        place of one that left (same position, group, shape and dtype: a
+        parameter replaced by a copy, as after a reload) keeps that place's
+        state; any other new array gets fresh state."""
+        if _core.params_unchanged(self.param_groups, self._flat, self._group_of):
             return
-        old = {id(p): s for p, s in zip(self._flat, self.state)}
+        flat, group_of = self._layout()
         keys = self._keys if len(flat) == len(self._flat) else None
-        seen = set()
+        self._check_new_params(flat, keys)
+        by_id = {id(p): s for p, s in zip(self._flat, self.state)}
+        present = {id(p) for p in flat}
         state = []
         for i, (p, gi) in enumerate(zip(flat, group_of)):
-            label = self._label(i, keys)
-            check_param_array(p, label)
-            if id(p) in seen:
-                raise ValueError(f"{label}: the same array appears more than once in the optimizer")
-            seen.add(id(p))
-            state.append(
-                old[id(p)] if id(p) in old else ParamState(self._new_state(p, self.param_groups[gi]), self._edits)
-            )
-        for g in self.param_groups:
-            g["params"] = list(g["params"])
+            s = by_id.get(id(p))
+            if s is None and i < len(self._flat):
+                old = self._flat[i]
+                if (
+                    id(old) not in present
+                    and self._group_of[i] == gi
+                    and old.shape == p.shape
+                    and old.dtype == p.dtype
+                ):
+                    s = self.state[i]
+            state.append(s if s is not None else ParamState(self._new_state(p, self.param_groups[gi])))
         self._flat, self._group_of, self.state = flat, group_of, state
-        self._keys = None
+        self._keys = keys
 
-    def _group_hypers(self) -> List[tuple]:
-        """Each group's scalars for this step. A group's schedule position t is
-        the number of updates already applied to its first parameter.
-
-        Validated scalars are reused until the group is edited (a ParamGroup
-        counts its edits; any other dict is validated at every step); a
-        callable lr is called and checked every step."""
-        hypers = []
+    def _group_hypers(self) -> List[Hyper]:
+        """Each group's hyperparameters for this step. A ParamGroup keeps its
+        validated tuple until it is edited (unless it holds a mutable value);
+        any other dict is validated at every step. A schedule is called at
+        every step with t, the number of updates already applied to the
+        group's first parameter."""
+        hypers: List[Hyper] = []
         first = 0
-        cache = self._hyper_cache
-        if len(cache) != len(self.param_groups):
-            cache[:] = [None] * len(self.param_groups)
         for gi, g in enumerate(self.param_groups):
-            size = len(g["params"])
-            t = self.state[first]["step"] if size else 0  # an emptied group updates nothing
-            first += size
-            hit = cache[gi]
-            version = getattr(g, "version", None)
-            if hit is not None and hit[0] is g and version is not None and hit[1] == version:
-                scalars = hit[2]
-            else:
-                scalars = self._group_scalars(g, f"param_groups[{gi}]")
-                cache[gi] = (g, version, scalars)
+            hyper = g._hyper if type(g) is ParamGroup else None
+            if hyper is None:
+                hyper = self._hyper(g, f"param_groups[{gi}]")
+                if type(g) is ParamGroup and all(
+                    _immutable(v) or (k == "lr" and callable(v)) for k, v in g.items() if k != "params"
+                ):
+                    g._hyper = hyper
             lr = g["lr"]
+            size = len(g["params"])
             if callable(lr):
+                t = self.state[first]["step"] if size else 0  # an emptied group updates nothing
                 value = lr(t)
                 if type(value) is not float or not (0.0 <= value < _INF):
                     value = check_float(value, f"param_groups[{gi}]['lr']({t})", minimum=0.0)
-                scalars = (value,) + scalars[1:]
-            hypers.append(scalars)
+                hyper = hyper._replace(lr=value)
+            first += size
+            hypers.append(hyper)
         return hypers
 
     # -------------------------------------------------------------------- step
-    def _grads_list(self, grads: Any) -> List[Any]:
+    def _grads_list(self, grads: Any) -> Any:
         kind = type(grads)
         if kind is list or kind is tuple:
             return grads
@@ -354,7 +375,7 @@ class Optimizer(abc.ABC):
         if isinstance(grads, np.ndarray):
             raise TypeError("grads: expected a sequence of arrays (one per parameter), got a single ndarray")
         if isinstance(grads, (list, tuple)):
-            return grads  # type: ignore[return-value]
+            return grads
         raise TypeError(f"grads: expected a list, tuple or dict of arrays, got {type(grads).__name__}")
 
     def step(self, grads: GradsLike, *, grad_scale: float = 1.0) -> bool:
@@ -365,15 +386,31 @@ class Optimizer(abc.ABC):
         set, the global gradient norm (after `grad_scale`) is computed in the
         same native call, gradients are scaled by min(1, max_grad_norm /
         (norm + 1e-6)) inside the kernel, and the norm is kept in
-        `last_grad_norm`.
+        `last_grad_norm`. Calls on one optimizer run one at a time.
         """
-        self._sync_structure()
-        nonfinite = check_nonfinite(self.nonfinite)
-        max_norm = _max_grad_norm_arg(self.max_grad_norm)
-        grad_list = self._grads_list(grads)
-        scale = check_grad_scale(grad_scale)
-        hypers = self._group_hypers()
-        applied, norm = self._native_step(grad_list, hypers, scale, nonfinite, max_norm)
+        self._enter()
+        try:
+            self._sync_structure()
+            nonfinite = check_nonfinite(self.nonfinite)
+            max_norm = check_max_grad_norm(self.max_grad_norm)
+            grad_list = self._grads_list(grads)
+            scale = check_grad_scale(grad_scale)
+            hypers = self._group_hypers()
+            applied, norm = self._native(
+                self._state_cache,
+                self._flat,
+                grad_list,
+                self.state,
+                self._group_of,
+                hypers,
+                scale,
+                nonfinite,
+                max_norm,
+                self._patterns,
+                self._keys,
+            )
+        finally:
+            self._leave()
         if norm is not None:
             self.last_grad_norm = norm
         return bool(applied)
@@ -382,24 +419,35 @@ class Optimizer(abc.ABC):
     def state_dict(self) -> Dict[str, Any]:
         """PyTorch's layout: {"state": {i: {...}}, "param_groups": [{..., "params": [i, ...]}]}.
         Arrays are copied; a callable `lr` is stored as the object itself."""
-        self._sync_structure()
-        state = {}
-        for i, s in enumerate(self.state):
-            state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.copy(v)) for k, v in s.items()}
-        groups = []
-        index = 0
-        for g in self.param_groups:
-            entry = {k: v for k, v in g.items() if k != "params"}
-            entry["params"] = list(range(index, index + len(g["params"])))
-            index += len(g["params"])
-            groups.append(entry)
+        self._enter()
+        try:
+            self._sync_structure()
+            state = {}
+            for i, s in enumerate(self.state):
+                state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.copy(v)) for k, v in s.items()}
+            groups = []
+            index = 0
+            for g in self.param_groups:
+                entry = {k: v for k, v in g.items() if k != "params"}
+                entry["params"] = list(range(index, index + len(g["params"])))
+                index += len(g["params"])
+                groups.append(entry)
+        finally:
+            self._leave()
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Loads a state dict in PyTorch's layout (ours, or torch.optim's with
         tensors converted by np.asarray). Everything is validated first; on any
         error nothing changes."""
-        self._sync_structure()
+        self._enter()
+        try:
+            self._sync_structure()
+            self._load(state_dict)
+        finally:
+            self._leave()
+
+    def _load(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
         saved_groups = list(state_dict["param_groups"])
@@ -426,7 +474,7 @@ class Optimizer(abc.ABC):
             for key in self.defaults:
                 if key in saved:
                     merged[key] = self._convert_hyper(key, saved[key])
-            self._validate_group(merged, f"state_dict['param_groups'][{gi}]")
+            self._hyper(merged, f"state_dict['param_groups'][{gi}]")
             new_groups.append(merged)
 
         saved_state = state_dict["state"]
@@ -442,14 +490,14 @@ class Optimizer(abc.ABC):
                 raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
             i = id_to_index[pid]
             new_state[i] = self._convert_state(entry, self._flat[i], f"state_dict['state'][{pid}]")
-        for i, s in enumerate(new_state):
-            if s is None:
-                s = self._new_state(self._flat[i], new_groups[self._group_of[i]])
-            new_state[i] = ParamState(s, self._edits)
+        states = [
+            ParamState(s if s is not None else self._new_state(self._flat[i], new_groups[self._group_of[i]]))
+            for i, s in enumerate(new_state)
+        ]
         # Everything validated: commit.
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
-        self.state = new_state  # type: ignore[assignment]
+        self.state = states  # type: ignore[assignment]
 
     @staticmethod
     def _convert_hyper(key: str, value: Any) -> Any:
@@ -466,15 +514,7 @@ class Optimizer(abc.ABC):
     def _convert_state(self, entry: Any, p: np.ndarray, where: str) -> Dict[str, Any]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: expected a dict")
-        out: Dict[str, Any] = {}
-        step = entry.get("step", 0)
-        step_arr = np.asarray(step)
-        if step_arr.ndim != 0 or step_arr.dtype.kind not in "iuf" or not np.isfinite(step_arr):
-            raise ValueError(f"{where}['step']: expected a non-negative integer, got {step!r}")
-        step_val = step_arr.item()
-        if step_val < 0 or float(step_val) != int(step_val):
-            raise ValueError(f"{where}['step']: expected a non-negative integer, got {step!r}")
-        out["step"] = int(step_val)
+        out: Dict[str, Any] = {"step": check_step_count(entry.get("step", 0), f"{where}['step']")}
         for name, required in self._array_state.items():
             if entry.get(name) is None:
                 if required:
@@ -491,37 +531,34 @@ class Optimizer(abc.ABC):
         return out
 
     # --------------------------------------------------------------- subclass
-    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
-        """Refuses a group with a missing or out-of-range hyperparameter."""
-        self._group_scalars(group, where)
+    @abc.abstractmethod
+    def _hyper(self, group: Mapping[str, Any], where: str) -> Hyper:
+        """The group's validated hyperparameters (lr 0.0 while it is a
+        schedule, whose value each step checks)."""
 
     @abc.abstractmethod
-    def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
-        """Implemented by each optimizer."""
+    def _new_state(self, p: np.ndarray, group: Mapping[str, Any]) -> Dict[str, Any]:
+        """A new parameter's state."""
 
-    @abc.abstractmethod
-    def _group_scalars(self, group: Dict[str, Any], where: str) -> tuple:
-        """Implemented by each optimizer: the group's validated native tuple,
-        lr first (0.0 stands in for a callable lr, evaluated per step)."""
-
-    @abc.abstractmethod
-    def _native_step(
-        self, grads: List[Any], hypers: List[tuple], grad_scale: float, nonfinite: int, max_grad_norm: float
-    ) -> Tuple[bool, Optional[float]]:
-        """Implemented by each optimizer: one native call; returns (applied, grad_norm).
-        State that starts late (max_exp_avg_sq when amsgrad is switched on, a
-        momentum buffer) is created by the native call and stored only if the
-        step applies."""
-
+    # ------------------------------------------------------------------ copies
     def __getstate__(self) -> Dict[str, Any]:
-        # The native cache is a view of this object's dicts: a copy gets its own.
-        state = self.__dict__.copy()
-        del state["_state_cache"]
+        # The runtime (native owner, lock) is never copied, and the flat list is
+        # derived from param_groups again, so the copy's lists cannot disagree
+        # (joblib, for one, restores every array as a distinct copy).
+        self._enter()
+        try:
+            self._sync_structure()
+            state = self.__dict__.copy()
+        finally:
+            self._leave()
+        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of"):
+            del state[key]
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._state_cache = _core.StateCache()
+        self._start_runtime()
+        self._flat, self._group_of = self._layout()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -535,22 +572,33 @@ class Optimizer(abc.ABC):
         return "\n".join(lines)
 
 
-_STATE_PATTERNS = (
-    "params[{}]",
-    "grads[{}]",
-    "exp_avg of params[{}]",
-    "exp_avg_sq of params[{}]",
-    "max_exp_avg_sq of params[{}]",
-)
+def _group_label(where: str) -> Callable[[str], str]:
+    """Names a group's hyperparameter in messages: param_groups[0]['eps'], …['betas'][1]."""
+
+    def label(field: str) -> str:
+        if field in ("beta1", "beta2"):
+            return f"{where}['betas'][{int(field[-1]) - 1}]"
+        return f"{where}['{field}']"
+
+    return label
+
+
+def _lr_value(group: Mapping[str, Any]) -> Any:
+    """A group's lr for validation: 0.0 stands in for a schedule."""
+    lr = group["lr"]
+    return 0.0 if callable(lr) else lr
 
 
 class Adam(Optimizer):
-    """Adam (coupled L2 weight decay) with every variant of the numerics in API.md.
+    """Adam (coupled L2 weight decay) with every variant of the numerics in
+    docs/api.md.
 
     Parameters are updated in place; `step(grads)` updates every tensor of every
     group in one native call with the GIL released.
     """
 
+    _native = _core.adam_step
+    _patterns = _state_patterns(_core.ADAM_ROLES)
     _array_state = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
 
     def __init__(
@@ -580,42 +628,14 @@ class Adam(Optimizer):
         )
         super().__init__(params, defaults, nonfinite, max_grad_norm)
 
-    def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+    def _new_state(self, p: np.ndarray, group: Mapping[str, Any]) -> Dict[str, Any]:
         state: Dict[str, Any] = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
         if group.get("amsgrad"):
             state["max_exp_avg_sq"] = np.zeros_like(p)
         return state
 
-    def _group_scalars(self, group: Dict[str, Any], where: str) -> tuple:
-        lr = _group_lr(group, where)
-        beta1, beta2 = check_betas(group["betas"], f"{where}['betas']")
-        eps = check_float(group["eps"], f"{where}['eps']", minimum=0.0)
-        weight_decay = check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0)
-        amsgrad = check_bool(group["amsgrad"], f"{where}['amsgrad']")
-        maximize = check_bool(group["maximize"], f"{where}['maximize']")
-        decoupled = check_bool(group["decoupled_weight_decay"], f"{where}['decoupled_weight_decay']")
-        keras = check_eps_style(group["eps_style"], f"{where}['eps_style']") == "keras"
-        return (lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, keras)
-
-    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
-        return _core.adam_step(
-            self._flat,
-            grads,
-            None,
-            None,
-            None,
-            None,
-            self.state,
-            self._group_of,
-            hypers,
-            grad_scale,
-            nonfinite,
-            max_grad_norm,
-            _STATE_PATTERNS,
-            self._keys,
-            self._state_cache,
-            self._edits.count,
-        )
+    def _hyper(self, group: Mapping[str, Any], where: str) -> AdamHyper:
+        return adam_hyper({**group, "lr": _lr_value(group)}, _group_label(where))
 
 
 class AdamW(Adam):
@@ -650,9 +670,6 @@ class AdamW(Adam):
         )
 
 
-_SGD_PATTERNS = ("params[{}]", "grads[{}]", "momentum_buffer of params[{}]")
-
-
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum, with
     torch.optim.SGD's numerics:
@@ -665,6 +682,8 @@ class SGD(Optimizer):
     State per parameter: {"step": int, "momentum_buffer": array or None}.
     """
 
+    _native = _core.sgd_step
+    _patterns = _state_patterns(_core.SGD_ROLES)
     _array_state = {"momentum_buffer": False}
     _nullable_state = ("momentum_buffer",)
 
@@ -691,37 +710,11 @@ class SGD(Optimizer):
         )
         super().__init__(params, defaults, nonfinite, max_grad_norm)
 
-    def _group_scalars(self, group: Dict[str, Any], where: str) -> tuple:
-        lr = _group_lr(group, where)
-        momentum = check_float(group["momentum"], f"{where}['momentum']", minimum=0.0)
-        dampening = check_float(group["dampening"], f"{where}['dampening']", minimum=0.0)
-        if dampening > 1.0:
-            raise ValueError(f"{where}['dampening']: expected a value in [0, 1], got {dampening!r}")
-        weight_decay = check_float(group["weight_decay"], f"{where}['weight_decay']", minimum=0.0)
-        nesterov = check_bool(group["nesterov"], f"{where}['nesterov']")
-        maximize = check_bool(group["maximize"], f"{where}['maximize']")
-        if nesterov and (momentum <= 0.0 or dampening != 0.0):
-            raise ValueError(f"{where}['nesterov']: Nesterov momentum needs momentum > 0 and dampening == 0")
-        return (lr, momentum, dampening, weight_decay, nesterov, maximize)
+    def _hyper(self, group: Mapping[str, Any], where: str) -> SgdHyper:
+        return sgd_hyper({**group, "lr": _lr_value(group)}, _group_label(where))
 
-    def _new_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+    def _new_state(self, p: np.ndarray, group: Mapping[str, Any]) -> Dict[str, Any]:
         return {"step": 0, "momentum_buffer": None}
-
-    def _native_step(self, grads, hypers, grad_scale, nonfinite, max_grad_norm):
-        return _core.sgd_step(
-            self._flat,
-            grads,
-            self.state,
-            self._group_of,
-            hypers,
-            grad_scale,
-            nonfinite,
-            max_grad_norm,
-            _SGD_PATTERNS,
-            self._keys,
-            self._state_cache,
-            self._edits.count,
-        )
 
 
 def global_norm(grads: GradsLike) -> float:
@@ -729,11 +722,12 @@ def global_norm(grads: GradsLike) -> float:
     computes it), in one multi-threaded native pass accumulating in float64.
     Gradients may be float32 or float64, read-only, of any shape; they must be
     C-contiguous."""
+    names: Optional[Tuple[Any, ...]] = None
     if isinstance(grads, Mapping):
-        names: Optional[Tuple[Any, ...]] = tuple(grads.keys())
+        names = tuple(grads.keys())
         seq: Sequence[Any] = [grads[k] for k in names]
     elif isinstance(grads, np.ndarray):
-        names, seq = None, [grads]
+        seq = [grads]
     else:
-        names, seq = None, grads if isinstance(grads, (list, tuple)) else list(grads)
+        seq = grads if isinstance(grads, (list, tuple)) else list(grads)
     return _core.global_norm(seq, ("params[{}]", "grads[{}]"), names)

@@ -1,0 +1,155 @@
+// adamcpp: the rules every array of a step obeys, checked before anything is
+// written: type, dtype, shape, C-contiguity, alignment, writeability and
+// aliasing. Reads NumPy's array structs directly (the per-step path for
+// thousands of small tensors) and builds error messages only on error.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace adamcpp {
+
+namespace py = pybind11;
+
+// Which array of a tensor a check is about. Gradients and parameters first;
+// the state buffers follow, per optimizer, named like their state entries.
+enum Role : int { kParam = 0, kGrad = 1 };
+enum AdamRole : int { kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4 };
+enum SgdRole : int { kMomentumBuffer = 2 };
+
+// The role names, index = role; a state role's name is its state dict key.
+inline constexpr const char* kAdamRoles[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+inline constexpr const char* kSgdRoles[] = {"param", "grad", "momentum_buffer"};
+
+[[noreturn]] void type_error(const std::string& msg);
+[[noreturn]] void value_error(const std::string& msg);
+std::string type_name(PyObject* o);
+
+// Builds "params[3]" / "grads['w1']" / "exp_avg of params[2]" for a message:
+// `patterns` holds one format per role with "{}" standing for the tensor's
+// key, `names` the keys (None: the flat index).
+struct Labels {
+  py::handle patterns;
+  py::handle names;
+
+  std::string operator()(int role, std::size_t i) const;
+};
+
+// A look at one ndarray, read straight from NumPy's struct.
+struct ArrayView {
+  PyObject* obj = nullptr;
+  char* data = nullptr;
+  int nd = 0;
+  const py::ssize_t* dims = nullptr;
+  int dtype = -1;  // DType, or -1 for anything but native float32/float64
+  int flags = 0;
+  std::size_t numel = 0;
+
+  std::size_t nbytes() const { return numel * (dtype == static_cast<int>(DType::f64) ? 8 : 4); }
+};
+
+inline bool is_ndarray(PyObject* o) { return py::detail::npy_api::get().PyArray_Check_(o); }
+
+inline ArrayView raw_view(PyObject* o) {
+  using npy = py::detail::npy_api;
+  const auto* p = py::detail::array_proxy(o);
+  const auto* d = py::detail::array_descriptor_proxy(p->descr);
+  ArrayView v;
+  v.obj = o;
+  v.data = p->data;
+  v.nd = p->nd;
+  v.dims = p->dimensions;
+  v.flags = p->flags;
+  if (d->byteorder != '>') {  // '>' is the non-native order on the little-endian hosts adamcpp targets
+    if (d->type_num == npy::NPY_FLOAT_) v.dtype = static_cast<int>(DType::f32);
+    if (d->type_num == npy::NPY_DOUBLE_) v.dtype = static_cast<int>(DType::f64);
+  }
+  std::size_t n = 1;
+  for (int k = 0; k < v.nd; ++k) n *= static_cast<std::size_t>(v.dims[k]);
+  v.numel = n;
+  return v;
+}
+
+// Reports why `a` breaks a rule (never returns); the checks below call it.
+[[noreturn]] void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
+                              bool need_write);
+
+// The rules for every array of a tensor. `like` is the tensor's parameter
+// (null for the parameter itself); only gradients may be read-only.
+inline ArrayView check_array(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
+                             bool need_write) {
+  using npy = py::detail::npy_api;
+  ArrayView a;
+  if (!is_ndarray(o)) array_error(o, role, i, labels, like, need_write);
+  a = raw_view(o);
+  bool ok = like == nullptr ? a.dtype >= 0 : a.dtype == like->dtype && a.nd == like->nd;
+  for (int d = 0; ok && like != nullptr && d < a.nd; ++d) ok = a.dims[d] == like->dims[d];
+  const int need =
+      npy::NPY_ARRAY_C_CONTIGUOUS_ | npy::NPY_ARRAY_ALIGNED_ | (need_write ? npy::NPY_ARRAY_WRITEABLE_ : 0);
+  if (!ok || (a.flags & need) != need) array_error(o, role, i, labels, like, need_write);
+  return a;
+}
+
+// A zero-filled array shaped and typed like `like` (state that starts now).
+py::array zeros_like(const ArrayView& like);
+
+// One buffer's byte range, for the aliasing rules.
+struct Interval {
+  std::uintptr_t begin;
+  std::uintptr_t end;
+  int role;
+  std::size_t tensor;
+};
+
+inline Interval interval_of(const ArrayView& a, int role, std::size_t i) {
+  const auto begin = reinterpret_cast<std::uintptr_t>(a.data);
+  return {begin, begin + static_cast<std::uintptr_t>(a.nbytes()), role, i};
+}
+
+// Refuses any overlap between two written buffers, and between a gradient and
+// a written buffer; gradients may overlap each other (they are only read).
+// The buffers an optimizer writes are the same from step to step, so the last
+// verified layout is kept (by its owner) and reused while it is unchanged.
+class AliasCheck {
+ public:
+  void check(const std::vector<Interval>& written, const std::vector<Interval>& read, const Labels& labels);
+
+ private:
+  std::vector<Interval> written_;  // in call order, as last verified
+  std::vector<Interval> sorted_;   // non-empty, sorted, disjoint
+  std::vector<std::uintptr_t> ends_;
+  std::vector<Interval> read_;
+};
+
+// An int step count in [minimum, maximum]; `what()` names it for a message.
+// May run Python code (an `__index__`), so callers hold what they use.
+template <typename What>
+std::int64_t as_step(PyObject* o, std::int64_t minimum, std::int64_t maximum, What what);
+
+[[noreturn]] void step_error(PyObject* o, std::int64_t minimum, std::int64_t maximum, const std::string& what);
+
+template <typename What>
+std::int64_t as_step(PyObject* o, std::int64_t minimum, std::int64_t maximum, What what) {
+  if (PyLong_CheckExact(o)) {
+    int overflow = 0;
+    const long long s = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow == 0 && s >= minimum && s <= maximum) return s;
+  }
+  if (PyBool_Check(o) || !PyIndex_Check(o)) step_error(o, minimum, maximum, what());
+  py::object v = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+  if (!v) throw py::error_already_set();
+  int overflow = 0;
+  const long long s = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0 || s < minimum || s > maximum) step_error(v.ptr(), minimum, maximum, what());
+  return s;
+}
+
+}  // namespace adamcpp

@@ -1,0 +1,52 @@
+// adamcpp: the variants and per-element scalars shared by the element math,
+// the kernel table, the host step math and a CUDA unit. Plain C++, no includes.
+#pragma once
+
+namespace adamcpp {
+
+// Element type of a tensor (parameter, gradient and state share it).
+enum class DType : int { f32 = 0, f64 = 1 };
+
+// Which weight decay a tensor uses: none, coupled L2 (Adam: g += wd * p) or
+// decoupled (AdamW: p *= 1 - lr * wd). A template parameter, never a branch
+// inside the element loop.
+enum class WeightDecay : int { none = 0, coupled = 1, decoupled = 2 };
+
+// Where epsilon enters the denominator: "torch" adds it after the bias
+// correction of sqrt(v), "keras" (the paper's epsilon-hat) before.
+enum class EpsStyle : int { torch = 0, keras = 1 };
+
+// Scalars of one tensor for one step, computed in double on the host and
+// rounded once to the element type T.
+template <typename T>
+struct AdamScalars {
+  T grad_scale;  // gradient multiplier, negated for `maximize`
+  T beta1;
+  T one_minus_beta1;
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;           // coupled L2 coefficient
+  T decay_factor;           // 1 - lr * weight_decay (decoupled)
+  T step_size;              // torch: lr / bc1;   keras: lr * sqrt(bc2) / bc1
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^t) (torch style only)
+};
+
+// Scalars of one SGD tensor for one step, rounded once to the element type.
+template <typename T>
+struct SgdScalars {
+  T grad_scale;  // gradient multiplier, negated for `maximize`
+  T lr;
+  T weight_decay;  // coupled L2 coefficient
+  T momentum;
+  T one_minus_dampening;
+};
+
+// Momentum flavour of an SGD tensor: none, heavy ball, or Nesterov.
+enum class Momentum : int { none = 0, heavy_ball = 1, nesterov = 2 };
+
+// What a non-finite gradient does: "propagate" (like torch), "skip" (nothing
+// changes, the step reports False) or "raise" (nothing changes, an error).
+enum class Nonfinite : int { propagate = 0, skip = 1, raise = 2 };
+
+}  // namespace adamcpp

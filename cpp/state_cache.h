@@ -1,0 +1,121 @@
+// adamcpp: the per-optimizer owner of everything a step reuses between steps
+// (what it read from the state dicts, its scratch tables, the verified buffer
+// layout) and of every object a step touches while the GIL is released.
+//
+// Ownership rules:
+// - A step takes strong references to every parameter, gradient, state dict
+//   and state array it uses before it reads any of them, and drops them only
+//   when it is done: nothing another thread (or Python code run mid-step)
+//   does to the lists and dicts can free a buffer the kernels are writing.
+// - One step at a time per owner: a second step while one runs (another
+//   thread, or Python code that the step itself ran) is refused.
+// - A state dict's row is reused only while the dict is the same object and
+//   still carries this owner's mark; the optimizer's state dict type clears
+//   the mark on every edit, and copies start unmarked. Nothing that a pickle
+//   or a deep copy carries can make a row look current.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "array_checks.h"
+#include "kernels.h"
+#include "multi_tensor.h"
+#include "step_scalars.h"
+
+namespace adamcpp {
+
+// The scratch of one step call, reused between calls by its owner.
+struct StepScratch {
+  std::vector<PyObject*> held;  // strong references the call owns until it ends
+  std::vector<Interval> written;
+  std::vector<Interval> read;
+  std::vector<std::int64_t> new_steps;
+  struct Created {
+    std::size_t tensor;
+    int entry;  // index of the state entry (role - kGrad - 1)
+    py::object array;
+  };
+  std::vector<Created> created;  // state that starts this step, stored only if it applies
+  std::vector<AdamTensor> adam;
+  std::vector<SgdTensor> sgd;
+  std::vector<AdamHyper> adam_groups;
+  std::vector<SgdHyper> sgd_groups;
+  std::vector<int> group_of;
+  Workspace workspace;
+  AliasCheck aliasing;
+
+  // Takes a strong reference to `o` for the rest of the call.
+  PyObject* hold(PyObject* o) {
+    Py_INCREF(o);
+    held.push_back(o);
+    return o;
+  }
+  // Ends the call: drops its references and per-call records (capacity stays).
+  void release();
+};
+
+class StateCache {
+ public:
+  static constexpr int kMaxEntries = 3;
+
+  StateCache();
+  ~StateCache();
+  StateCache(const StateCache&) = delete;
+  StateCache& operator=(const StateCache&) = delete;
+
+  // Marks the owner busy for one step call and ends the call on exit; a
+  // second call while one runs raises RuntimeError.
+  class Lease {
+   public:
+    explicit Lease(StateCache& cache);
+    ~Lease();
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    StepScratch& scratch() { return cache_.scratch_; }
+
+   private:
+    StateCache& cache_;
+  };
+
+  // Brings the rows up to date with the state dicts `dicts[0..n)` (held by
+  // the caller): a row is re-read unless it is current. `keys` are the state
+  // entries to read (absent or None -> null), besides "step".
+  void read(PyObject* const* dicts, std::size_t n, PyObject* const* keys, int key_count);
+
+  PyObject* entry(std::size_t i, int k) const { return rows_[i].entries[static_cast<std::size_t>(k)]; }
+  std::int64_t step(std::size_t i) const { return rows_[i].step; }
+
+  // After a step applied: stores the new step counts and the state that
+  // started (in the dicts, without clearing their marks, and in the rows).
+  void commit(const StepScratch& sc, PyObject* const* keys);
+
+  // Forgets every row (the next step re-reads every state dict).
+  void clear();
+
+  // Registers the dict subclass that clears its "_reader" slot on every edit.
+  static void set_state_type(PyObject* type);
+
+ private:
+  struct Row {
+    PyObject* dict = nullptr;  // strong
+    std::array<PyObject*, kMaxEntries> entries{};
+    std::int64_t step = 0;
+  };
+
+  bool current(const Row& row, PyObject* dict) const;
+  void read_row(Row& row, PyObject* dict, std::size_t i, PyObject* const* keys, int key_count);
+  void mark(PyObject* dict) const;
+  static void drop(Row& row);
+
+  std::vector<Row> rows_;
+  py::object token_;  // this owner's mark; unique while the owner lives
+  StepScratch scratch_;
+  bool busy_ = false;
+};
+
+}  // namespace adamcpp
