@@ -41,6 +41,7 @@ if __name__ == "__main__":
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
+from tqdm import tqdm
 
 import adamcpp
 from adamcpp import schedules
@@ -362,46 +363,6 @@ def current_lr(opt: adamcpp.Optimizer) -> float:
     return float(lr(t))
 
 
-# ---------------------------------------------------------------- progress bar
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second.
-
-    Disabled (every call a no-op) when ``enabled`` is False; by default it is
-    enabled only when the stream is a terminal.
-    """
-
-    def __init__(
-        self, total: int, desc: str = "", *, enabled: Optional[bool] = None, stream: Any = None, width: int = 24
-    ):
-        self.stream = stream if stream is not None else sys.stderr
-        if enabled is None:
-            enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = enabled
-        self.total, self.desc, self.width = max(1, total), desc, width
-        self.count = 0
-        self._last = 0.0
-        self._start = time.perf_counter()
-
-    def update(self, n: int = 1, **postfix: float) -> None:
-        self.count += n
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self._last < 0.1 and self.count < self.total:
-            return
-        self._last = now
-        filled = int(self.width * self.count / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        info = "  ".join(f"{k} {v:.4f}" for k, v in postfix.items())
-        self.stream.write(f"\r{self.desc} [{bar}] {self.count}/{self.total}  {info}  {now - self._start:.1f}s\x1b[K")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-
 # -------------------------------------------------------------------- training
 @dataclass
 class History:
@@ -452,20 +413,29 @@ def train(
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
-        bar = ProgressBar(steps_per_epoch, f"{name or 'train'} {epoch:>3}/{epochs}", enabled=progress)
         loss_sum, correct = 0.0, 0
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            loss, logits = model.loss_and_grad(xb, yb, rng=rng)
-            t0 = time.perf_counter()
-            opt.step(model.grads)
-            history.step_time += time.perf_counter() - t0
-            history.updates += 1
-            loss_sum += loss * len(idx)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-            bar.update(1, loss=loss_sum / min(n, (b + 1) * batch_size), acc=correct / min(n, (b + 1) * batch_size))
-        bar.close()
+        # on stderr, erased at the end of the epoch; no-ops when progress is False
+        with tqdm(
+            total=steps_per_epoch,
+            desc=f"{name or 'train'} {epoch:>3}/{epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ) as bar:
+            for b in range(steps_per_epoch):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                xb, yb = data.x_train[idx], data.y_train[idx]
+                loss, logits = model.loss_and_grad(xb, yb, rng=rng)
+                t0 = time.perf_counter()
+                opt.step(model.grads)
+                history.step_time += time.perf_counter() - t0
+                history.updates += 1
+                loss_sum += loss * len(idx)
+                correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                seen = min(n, (b + 1) * batch_size)
+                bar.set_postfix_str(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.4f}", refresh=False)
+                bar.update()
         history.train_loss.append(loss_sum / n)
         history.train_acc.append(correct / n)
         test_loss, test_acc = model.evaluate(data.x_test, data.y_test)
