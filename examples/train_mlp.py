@@ -41,6 +41,7 @@ if __name__ == "__main__":
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
+from tqdm import tqdm
 
 import adamcpp
 from adamcpp import schedules
@@ -110,9 +111,7 @@ def load_data(path: Optional[str] = None, *, test_size: float = 0.2, seed: int =
         digits = load_digits()
         x = (digits.data / 16.0).astype(dtype)
         y = digits.target.astype(np.int64)
-        x_train, x_test, y_train, y_test = train_test_split(
-            x, y, test_size=test_size, stratify=y, random_state=seed
-        )
+        x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
         return Dataset(
             "digits 8x8",
             np.ascontiguousarray(x_train),
@@ -199,7 +198,7 @@ class MLP:
     def n_params(self) -> int:
         return sum(p.size for p in self.params.values())
 
-    def copy(self) -> "MLP":
+    def copy(self) -> MLP:
         """A model with the same architecture and a copy of these parameters."""
         other = MLP.__new__(MLP)
         other.sizes, other.dropout, other.dtype = self.sizes, self.dropout, self.dtype
@@ -252,7 +251,9 @@ class MLP:
             delta *= z_prev > 0  # ReLU'(z) (0 at z = 0)
         self._cache = []
 
-    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, *, rng: Optional[np.random.Generator] = None) -> Tuple[float, np.ndarray]:
+    def loss_and_grad(
+        self, x: np.ndarray, y: np.ndarray, *, rng: Optional[np.random.Generator] = None
+    ) -> Tuple[float, np.ndarray]:
         """Training forward + backward on one batch: fills ``grads`` and returns
         (mean loss, logits). ``rng`` drives dropout; ``None`` turns dropout off."""
         logits = self.forward(x, train=True, rng=rng)
@@ -261,7 +262,9 @@ class MLP:
         return loss, logits
 
     def predict(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        return np.concatenate([self.forward(x[i : i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)])
+        return np.concatenate(
+            [self.forward(x[i : i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
+        )
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> Tuple[float, float]:
         """(mean loss, accuracy) in inference mode."""
@@ -275,8 +278,6 @@ class MLP:
 
     def __repr__(self) -> str:
         return f"MLP({'-'.join(map(str, self.sizes))}, dropout={self.dropout}, {self.n_params:,} params, {self.dtype})"
-
-
 
 
 # ------------------------------------------------------------------ optimizers
@@ -362,44 +363,6 @@ def current_lr(opt: adamcpp.Optimizer) -> float:
     return float(lr(t))
 
 
-# ---------------------------------------------------------------- progress bar
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second.
-
-    Disabled (every call a no-op) when ``enabled`` is False; by default it is
-    enabled only when the stream is a terminal.
-    """
-
-    def __init__(self, total: int, desc: str = "", *, enabled: Optional[bool] = None, stream: Any = None, width: int = 24):
-        self.stream = stream if stream is not None else sys.stderr
-        if enabled is None:
-            enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = enabled
-        self.total, self.desc, self.width = max(1, total), desc, width
-        self.count = 0
-        self._last = 0.0
-        self._start = time.perf_counter()
-
-    def update(self, n: int = 1, **postfix: float) -> None:
-        self.count += n
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self._last < 0.1 and self.count < self.total:
-            return
-        self._last = now
-        filled = int(self.width * self.count / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        info = "  ".join(f"{k} {v:.4f}" for k, v in postfix.items())
-        self.stream.write(f"\r{self.desc} [{bar}] {self.count}/{self.total}  {info}  {now - self._start:.1f}s\x1b[K")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-
 # -------------------------------------------------------------------- training
 @dataclass
 class History:
@@ -450,20 +413,29 @@ def train(
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
-        bar = ProgressBar(steps_per_epoch, f"{name or 'train'} {epoch:>3}/{epochs}", enabled=progress)
         loss_sum, correct = 0.0, 0
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            loss, logits = model.loss_and_grad(xb, yb, rng=rng)
-            t0 = time.perf_counter()
-            opt.step(model.grads)
-            history.step_time += time.perf_counter() - t0
-            history.updates += 1
-            loss_sum += loss * len(idx)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-            bar.update(1, loss=loss_sum / min(n, (b + 1) * batch_size), acc=correct / min(n, (b + 1) * batch_size))
-        bar.close()
+        # on stderr, erased at the end of the epoch; no-ops when progress is False
+        with tqdm(
+            total=steps_per_epoch,
+            desc=f"{name or 'train'} {epoch:>3}/{epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ) as bar:
+            for b in range(steps_per_epoch):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                xb, yb = data.x_train[idx], data.y_train[idx]
+                loss, logits = model.loss_and_grad(xb, yb, rng=rng)
+                t0 = time.perf_counter()
+                opt.step(model.grads)
+                history.step_time += time.perf_counter() - t0
+                history.updates += 1
+                loss_sum += loss * len(idx)
+                correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                seen = min(n, (b + 1) * batch_size)
+                bar.set_postfix_str(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.4f}", refresh=False)
+                bar.update()
         history.train_loss.append(loss_sum / n)
         history.train_acc.append(correct / n)
         test_loss, test_acc = model.evaluate(data.x_test, data.y_test)
@@ -523,9 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Dense 10 softmax) in NumPy with adamcpp.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", metavar="NPZ", help="MNIST-style .npz (x_train, y_train, x_test, y_test); default: sklearn digits")
+    p.add_argument(
+        "--data", metavar="NPZ", help="MNIST-style .npz (x_train, y_train, x_test, y_test); default: sklearn digits"
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--lr", type=float, help="learning rate (default per optimizer: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default per optimizer: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+    )
     p.add_argument("--weight-decay", type=float, help="default: the optimizer's own (AdamW 1e-2, others 0)")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--batch-size", type=int, default=32)
@@ -534,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, metavar="NORM", help="clip the global gradient norm (max_grad_norm=)")
     p.add_argument("--threads", type=int, help="threads for adamcpp's step (adamcpp.set_num_threads)")
     p.add_argument("--seed", type=int, default=0, help="fixes the split, the initialisation, shuffles and dropout")
-    p.add_argument("--compare", action="store_true", help="train every optimizer from the same initialisation and tabulate")
+    p.add_argument(
+        "--compare", action="store_true", help="train every optimizer from the same initialisation and tabulate"
+    )
     p.add_argument("--plot", metavar="PNG", help="save loss and test-accuracy curves (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines; just the summary")
     return p
@@ -610,11 +590,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"{name}: {exc}")
         if not args.compare and not args.quiet:
             print(f"optimizer  {type(opt).__name__}, lr {_describe_lr(lr)}")
-        per_epoch = None if (args.compare or args.quiet) else (lambda e, h: print(_epoch_line(e, args.epochs, h), flush=True))
+        per_epoch = (
+            None if (args.compare or args.quiet) else (lambda e, h: print(_epoch_line(e, args.epochs, h), flush=True))
+        )
         try:
             h = train(
-                model, opt, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                name=name, progress=progress, on_epoch=per_epoch,
+                model,
+                opt,
+                data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                name=name,
+                progress=progress,
+                on_epoch=per_epoch,
             )
         except FloatingPointError as exc:
             print(f"{name}: diverged ({exc}); try a smaller --lr", file=sys.stderr)
@@ -626,8 +615,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print()
     if args.compare:
-        print(f"Comparison (same initialisation, batches and dropout masks; {args.epochs} epochs, schedule {args.schedule})")
-        header = f"{'optimizer':<10} {'lr':>8} {'final test acc':>15} {'best':>7} {'epochs to 95%':>14} {'wall s':>8} {'opt.step s':>11}"
+        print(
+            f"Comparison (same initialisation, batches and dropout masks; {args.epochs} epochs, "
+            f"schedule {args.schedule})"
+        )
+        header = (
+            f"{'optimizer':<10} {'lr':>8} {'final test acc':>15} {'best':>7} {'epochs to 95%':>14} "
+            f"{'wall s':>8} {'opt.step s':>11}"
+        )
         print(header)
         print("-" * len(header))
         for h in histories:
@@ -643,12 +638,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         best = int(np.argmax(h.test_acc))
         reached = h.epochs_to(TARGET_ACCURACY)
         print("Summary")
-        print(f"  final     train loss {h.train_loss[-1]:.4f}, test loss {h.test_loss[-1]:.4f}, "
-              f"test accuracy {h.final_test_acc:.4f} (best {h.test_acc[best]:.4f} at epoch {best + 1})")
+        print(
+            f"  final     train loss {h.train_loss[-1]:.4f}, test loss {h.test_loss[-1]:.4f}, "
+            f"test accuracy {h.final_test_acc:.4f} (best {h.test_acc[best]:.4f} at epoch {best + 1})"
+        )
         print(f"  95% test accuracy {'first at epoch ' + str(reached) if reached else 'not reached'}")
-        print(f"  time      {h.wall_time:.2f} s total, {h.step_time:.3f} s inside opt.step "
-              f"({100 * h.step_time / max(h.wall_time, 1e-12):.1f}%) for {h.updates:,} updates "
-              f"({1e6 * h.step_time / max(h.updates, 1):.1f} us each)")
+        print(
+            f"  time      {h.wall_time:.2f} s total, {h.step_time:.3f} s inside opt.step "
+            f"({100 * h.step_time / max(h.wall_time, 1e-12):.1f}%) for {h.updates:,} updates "
+            f"({1e6 * h.step_time / max(h.updates, 1):.1f} us each)"
+        )
     if args.plot:
         plot_histories(histories, args.plot)
         print(f"curves written to {args.plot}")

@@ -281,20 +281,16 @@ def test_npz_data_and_input_size_follow_the_file(tmp_path, digits):
         T.load_data(str(bad))
 
 
-def test_progress_bar():
-    import io
-
-    out = io.StringIO()
-    bar = T.ProgressBar(3, "demo", enabled=True, stream=out)
-    for _ in range(3):
-        bar.update(1, loss=0.5)
-    bar.close()
-    assert "demo [" in out.getvalue() and "3/3" in out.getvalue() and "loss 0.5000" in out.getvalue()
-    silent = io.StringIO()
-    bar = T.ProgressBar(3, "demo", stream=silent)  # StringIO is not a TTY: disabled by default
-    bar.update(3, loss=0.5)
-    bar.close()
-    assert silent.getvalue() == ""
+def test_progress_bar(digits, capsys):
+    model = T.MLP((64, 64, 128, 10), seed=0)
+    opt = T.make_optimizer("adam", model.params, 1e-3)
+    T.train(model, opt, digits, epochs=1, name="demo", progress=True)
+    out, err = capsys.readouterr()
+    # tqdm on stderr, redrawn in place and erased at the end of the epoch; nothing on stdout
+    assert "demo   1/1" in err and "/45" in err and "\n" not in err and err.endswith("\r")
+    assert out == ""
+    T.train(model, opt, digits, epochs=1, name="demo", progress=False)
+    assert capsys.readouterr() == ("", "")
 
 
 # ------------------------------------------------------------------ command line

@@ -1,0 +1,278 @@
+"""The contenders: every way of taking an Adam step, the two reference loops, and their buffers for one case."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import adamcpp
+from adamcpp import _core
+
+from .cases import BETAS, EPS, LR, VARIANTS, Case
+
+CONTENDERS = ("adamcpp", "numpy", "torch-foreach", "torch-fused", "deepspeed", "ceiling", "triad")
+REFERENCES = ("ceiling", "triad")
+DESCRIPTIONS = {
+    "adamcpp": "adamcpp.Adam/AdamW: one opt.step(grads) call from Python",
+    "numpy": "in-place NumPy Adam loop over the tensors (out= ufuncs, preallocated scratch; NumPy is single-threaded)",
+    "torch-foreach": "torch.optim.Adam(foreach=True) on torch.from_numpy views",
+    "torch-fused": "torch.optim.Adam(fused=True) on torch.from_numpy views",
+    "deepspeed": "DeepSpeedCPUAdam on torch.from_numpy views",
+    "ceiling": "simplest omp-parallel-for-simd float32 Adam loop, one buffer set of the same bytes",
+    "triad": "STREAM triad a = b + s*c, float64, the same working-set bytes",
+}
+
+# Rough resident footprint of each contender in units of one parameter set
+# (elements x itemsize), used to refuse cases that would not fit in memory.
+_FOOTPRINT = {"adamcpp": 3, "numpy": 4, "torch-foreach": 5, "torch-fused": 3, "deepspeed": 3, "ceiling": 4, "triad": 4}
+
+
+class Unavailable(Exception):
+    """A contender cannot run here (not installed, or not for this case)."""
+
+
+class Contender:
+    """One way of taking an Adam step over a case's tensors.
+
+    `step` is the zero-argument callable that is timed; `params` are the arrays
+    checked for finiteness afterwards; `elements`/`bytes` describe one call.
+    """
+
+    name = ""
+    step: Callable[[], Any]
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.elements = case.shape.elements
+        self.bytes = case.bytes_per_step
+        self.params: List[np.ndarray] = []
+
+    def set_threads(self, n: int) -> None:
+        """Threads for libraries with their own pool (adamcpp's is set globally)."""
+
+
+class AdamcppContender(Contender):
+    name = "adamcpp"
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        self.params = [p.copy() for p in p0]
+        weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
+        cls = adamcpp.AdamW if decoupled else adamcpp.Adam
+        self.opt = cls(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad)
+        opt_step = self.opt.step
+        self.step = lambda: opt_step(grads)
+
+
+class NumpyContender(Contender):
+    """A straightforward in-place NumPy Adam: out= ufuncs, one scratch buffer,
+    no allocation per step."""
+
+    name = "numpy"
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        self.params = [p.copy() for p in p0]
+        self.grads = grads
+        self.exp_avgs = [np.zeros_like(p) for p in p0]
+        self.exp_avg_sqs = [np.zeros_like(p) for p in p0]
+        self.max_exp_avg_sqs: List[Optional[np.ndarray]] = (
+            [np.zeros_like(p) for p in p0] if case.amsgrad else [None] * len(p0)
+        )
+        scratch = np.empty(max(p.size for p in p0), dtype=case.dtype)
+        self.scratch = [scratch[: p.size].reshape(p.shape) for p in p0]
+        self.weight_decay, self.decoupled, self.amsgrad = VARIANTS[case.variant]
+        self.t = 0
+
+    def step(self) -> None:
+        self.t += 1
+        beta1, beta2 = BETAS
+        bias_correction1 = 1.0 - beta1**self.t
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**self.t)
+        step_size = LR / bias_correction1
+        decay_factor = 1.0 - LR * self.weight_decay
+        # Python floats are "weak" scalars: float32 arrays stay float32.
+        for p, g, m, v, vmax, tmp in zip(
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.scratch
+        ):
+            if self.decoupled:
+                np.multiply(p, decay_factor, out=p)
+            np.multiply(m, beta1, out=m)
+            np.multiply(g, 1.0 - beta1, out=tmp)
+            np.add(m, tmp, out=m)
+            np.multiply(v, beta2, out=v)
+            np.multiply(g, g, out=tmp)
+            np.multiply(tmp, 1.0 - beta2, out=tmp)
+            np.add(v, tmp, out=v)
+            denom_src = v
+            if vmax is not None:
+                np.maximum(vmax, v, out=vmax)
+                denom_src = vmax
+            np.sqrt(denom_src, out=tmp)
+            np.divide(tmp, bias_correction2_sqrt, out=tmp)
+            np.add(tmp, EPS, out=tmp)
+            np.divide(m, tmp, out=tmp)
+            np.multiply(tmp, -step_size, out=tmp)
+            np.add(p, tmp, out=p)
+
+
+def _torch_views(torch: Any, params: List[np.ndarray], grads: List[np.ndarray]) -> List[Any]:
+    """Leaf tensors sharing memory with the NumPy params, their .grad the NumPy grads."""
+    tensors = []
+    for p, g in zip(params, grads):
+        t = torch.from_numpy(p).requires_grad_(True)
+        t.grad = torch.from_numpy(g)
+        tensors.append(t)
+    return tensors
+
+
+class TorchContender(Contender):
+    fused = False
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        torch = env.get("torch")
+        if torch is None:
+            raise Unavailable(env.get("torch_reason", "torch is not importable"))
+        self.torch = torch
+        self.params = [p.copy() for p in p0]
+        tensors = _torch_views(torch, self.params, grads)
+        weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        mode = {"fused": True} if self.fused else {"foreach": True}
+        self.opt = cls(tensors, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad, **mode)
+        self.step = self.opt.step
+
+    def set_threads(self, n: int) -> None:
+        self.torch.set_num_threads(n)
+
+
+class TorchForeachContender(TorchContender):
+    name = "torch-foreach"
+    fused = False
+
+
+class TorchFusedContender(TorchContender):
+    name = "torch-fused"
+    fused = True
+
+
+class DeepSpeedContender(Contender):
+    name = "deepspeed"
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        cpu_adam = env.get("deepspeed_cpu_adam")
+        torch = env.get("torch")
+        if cpu_adam is None or torch is None:
+            raise Unavailable(env.get("deepspeed_reason", "deepspeed is not importable"))
+        weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
+        if amsgrad:
+            raise Unavailable("DeepSpeedCPUAdam has no amsgrad")
+        self.torch = torch
+        self.params = [p.copy() for p in p0]
+        tensors = _torch_views(torch, self.params, grads)
+        self.opt = cpu_adam(
+            tensors,
+            lr=LR,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=weight_decay,
+            adamw_mode=decoupled,
+            fp32_optimizer_states=True,
+        )
+        self.step = self.opt.step
+
+    def set_threads(self, n: int) -> None:
+        self.torch.set_num_threads(n)
+
+
+class CeilingContender(Contender):
+    """adamcpp._core.ceiling_adam over one float32 buffer set holding the same
+    bytes as the case's p, g, m, v (so a float64 case gets 2N float32 elements)."""
+
+    name = "ceiling"
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        n = case.shape.elements * case.itemsize // 4
+        rng = np.random.default_rng(1)
+        param = rng.standard_normal(n, dtype=np.float32)
+        grad = rng.standard_normal(n, dtype=np.float32)
+        exp_avg = np.zeros(n, dtype=np.float32)
+        exp_avg_sq = np.zeros(n, dtype=np.float32)
+        self.params = [param]
+        self.elements = n
+        self.bytes = 28 * n
+        # The scalars of step 10 of the default Adam; any fixed values do.
+        step_size = LR / (1.0 - BETAS[0] ** 10)
+        bias_correction2_sqrt = math.sqrt(1.0 - BETAS[1] ** 10)
+        kernel = _core.ceiling_adam
+        self.step = lambda: kernel(param, grad, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt)
+
+
+class TriadContender(Contender):
+    """STREAM triad over float64 arrays whose total size equals the case's
+    p, g, m, v working set; 24 bytes per element (read b, c; write a).
+    `elements` sizes the arrays directly instead (the stand-alone bandwidth probe)."""
+
+    name = "triad"
+
+    def __init__(self, case: Case, p0: Any = None, grads: Any = None, env: Any = None, elements: int = 0) -> None:
+        super().__init__(case)
+        n = elements or max(1, -(-case.working_set_bytes // 24))
+        a = np.zeros(n)
+        b = np.full(n, 1.0)
+        c = np.full(n, 0.5)
+        self.params = [a]
+        self.elements = n
+        self.bytes = 24 * n
+        kernel = _core.triad
+        self.step = lambda: kernel(a, b, c, 3.0)
+
+
+# name -> contender class, called as factory(case, initial params, grads, optional libraries)
+ContenderFactory = Callable[[Case, List[np.ndarray], List[np.ndarray], Dict[str, Any]], Contender]
+FACTORIES: Dict[str, ContenderFactory] = {
+    "adamcpp": AdamcppContender,
+    "numpy": NumpyContender,
+    "torch-foreach": TorchForeachContender,
+    "torch-fused": TorchFusedContender,
+    "deepspeed": DeepSpeedContender,
+    "ceiling": CeilingContender,
+    "triad": TriadContender,
+}
+
+
+def estimate_bytes(case: Case, names: Sequence[str]) -> int:
+    """Memory the named contenders hold at once for `case`, roughly."""
+    unit = case.shape.elements * case.itemsize
+    holders = ("adamcpp", "numpy", "torch-foreach", "torch-fused")
+    total = 2 * unit  # shared gradients + the initial parameters copied by each contender
+    for name in names:
+        total += (_FOOTPRINT[name] + (1 if case.amsgrad and name in holders else 0)) * unit
+    return total
+
+
+def allocate(
+    case: Case, names: Sequence[str], env: Dict[str, Any], seed: int
+) -> Tuple[Dict[str, Contender], Dict[str, str]]:
+    """The named contenders for `case`, all stepping the same seeded parameters and
+    gradients, and the reason for each one that could not be set up."""
+    rng = np.random.default_rng(seed)
+    n, size = case.shape.n_tensors, case.shape.tensor_elements
+    dtype = np.dtype(case.dtype)
+    p0 = [rng.standard_normal(size, dtype=dtype) for _ in range(n)]
+    grads = [rng.standard_normal(size, dtype=dtype) for _ in range(n)]
+    contenders: Dict[str, Contender] = {}
+    skipped: Dict[str, str] = {}
+    for name in names:
+        try:
+            contenders[name] = FACTORIES[name](case, p0, grads, env)
+        except Unavailable as exc:
+            skipped[name] = str(exc)
+        except Exception as exc:  # an optional library refusing this case
+            skipped[name] = f"setup failed: {type(exc).__name__}: {exc}"
+    return contenders, skipped
