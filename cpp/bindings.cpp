@@ -261,7 +261,7 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
       bool is_new = false;
       t.max_exp_avg_sq = state_or_new(cache.entry(i, 2), kMaxExpAvgSq, i, labels, p, sc, &is_new);
     }
-    const std::int64_t step = cache.step(i) + 1;
+    const std::int64_t step = cache.next_step(i);
     set_adam_step(t, h, step, grad_scale, bc);
     sc.new_steps[i] = step;
   }
@@ -303,7 +303,7 @@ py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_ob
     if (t.momentum_mode != Momentum::none) {
       t.momentum_buffer = state_or_new(cache.entry(i, 0), kMomentumBuffer, i, labels, p, sc, &t.first);
     }
-    sc.new_steps[i] = cache.step(i) + 1;
+    sc.new_steps[i] = cache.next_step(i);
   }
   return run_and_report(sc.sgd, policy, sc, labels, &cache, keys);
 }

@@ -137,6 +137,14 @@ void StateCache::read_row(Row& row, PyObject* d, std::size_t i, PyObject* const*
   row.step = as_step(step, 0, kMaxStoredStep, [i] { return "state[" + std::to_string(i) + "]['step']"; });
 }
 
+std::int64_t StateCache::next_step(std::size_t i) const {
+  const std::int64_t step = rows_[i].step;
+  if (step > kMaxStoredStep) {
+    step_error(py::int_(step).ptr(), 0, kMaxStoredStep, "state[" + std::to_string(i) + "]['step']");
+  }
+  return step + 1;
+}
+
 void StateCache::commit(const StepScratch& sc, PyObject* const* keys) {
   py::object value;
   std::int64_t last = -1;

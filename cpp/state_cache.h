@@ -88,7 +88,8 @@ class StateCache {
   void read(PyObject* const* dicts, std::size_t n, PyObject* const* keys, int key_count);
 
   PyObject* entry(std::size_t i, int k) const { return rows_[i].entries[static_cast<std::size_t>(k)]; }
-  std::int64_t step(std::size_t i) const { return rows_[i].step; }
+  // The count tensor i's step brings it to; refuses a count that has no successor.
+  std::int64_t next_step(std::size_t i) const;
 
   // After a step applied: stores the new step counts and the state that
   // started (in the dicts, without clearing their marks, and in the rows).
