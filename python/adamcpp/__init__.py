@@ -10,9 +10,7 @@ from __future__ import annotations
 import os as _os
 from typing import Any, Dict
 
-from . import _core
-from . import functional
-from . import schedules
+from . import _core, functional, schedules
 from .optim import SGD, Adam, AdamW, Optimizer, global_norm
 
 __version__: str = _core.version

@@ -14,7 +14,7 @@ import abc
 import copy
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def _immutable(value: Any) -> bool:
 
 def _state_patterns(roles: Tuple[str, ...]) -> Tuple[str, ...]:
     """Message labels of an optimizer's arrays, one per native role."""
-    return ("params[{}]", "grads[{}]") + tuple(f"{role} of params[{{}}]" for role in roles[2:])
+    return ("params[{}]", "grads[{}]", *(f"{role} of params[{{}}]" for role in roles[2:]))
 
 
 def _normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple[Any, ...]]]:
@@ -103,7 +103,7 @@ class _EditAwareDict(dict):
         super().__delitem__(key)
         self._edited()
 
-    def __ior__(self, other: Any) -> Any:
+    def __ior__(self, other: Any) -> Any:  # type: ignore[misc]  # returns the dict itself, as dict's does
         self.update(other)
         return self
 
@@ -177,7 +177,7 @@ class Optimizer(abc.ABC):
     _native: Callable[..., Tuple[bool, Optional[float]]]
     _patterns: Tuple[str, ...] = ()  # message label of each native array role
     # name -> required in a loaded state dict (optional entries start on demand)
-    _array_state: Dict[str, bool] = {}
+    _array_state: ClassVar[Dict[str, bool]] = {}
     # optional entries that the state keeps as None until they start
     _nullable_state: Tuple[str, ...] = ()
 
@@ -318,12 +318,7 @@ class Optimizer(abc.ABC):
             s = by_id.get(id(p))
             if s is None and i < len(self._flat):
                 old = self._flat[i]
-                if (
-                    id(old) not in present
-                    and self._group_of[i] == gi
-                    and old.shape == p.shape
-                    and old.dtype == p.dtype
-                ):
+                if id(old) not in present and self._group_of[i] == gi and old.shape == p.shape and old.dtype == p.dtype:
                     s = self.state[i]
             state.append(s if s is not None else ParamState(self._new_state(p, self.param_groups[gi])))
         self._flat, self._group_of, self.state = flat, group_of, state
@@ -599,7 +594,7 @@ class Adam(Optimizer):
 
     _native = _core.adam_step
     _patterns = _state_patterns(_core.ADAM_ROLES)
-    _array_state = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
+    _array_state: ClassVar[Dict[str, bool]] = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
 
     def __init__(
         self,
@@ -684,7 +679,7 @@ class SGD(Optimizer):
 
     _native = _core.sgd_step
     _patterns = _state_patterns(_core.SGD_ROLES)
-    _array_state = {"momentum_buffer": False}
+    _array_state: ClassVar[Dict[str, bool]] = {"momentum_buffer": False}
     _nullable_state = ("momentum_buffer",)
 
     def __init__(

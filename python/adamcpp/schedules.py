@@ -98,10 +98,10 @@ class Schedule(abc.ABC):
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self._params() == other._params()  # type: ignore[attr-defined]
+        return self._params() == other._params()
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__,) + self._params())
+        return hash((type(self).__name__, *self._params()))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
@@ -110,6 +110,8 @@ class Schedule(abc.ABC):
 
 class Constant(Schedule):
     """``lr(t) = lr`` for every t."""
+
+    lr: float
 
     _fields = ("lr",)
 
@@ -128,6 +130,10 @@ class StepDecay(Schedule):
     So updates 0 .. step_size-1 use ``lr``, the next ``step_size`` use ``lr*gamma``, ...
     (``torch.optim.lr_scheduler.StepLR`` counted in updates).
     """
+
+    lr: float
+    step_size: int
+    gamma: float
 
     _fields = ("lr", "step_size", "gamma")
 
@@ -151,6 +157,10 @@ class ExponentialDecay(Schedule):
     rate has fallen by the factor ``gamma`` after each ``decay_steps`` updates.
     (For a staircase, use :class:`StepDecay`.)
     """
+
+    lr: float
+    gamma: float
+    decay_steps: int
 
     _fields = ("lr", "gamma", "decay_steps")
 
@@ -176,6 +186,10 @@ class CosineDecay(Schedule):
 
     ``lr(0) == lr`` and ``lr(decay_steps) == final_lr`` exactly.
     """
+
+    lr: float
+    decay_steps: int
+    final_lr: float
 
     _fields = ("lr", "decay_steps", "final_lr")
 
@@ -206,6 +220,12 @@ class WarmupCosineDecay(Schedule):
     ``lr(W) == peak_lr`` and ``lr(T) == final_lr`` exactly. ``warmup_steps=0``
     is a plain :class:`CosineDecay`.
     """
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    initial_lr: float
+    final_lr: float
 
     _fields = ("peak_lr", "warmup_steps", "total_steps", "initial_lr", "final_lr")
 
@@ -253,6 +273,11 @@ class PolynomialDecay(Schedule):
     a linear warmup to chain with :class:`JoinSchedules`).
     """
 
+    lr: float
+    decay_steps: int
+    final_lr: float
+    power: float
+
     _fields = ("lr", "decay_steps", "final_lr", "power")
 
     def __init__(self, lr: float, decay_steps: int, final_lr: float = 0.0, power: float = 1.0):
@@ -283,6 +308,9 @@ class JoinSchedules(Schedule):
 
     >>> warmup_then_constant = JoinSchedules([PolynomialDecay(0.0, 100, 1e-3), 1e-3], [100])
     """
+
+    schedules: Tuple[Callable[[int], float], ...]
+    boundaries: Tuple[int, ...]
 
     _fields = ("schedules", "boundaries")
 
