@@ -22,29 +22,12 @@ namespace adamcpp {
 namespace ADAMCPP_ISA {
 namespace {
 
-template <typename T>
-AdamScalars<T> to_element_type(const AdamTensor& t) {
-  const AdamStepScalars& s = t.scalars;
-  AdamScalars<T> r;
-  r.grad_scale = static_cast<T>(t.grad_scale);
-  r.beta1 = static_cast<T>(s.beta1);
-  r.one_minus_beta1 = static_cast<T>(1.0 - s.beta1);
-  r.beta2 = static_cast<T>(s.beta2);
-  r.one_minus_beta2 = static_cast<T>(1.0 - s.beta2);
-  r.eps = static_cast<T>(s.eps);
-  r.weight_decay = static_cast<T>(s.weight_decay);
-  r.decay_factor = static_cast<T>(s.decay_factor);
-  r.step_size = static_cast<T>(s.step_size);
-  r.bias_correction2_sqrt = static_cast<T>(s.bias_correction2_sqrt);
-  return r;
-}
-
 // One fused pass: read p, g, m, v (and v_max), write p, m, v (and v_max).
 // The vector body and its scalar tail are the same loop, vectorised by the
 // compiler for this translation unit's ISA.
 template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
 void adam_chunk(const AdamTensor& t, std::size_t begin, std::size_t end) {
-  const AdamScalars<T> s = to_element_type<T>(t);
+  const AdamScalars<T> s = adam_scalars<T>(t.scalars, t.grad_scale);
   T* ADAMCPP_RESTRICT param = static_cast<T*>(t.param);
   const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(t.grad);
   T* ADAMCPP_RESTRICT exp_avg = static_cast<T*>(t.exp_avg);
@@ -65,12 +48,7 @@ void adam_chunk(const AdamTensor& t, std::size_t begin, std::size_t end) {
 
 template <typename T, bool WeightDecayOn, Momentum Mom, bool First>
 void sgd_chunk(const SgdTensor& t, std::size_t begin, std::size_t end) {
-  SgdScalars<T> s;
-  s.grad_scale = static_cast<T>(t.grad_scale);
-  s.lr = static_cast<T>(t.scalars.lr);
-  s.weight_decay = static_cast<T>(t.scalars.weight_decay);
-  s.momentum = static_cast<T>(t.scalars.momentum);
-  s.one_minus_dampening = static_cast<T>(1.0 - t.scalars.dampening);
+  const SgdScalars<T> s = sgd_scalars<T>(t.scalars, t.grad_scale);
   T* ADAMCPP_RESTRICT param = static_cast<T*>(t.param);
   const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(t.grad);
   if constexpr (Mom == Momentum::none) {

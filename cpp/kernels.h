@@ -19,17 +19,6 @@ struct TensorRef {
   double grad_scale;  // gradient multiplier (sign included), applied in the kernel
 };
 
-// Host-side (double) scalars of one Adam tensor for one step.
-struct AdamStepScalars {
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  double decay_factor;
-  double step_size;
-  double bias_correction2_sqrt;
-};
-
 struct AdamTensor : TensorRef {
   void* exp_avg;
   void* exp_avg_sq;
@@ -38,13 +27,6 @@ struct AdamTensor : TensorRef {
   bool amsgrad;
   EpsStyle eps_style;
   AdamStepScalars scalars;
-};
-
-struct SgdStepScalars {
-  double lr;
-  double weight_decay;
-  double momentum;
-  double dampening;
 };
 
 struct SgdTensor : TensorRef {

@@ -46,6 +46,34 @@ ADAMCPP_HD double sqrt_of(double x) {
 #endif
 }
 
+// The host's double scalars of one step, each rounded once to the element type.
+template <typename T>
+ADAMCPP_HD AdamScalars<T> adam_scalars(const AdamStepScalars& s, double grad_scale) {
+  AdamScalars<T> r;
+  r.grad_scale = static_cast<T>(grad_scale);
+  r.beta1 = static_cast<T>(s.beta1);
+  r.one_minus_beta1 = static_cast<T>(1.0 - s.beta1);
+  r.beta2 = static_cast<T>(s.beta2);
+  r.one_minus_beta2 = static_cast<T>(1.0 - s.beta2);
+  r.eps = static_cast<T>(s.eps);
+  r.weight_decay = static_cast<T>(s.weight_decay);
+  r.decay_factor = static_cast<T>(s.decay_factor);
+  r.step_size = static_cast<T>(s.step_size);
+  r.bias_correction2_sqrt = static_cast<T>(s.bias_correction2_sqrt);
+  return r;
+}
+
+template <typename T>
+ADAMCPP_HD SgdScalars<T> sgd_scalars(const SgdStepScalars& s, double grad_scale) {
+  SgdScalars<T> r;
+  r.grad_scale = static_cast<T>(grad_scale);
+  r.lr = static_cast<T>(s.lr);
+  r.weight_decay = static_cast<T>(s.weight_decay);
+  r.momentum = static_cast<T>(s.momentum);
+  r.one_minus_dampening = static_cast<T>(1.0 - s.dampening);
+  return r;
+}
+
 // NaN-propagating maximum (like torch.maximum): a NaN in either operand wins.
 template <typename T>
 ADAMCPP_HD T nan_max(T current, T candidate) {

@@ -16,6 +16,25 @@ enum class WeightDecay : int { none = 0, coupled = 1, decoupled = 2 };
 // correction of sqrt(v), "keras" (the paper's epsilon-hat) before.
 enum class EpsStyle : int { torch = 0, keras = 1 };
 
+// Host-side (double) scalars of one Adam tensor for one step.
+struct AdamStepScalars {
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  double decay_factor;
+  double step_size;
+  double bias_correction2_sqrt;
+};
+
+// Host-side (double) scalars of one SGD tensor for one step.
+struct SgdStepScalars {
+  double lr;
+  double weight_decay;
+  double momentum;
+  double dampening;
+};
+
 // Scalars of one tensor for one step, computed in double on the host and
 // rounded once to the element type T.
 template <typename T>

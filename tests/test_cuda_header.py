@@ -1,4 +1,5 @@
-"""cpp/optim_math.h is the arithmetic a CUDA unit shares with the CPU kernels.
+"""cpp/optim_math.h (per element) and cpp/step_scalars.h (per step, on the host)
+are the arithmetic a CUDA unit shares with the CPU kernels.
 
 Without a GPU here, this proves what can be proven: nvcc compiles the header's
 update functions into __global__ kernels (device code, --fmad=false so no
@@ -25,6 +26,7 @@ SOURCE = r"""
 #include <cstdio>
 #include <vector>
 #include "optim_math.h"
+#include "step_scalars.h"
 using namespace adamcpp;
 
 template <typename T, WeightDecay WD, bool A, EpsStyle E>
@@ -47,14 +49,13 @@ int main(int argc, char** argv) {
   FILE* f = std::fopen(argv[1], "rb");
   if (!f || std::fread(p.data(), 4, n, f) != (size_t)n || std::fread(g.data(), 4, g.size(), f) != g.size()) return 2;
   std::fclose(f);
-  const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 1e-2;
+  // The per-step host math of the CPU path (step_scalars.h), compiled by nvcc.
+  const AdamHyper h{1e-2, 0.9, 0.999, 1e-8, 1e-2, true, true, false, EpsStyle::torch};
+  BiasCorrections bc;
   for (int t = 1; t <= steps; ++t) {
-    const double bc1 = 1.0 - std::pow(b1, t), bc2 = 1.0 - std::pow(b2, t);
-    AdamScalars<float> s;
-    s.grad_scale = 1.0f; s.beta1 = (float)b1; s.one_minus_beta1 = (float)(1.0 - b1);
-    s.beta2 = (float)b2; s.one_minus_beta2 = (float)(1.0 - b2); s.eps = (float)eps;
-    s.weight_decay = (float)wd; s.decay_factor = (float)(1.0 - lr * wd);
-    s.bias_correction2_sqrt = (float)std::sqrt(bc2); s.step_size = (float)(lr / bc1);
+    AdamTensor tensor{};
+    set_adam_step(tensor, h, t, 1.0, bc);
+    const AdamScalars<float> s = portable::adam_scalars<float>(tensor.scalars, tensor.grad_scale);
     for (int i = 0; i < n; ++i)
       portable::adam_element<float, WeightDecay::decoupled, true, EpsStyle::torch>(
           p[i], g[(size_t)(t - 1) * n + i], m[i], v[i], &vmax[i], s);
