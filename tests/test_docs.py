@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/guide.md runs.
+"""Every ```python block of README.md, docs/guide.md and docs/api.md runs.
 
 The blocks of one file run in order in one namespace (later snippets build on
 earlier ones), in a fresh interpreter per file: a snippet that changes
@@ -20,7 +20,7 @@ from typing import List, Tuple
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/guide.md"]
+DOCS = ["README.md", "docs/guide.md", "docs/api.md"]
 
 # An opening fence "```python" (nothing else on the line) up to the next "```".
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
