@@ -3,6 +3,7 @@
 #include "array_checks.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace adamcpp {
 
@@ -86,8 +87,10 @@ void step_error(PyObject* o, std::int64_t minimum, std::int64_t maximum, const s
   if (PyObject_RichCompareBool(o, py::int_(minimum).ptr(), Py_LT) == 1) {
     value_error(what + ": expected an integer >= " + std::to_string(minimum) + ", got " + int_str(o));
   }
+  const bool incremented = maximum < std::numeric_limits<std::int64_t>::max();
   value_error(what + ": expected an integer <= " + std::to_string(maximum) +
-              " (step counts are signed 64-bit integers, and a step adds one), got " + int_str(o));
+              " (step counts are signed 64-bit integers" + (incremented ? ", and a step adds one" : "") + "), got " +
+              int_str(o));
 }
 
 py::array zeros_like(const ArrayView& like) {

@@ -11,6 +11,7 @@ import os as _os
 from typing import Any, Dict
 
 from . import _core, functional, schedules
+from ._common import describe_number as _describe_number
 from .optim import SGD, Adam, AdamW, Optimizer, global_norm
 
 __version__: str = _core.version
@@ -27,12 +28,17 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+_MAX_THREADS = 2**31 - 1
+
+
 def set_num_threads(n: int) -> None:
     """Sets the threads a step uses (an int >= 1). Results do not depend on it."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n: expected an int >= 1, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n}")
+    if n > _MAX_THREADS:
+        raise ValueError(f"n: expected an int <= {_MAX_THREADS} (a native int), got {_describe_number(n)}")
     _core.set_num_threads(n)
 
 
