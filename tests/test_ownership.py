@@ -681,3 +681,10 @@ def test_huge_integers_at_step_give_value_errors():
     _assert_same_params(params, before, "huge integers")
     with pytest.raises(ValueError, match="lr: expected a finite number"):
         adamcpp.functional.adam(params[0], grads[0][0], np.zeros(5, F32), np.zeros(5, F32), step=1, lr=10**400)
+
+
+def test_huge_thread_count_gives_a_value_error(restore_threads):
+    adamcpp.set_num_threads(2)
+    with pytest.raises(ValueError, match=r"n: expected an int <= 2147483647"):
+        adamcpp.set_num_threads(10**30)
+    assert adamcpp.get_num_threads() == 2
