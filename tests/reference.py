@@ -1,10 +1,10 @@
-"""Independent NumPy references for adamcpp's Adam/AdamW numerics.
+"""Independent NumPy references for adamcpp's Adam/AdamW and SGD numerics.
 
-Two references live here, both written from the contract rather than from the
-C++ sources:
+Two references per algorithm live here, all written from the contract rather
+than from the C++ sources:
 
 ``reference_step`` / ``ReferenceAdam(mode="reference")``
-    The float64 reference: the formulas of API.md ("Numerics") evaluated in
+    The float64 reference: the formulas of docs/api.md ("Numerics") evaluated in
     float64 exactly as they read there.  Optionally it records the trajectory
     for a first-order worst-case *rounding-error bound* (``ErrorBound``:
     every operation linearized, errors carried forward with their signs by an
@@ -32,6 +32,34 @@ Typical use::
         ref.step(g, grad_scale=0.5)
     ref.p, ref.m, ref.v, ref.vmax         # float64 arrays
     ref.error_bound("p", np.float32)      # |float32 result - ref.p| <= this, elementwise
+
+SGD (``adamcpp.SGD``, torch.optim.SGD's algorithm):
+
+``reference_sgd_step``
+    The float64 reference: the documented update (docs/api.md, "Numerics",
+    SGD) evaluated in float64 as it reads (the gradient negated first for
+    ``maximize``, as torch does)::
+
+        g = grad * grad_scale   (g = -g when maximize)
+        g = g + weight_decay * p                          (weight_decay != 0)
+        buf = g  on the first momentum step, else  buf = momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf  (nesterov)   or   g = buf          (momentum != 0)
+        p = p - lr * g
+
+    ``SgdErrorBound`` is the elementwise first-order rounding-error bound the
+    library is compared with it under (derived in its docstring).
+
+``emulated_sgd_step``
+    The same update in the element type with the documented operation order
+    and every scalar rounded once from float64 (``1 - dampening`` is formed in
+    float64 first). NumPy's float32/float64 ``+ - *`` are correctly rounded, so
+    a kernel compiled without FMA contraction must agree with it *bitwise*.
+
+SGD hyperparameter keywords follow ``adamcpp.SGD``: ``lr``, ``momentum``,
+``dampening``, ``weight_decay``, ``nesterov``, ``maximize`` (``sgd_hyper``
+builds such a dict). Unlike the Adam functions, the SGD ones take ``t``, the
+number of updates already applied (a schedule ``lr`` is called as ``lr(t)``),
+and ``buf`` is None before the first momentum step.
 """
 
 from __future__ import annotations
@@ -53,6 +81,10 @@ __all__ = [
     "linearized_step",
     "ReferenceAdam",
     "run_trajectory",
+    "sgd_hyper",
+    "reference_sgd_step",
+    "emulated_sgd_step",
+    "SgdErrorBound",
 ]
 
 LR = Union[float, Callable[[int], float]]
@@ -98,7 +130,7 @@ def _lr_for_step(lr: LR, step: int) -> float:
 # --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepScalars:
-    """The per-step scalars of API.md, computed in float64 on the host."""
+    """The per-step scalars of docs/api.md, computed in float64 on the host."""
 
     lr: float
     grad_scale: float  # sign included: negative for maximize
@@ -144,7 +176,7 @@ def step_scalars(step: int, grad_scale: float = 1.0, **hyper: Any) -> StepScalar
 
 
 # --------------------------------------------------------------------------
-# The float64 reference: API.md's formulas as written.
+# The float64 reference: docs/api.md's formulas as written.
 # --------------------------------------------------------------------------
 def reference_step(
     p: np.ndarray,
@@ -157,7 +189,7 @@ def reference_step(
     grad_scale: float = 1.0,
     **hyper: Any,
 ):
-    """One Adam step in float64, straight from API.md. Pure: returns new
+    """One Adam step in float64, straight from docs/api.md. Pure: returns new
     arrays ``(p, m, v, vmax)`` (vmax is None without amsgrad)."""
     h = _hyper(hyper)
     p = np.asarray(p, dtype=np.float64)
@@ -429,7 +461,7 @@ class ReferenceAdam:
     """Runs an Adam trajectory of one array (any shape; flatten and
     concatenate several tensors that share hyperparameters).
 
-    mode="reference": float64 API.md formulas (``reference_step``); with
+    mode="reference": float64 docs/api.md formulas (``reference_step``); with
         ``track_error=True`` also the first-order rounding-error bound.
     mode="emulate": bit-exact emulation in ``dtype`` (default: p's dtype).
 
@@ -507,3 +539,106 @@ def run_trajectory(
     for g, gs in zip(grads, scales):
         ref.step(g, grad_scale=gs)
     return ref
+
+
+# --------------------------------------------------------------------------
+# SGD (torch.optim.SGD's algorithm).
+# --------------------------------------------------------------------------
+def sgd_hyper(momentum, dampening, nesterov, weight_decay, maximize, lr=1e-2) -> Dict[str, Any]:
+    """adamcpp.SGD keywords (also the SGD references' keywords), lr 1e-2 unless given."""
+    return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                nesterov=nesterov, maximize=maximize)
+
+
+def reference_sgd_step(p, grad, buf, *, t: int = 0, grad_scale: float = 1.0, lr=1e-3, momentum=0.0,
+                       dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
+    """torch.optim.SGD's update in float64. `buf` is None before the first
+    momentum step; `t` = updates already applied (for a schedule). Pure:
+    returns (p, buf)."""
+    lr = _lr_for_step(lr, t + 1)
+    p = np.asarray(p, dtype=np.float64)
+    g = np.asarray(grad, dtype=np.float64) * grad_scale
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        if buf is None:
+            buf = g.copy()
+        else:
+            buf = momentum * np.asarray(buf, dtype=np.float64) + (1.0 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, buf
+
+
+def emulated_sgd_step(p, grad, buf, *, t: int = 0, grad_scale: float = 1.0, lr=1e-3, momentum=0.0,
+                      dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
+    """The documented operation order in p's dtype, scalars rounded once.
+    Pure: returns (p, buf)."""
+    T = np.asarray(p).dtype.type
+    gs = T(-grad_scale if maximize else grad_scale)
+    lr_t, wd, mom, omd = T(_lr_for_step(lr, t + 1)), T(weight_decay), T(momentum), T(1.0 - dampening)
+    p = np.asarray(p)
+    with np.errstate(all="ignore"):
+        g = np.asarray(grad, dtype=T) * gs
+        if weight_decay != 0:
+            g = g + wd * p
+        if momentum != 0:
+            buf = g.copy() if buf is None else buf * mom + omd * g
+            g = g + mom * buf if nesterov else buf
+        p = p - lr_t * g
+    assert p.dtype == T and (buf is None or buf.dtype == T)
+    return p, buf
+
+
+class SgdErrorBound:
+    """Elementwise first-order bound on |x_T - x_ref| (x = p, buf) between any
+    evaluation of the update with correctly rounded operations in T and the
+    float64 reference, both starting from the same exactly representable p0
+    and gradients.
+
+    Per step (magnitudes taken from the reference; u = u_T + u_64 because the
+    reference rounds too, on the same operation graph):
+      g1 = g*gs: gs rounded once, the product once             -> 2u |g gs|
+      g2 = g1 + wd*p: wd once, product once, sum once           -> <= 3u G + wd E_p,
+                                                                  G = |g gs| + wd |p|
+      buf (first) = g2                                          -> E_b = dG
+      buf = buf*mu + omd*g2: mu, omd, 2 products, 1 sum         -> mu E_b + omd dG + 3u (mu |b| + omd G)
+      d = g2 + mu*buf (nesterov): mu, product, sum              -> dG + mu E_b + 3u (G + mu |b'|)
+      p = p - lr*d: lr, product, difference                     -> E_p + lr E_d + 3u (|p| + lr |D|)
+    with |D| = G + mu |b'| (nesterov), |b'| (momentum) or G. Products of two
+    error terms are second order: over a few hundred steps they are < 1e-2 of
+    the bound even in float32, hence the final factor 1.01.
+    """
+
+    def __init__(self, p0: np.ndarray, dtype):
+        self.u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
+        self.E = np.zeros(p0.shape)
+        self.B = np.zeros(p0.shape)
+
+    def advance(self, p_ref, grad, buf_ref, new_buf_ref, *, grad_scale, lr, momentum, dampening,
+                weight_decay, nesterov, maximize, t=0):
+        """Adds the step from (p_ref, buf_ref) to new_buf_ref (the float64
+        reference's states before and after it) with gradient `grad`."""
+        u, mu, omd, wd = self.u, momentum, 1.0 - dampening, weight_decay
+        lr = _lr_for_step(lr, t + 1)
+        G = np.abs(np.asarray(grad, np.float64) * grad_scale) + wd * np.abs(p_ref)
+        dG = 3.0 * u * G + wd * self.E
+        if mu != 0:
+            if buf_ref is None:
+                B = dG
+            else:
+                B = mu * self.B + omd * dG + 3.0 * u * (mu * np.abs(buf_ref) + omd * G)
+            b1 = np.abs(new_buf_ref)
+            if nesterov:
+                Ed, D = dG + mu * B + 3.0 * u * (G + mu * b1), G + mu * b1
+            else:
+                Ed, D = B, b1
+        else:
+            B, Ed, D = self.B, dG, G
+        self.E = self.E + lr * Ed + 3.0 * u * (np.abs(p_ref) + lr * D)
+        self.B = B
+
+    def bound(self, name: str) -> np.ndarray:
+        """The bound for "p" (parameters) or, for any other name, the momentum buffer."""
+        return 1.01 * (self.E if name == "p" else self.B)

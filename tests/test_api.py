@@ -1,4 +1,4 @@
-"""API behaviour of adamcpp's optimizers and functional kernel (API.md).
+"""API behaviour of adamcpp's optimizers and functional kernel (docs/api.md).
 
 The optimizers and `adamcpp.functional.adam` share one native path, so the
 optimizer is checked *bitwise* against a functional twin driven with the same
@@ -23,6 +23,8 @@ from adamcpp import Adam, AdamW
 from adamcpp import _core
 from adamcpp.functional import adam as functional_adam
 
+from conftest import Recorder, assert_bitwise_equal
+
 SHAPES = [(3, 4), (7,), (), (2, 1, 3), (0,), (5,)]
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay", "eps_style")
 ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
@@ -38,13 +40,6 @@ def make_params(dtype=np.float32, seed=0, shapes=SHAPES) -> List[np.ndarray]:
 def make_grads(params, seed) -> List[np.ndarray]:
     rng = np.random.default_rng(1000 + seed)
     return [np.asarray(rng.standard_normal(p.shape) * 0.3, dtype=p.dtype) for p in params]
-
-
-def assert_bits(actual, expected, what=""):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.tobytes() == expected.tobytes(), f"{what}: differs bitwise"
 
 
 def functional_kwargs(group: Dict[str, Any], t: int) -> Dict[str, Any]:
@@ -98,12 +93,12 @@ class Twin:
         flat = [p for g in opt.param_groups for p in g["params"]]
         assert len(flat) == len(self.p)
         for i, (p, s) in enumerate(zip(flat, opt.state)):
-            assert_bits(p, self.p[i], f"{what} params[{i}]")
-            assert_bits(s["exp_avg"], self.m[i], f"{what} exp_avg[{i}]")
-            assert_bits(s["exp_avg_sq"], self.v[i], f"{what} exp_avg_sq[{i}]")
+            assert_bitwise_equal(p, self.p[i], f"{what} params[{i}]")
+            assert_bitwise_equal(s["exp_avg"], self.m[i], f"{what} exp_avg[{i}]")
+            assert_bitwise_equal(s["exp_avg_sq"], self.v[i], f"{what} exp_avg_sq[{i}]")
             assert s["step"] == self.t[i], f"{what} step[{i}]"
             if self.vmax[i] is not None:
-                assert_bits(s["max_exp_avg_sq"], self.vmax[i], f"{what} max_exp_avg_sq[{i}]")
+                assert_bitwise_equal(s["max_exp_avg_sq"], self.vmax[i], f"{what} max_exp_avg_sq[{i}]")
 
 
 def flat_params(opt):
@@ -133,7 +128,7 @@ def test_grads_as_list_or_tuple(grads_kind):
         assert opt_a.step(grads) is True
         assert opt_b.step(tuple(grads) if grads_kind == "tuple" else list(grads)) is True
     for x, y in zip(a, b):
-        assert_bits(x, y)
+        assert_bitwise_equal(x, y)
 
 
 def test_dict_params_with_dict_grads():
@@ -150,7 +145,7 @@ def test_dict_params_with_dict_grads():
         ref.step(grads)
     for n, p, q in zip(names, params, flat_params(ref)):
         assert d[n] is p
-        assert_bits(p, q, n)
+        assert_bitwise_equal(p, q, n)
 
 
 def test_dict_params_accept_grads_in_key_order():
@@ -162,7 +157,7 @@ def test_dict_params_accept_grads_in_key_order():
     assert opt.step(grads) is True
     ref.step(grads)
     for p, q in zip(params, flat_params(ref)):
-        assert_bits(p, q)
+        assert_bitwise_equal(p, q)
 
 
 GROUP_OVERRIDES = [
@@ -229,11 +224,11 @@ def test_step_updates_in_place(form):
     for stored, p, view, b in zip(flat_params(opt), params, views, before):
         assert stored is p
         assert p.size == 0 or np.shares_memory(p, view)
-        assert_bits(view, p)
+        assert_bitwise_equal(view, p)
         if p.size:
             assert not np.array_equal(p, b), "parameter was not updated"
     for g, gb in zip(grads, grads_before):
-        assert_bits(g, gb, "gradients are only read")
+        assert_bitwise_equal(g, gb, "gradients are only read")
 
 
 def test_zero_size_and_0d_params():
@@ -303,7 +298,7 @@ def test_amsgrad_switched_on_mid_training_creates_max_exp_avg_sq():
         vmax = s["max_exp_avg_sq"]
         assert vmax.dtype == s["exp_avg_sq"].dtype and vmax.shape == s["exp_avg_sq"].shape
         # It starts from zeros, so after one step it is max(0, v) = v exactly.
-        assert_bits(vmax, s["exp_avg_sq"])
+        assert_bitwise_equal(vmax, s["exp_avg_sq"])
     opt.param_groups[0]["amsgrad"] = False
     opt.step(make_grads(params, 4))  # switching off again is fine
 
@@ -384,7 +379,7 @@ def test_remove_param_keeps_others_state():
     assert len(opt.state) == len(remaining)
     for s_now, s_kept in zip(opt.state, kept_states):
         assert s_now is s_kept  # the same state dict followed its array
-    assert_bits(removed, removed_before, "a removed parameter is no longer touched")
+    assert_bitwise_equal(removed, removed_before, "a removed parameter is no longer touched")
 
 
 def test_emptied_group_does_not_break_other_groups():
@@ -398,18 +393,12 @@ def test_emptied_group_does_not_break_other_groups():
     assert opt.step(make_grads(a, 1)) is True
     assert [s["step"] for s in opt.state] == [2] * len(a)
     for p, q in zip(b, before):
-        assert_bits(p, q)
+        assert_bitwise_equal(p, q)
 
 
 # ----------------------------------------------------------------- lr schedules
-class Recorder:
-    def __init__(self, fn=lambda t: 1e-2 / (1 + t)):
-        self.fn = fn
-        self.calls: List[int] = []
-
-    def __call__(self, t):
-        self.calls.append(t)
-        return self.fn(t)
+def _decay(t):
+    return 1e-2 / (1 + t)
 
 
 def dedup(xs):
@@ -422,23 +411,23 @@ def dedup(xs):
 
 def test_callable_lr_receives_updates_already_applied():
     params = make_params(np.float64)
-    sched = Recorder()
+    sched = Recorder(_decay)
     opt = Adam(params, lr=sched)
     twin = Twin(params)
     for k in range(5):
         grads = make_grads(params, k)
-        n_calls = len(sched.calls)
+        n_calls = len(sched.seen)
         opt.step(grads)
-        assert sched.calls[n_calls:] and set(sched.calls[n_calls:]) == {k}, sched.calls
+        assert sched.seen[n_calls:] and set(sched.seen[n_calls:]) == {k}, sched.seen
         twin.step_groups(opt.param_groups, grads)
         twin.assert_matches(opt, f"step {k}")
-    assert dedup(sched.calls) == [0, 1, 2, 3, 4]
+    assert dedup(sched.seen) == [0, 1, 2, 3, 4]
     assert opt.param_groups[0]["lr"] is sched
 
 
 def test_callable_lr_not_advanced_by_skipped_step():
     params = make_params(np.float32)
-    sched = Recorder()
+    sched = Recorder(_decay)
     opt = Adam(params, lr=sched, nonfinite="skip")
     twin = Twin(params)
     for k in range(6):
@@ -449,26 +438,26 @@ def test_callable_lr_not_advanced_by_skipped_step():
             before = [p.copy() for p in params]
             assert opt.step(grads) is False
             for p, b in zip(params, before):
-                assert_bits(p, b)
+                assert_bitwise_equal(p, b)
             continue
         assert opt.step(grads) is True
         twin.step_groups(opt.param_groups, grads)
         twin.assert_matches(opt, f"step {k}")
     # Applied updates saw t = 0, 1, 2, 3: the skipped ones did not advance it.
-    assert dedup(sched.calls) == [0, 1, 2, 3]
+    assert dedup(sched.seen) == [0, 1, 2, 3]
     assert [s["step"] for s in opt.state] == [4] * len(params)
 
 
 def test_callable_lr_per_group_position():
     a, b = make_params(seed=1), make_params(seed=2)
-    sa, sb = Recorder(), Recorder(lambda t: 0.1 * 0.5**t)
+    sa, sb = Recorder(_decay), Recorder(lambda t: 0.1 * 0.5**t)
     opt = Adam([{"params": a, "lr": sa}], lr=1e-3)
     for k in range(3):
         opt.step(make_grads(a, k))
     opt.add_param_group({"params": b, "lr": sb})
     opt.step(make_grads(a + b, 3))
-    assert dedup(sa.calls) == [0, 1, 2, 3]
-    assert dedup(sb.calls) == [0]
+    assert dedup(sa.seen) == [0, 1, 2, 3]
+    assert dedup(sb.seen) == [0]
 
 
 def test_grad_scale_equals_prescaled_grads():
@@ -481,7 +470,7 @@ def test_grad_scale_equals_prescaled_grads():
             # x * 0.25 is exact (a power of two), so scaling inside or outside agrees bitwise.
             ob.step([np.asarray(g * dtype(0.25), dtype=dtype) for g in grads])
         for x, y in zip(a, b):
-            assert_bits(x, y)
+            assert_bitwise_equal(x, y)
 
 
 def test_maximize_equals_negated_grads():
@@ -492,7 +481,7 @@ def test_maximize_equals_negated_grads():
         oa.step(grads)
         ob.step([np.negative(g, out=np.empty_like(g)) for g in grads])  # negation is exact
     for x, y in zip(a, b):
-        assert_bits(x, y)
+        assert_bitwise_equal(x, y)
 
 
 def test_nonfinite_skip_and_propagate():
@@ -503,7 +492,7 @@ def test_nonfinite_skip_and_propagate():
     before = [p.copy() for p in params]
     assert opt.step(grads) is False
     for p, b in zip(params, before):
-        assert_bits(p, b)
+        assert_bitwise_equal(p, b)
     assert all(s["step"] == 0 for s in opt.state)
     prop = Adam(params)  # propagate: the step applies, NaN appears where the Inf was
     assert prop.step(grads) is True
@@ -551,7 +540,7 @@ def test_state_dict_layout_and_copies():
             if k == "step":
                 continue
             assert v.dtype == p.dtype
-            assert_bits(v, s[k])
+            assert_bitwise_equal(v, s[k])
             assert not np.shares_memory(v, s[k]), f"state_dict()['state'][{i}][{k!r}] must be a copy"
     # Mutating the dict does not touch the optimizer.
     sd["state"][0]["exp_avg"][...] = 123.0
@@ -579,7 +568,7 @@ def test_state_dict_round_trip_continues_bit_identically(form, dtype):
             keys = [f"p{i}" for i in range(len(params))]
             return AdamW(dict(zip(keys, params)), lr=1e-2), keys
         return Adam([{"params": params[:3], "amsgrad": True, "eps_style": "keras"},
-                     {"params": params[3:], "lr": Recorder(), "maximize": True}], lr=1e-2), None
+                     {"params": params[3:], "lr": Recorder(_decay), "maximize": True}], lr=1e-2), None
 
     straight = make_params(dtype)
     opt_s, keys = build(straight)
@@ -594,14 +583,14 @@ def test_state_dict_round_trip_continues_bit_identically(form, dtype):
     opt_b.load_state_dict(sd)
     _train(opt_b, resumed, 4, start=4, as_dict_keys=keys)
     for x, y in zip(resumed, straight):
-        assert_bits(x, y)
+        assert_bitwise_equal(x, y)
     for s_b, s_s in zip(opt_b.state, opt_s.state):
         assert set(s_b) == set(s_s)
         for k in s_s:
             if k == "step":
                 assert s_b[k] == s_s[k] and type(s_b[k]) is int
             else:
-                assert_bits(s_b[k], s_s[k], k)
+                assert_bitwise_equal(s_b[k], s_s[k], k)
 
 
 def test_load_state_dict_copies_arrays():
@@ -658,7 +647,7 @@ def test_load_torch_style_state_dict(string_ids):
         assert s["step"] == 3 and type(s["step"]) is int
     _train(opt_b, resumed, 3, start=3)
     for x, y in zip(resumed, straight):
-        assert_bits(x, y)
+        assert_bitwise_equal(x, y)
 
 
 def test_load_state_dict_casts_betas_and_0d_hyperparameters():
@@ -674,7 +663,7 @@ def test_load_state_dict_casts_betas_and_0d_hyperparameters():
 
 
 def test_callable_lr_survives_round_trip_as_same_object():
-    sched = Recorder()
+    sched = Recorder(_decay)
     params = make_params()
     opt = Adam(params, lr=sched)
     _train(opt, params, 2)
@@ -683,9 +672,9 @@ def test_callable_lr_survives_round_trip_as_same_object():
     fresh = Adam([p.copy() for p in params], lr=1e-3)
     fresh.load_state_dict(sd)
     assert fresh.param_groups[0]["lr"] is sched
-    sched.calls.clear()
+    sched.seen.clear()
     fresh.step(make_grads(params, 2))
-    assert dedup(sched.calls) == [2]  # the schedule resumes where the steps left it
+    assert dedup(sched.seen) == [2]  # the schedule resumes where the steps left it
 
 
 def test_failed_load_state_dict_changes_nothing():
@@ -702,8 +691,8 @@ def test_failed_load_state_dict_changes_nothing():
     assert opt.param_groups[0]["lr"] == 1e-2
     for s, b in zip(opt.state, state_before):
         assert s["step"] == b["step"] == 2
-        assert_bits(s["exp_avg"], b["exp_avg"])
-        assert_bits(s["exp_avg_sq"], b["exp_avg_sq"])
+        assert_bitwise_equal(s["exp_avg"], b["exp_avg"])
+        assert_bitwise_equal(s["exp_avg_sq"], b["exp_avg_sq"])
 
 
 # --------------------------------------------------------------- functional API
@@ -719,7 +708,7 @@ def test_functional_single_array_and_list_agree(dtype):
         for i in range(len(params)):
             functional_adam(singles[i], grads[i], ms2[i], vs2[i], step=t, lr=1e-2, weight_decay=0.1)
     for a, b in zip(params + ms1 + vs1, singles + ms2 + vs2):
-        assert_bits(a, b)
+        assert_bitwise_equal(a, b)
 
 
 def test_functional_step_list_matches_per_tensor_steps():
@@ -732,9 +721,9 @@ def test_functional_step_list_matches_per_tensor_steps():
     functional_adam(params, grads, ms, vs, step=steps, lr=1e-2)
     for (p, m, v), g, t, pa, ma, va in zip(copies, grads, steps, params, ms, vs):
         functional_adam(p, g, m, v, step=t, lr=1e-2)
-        assert_bits(pa, p)
-        assert_bits(ma, m)
-        assert_bits(va, v)
+        assert_bitwise_equal(pa, p)
+        assert_bitwise_equal(ma, m)
+        assert_bitwise_equal(va, v)
 
 
 def test_functional_does_not_increment_and_accepts_tuples():
@@ -759,11 +748,11 @@ def test_functional_matches_optimizer_bitwise(dtype, amsgrad):
         functional_adam(params, grads, ms, vs, step=t, beta1=0.8, beta2=0.95, amsgrad=amsgrad,
                         max_exp_avg_sqs=vmaxs, grad_scale=0.5, **hyper)
     for i, (p, s) in enumerate(zip(flat_params(opt), opt.state)):
-        assert_bits(p, params[i])
-        assert_bits(s["exp_avg"], ms[i])
-        assert_bits(s["exp_avg_sq"], vs[i])
+        assert_bitwise_equal(p, params[i])
+        assert_bitwise_equal(s["exp_avg"], ms[i])
+        assert_bitwise_equal(s["exp_avg_sq"], vs[i])
         if amsgrad:
-            assert_bits(s["max_exp_avg_sq"], vmaxs[i])
+            assert_bitwise_equal(s["max_exp_avg_sq"], vmaxs[i])
 
 
 def test_functional_signature():
@@ -804,7 +793,7 @@ def test_adamw_defaults_are_decoupled_weight_decay_1e_2():
         opt_ref.step(grads)
         opt_coupled.step(grads)
     for w, r, c in zip(flat_params(opt_w), ref, coupled):
-        assert_bits(w, r)
+        assert_bitwise_equal(w, r)
         if w.size:
             assert not np.array_equal(w, c), "AdamW must not be coupled L2"
 
@@ -843,22 +832,18 @@ def test_num_threads_round_trip():
     assert adamcpp.get_num_threads() == before
 
 
-def test_results_do_not_depend_on_thread_count():
-    before = adamcpp.get_num_threads()
+def test_results_do_not_depend_on_thread_count(restore_threads):
     n = max(2 * int(adamcpp.build_info().get("parallel_min_elements", 65536)), 1 << 17)
     outs = []
-    try:
-        for threads in (1, 2):
-            adamcpp.set_num_threads(threads)
-            rng = np.random.default_rng(5)
-            p = rng.standard_normal(n).astype(np.float32)
-            opt = Adam([p], lr=1e-2)
-            for _ in range(2):
-                opt.step([rng.standard_normal(n).astype(np.float32)])
-            outs.append(p)
-    finally:
-        adamcpp.set_num_threads(before)
-    assert_bits(outs[0], outs[1])
+    for threads in (1, 2):
+        adamcpp.set_num_threads(threads)
+        rng = np.random.default_rng(5)
+        p = rng.standard_normal(n).astype(np.float32)
+        opt = Adam([p], lr=1e-2)
+        for _ in range(2):
+            opt.step([rng.standard_normal(n).astype(np.float32)])
+        outs.append(p)
+    assert_bitwise_equal(outs[0], outs[1])
 
 
 # ------------------------------------------------------------- documentation

@@ -24,7 +24,7 @@ import pytest
 
 import adamcpp
 
-from conftest import SIMD_SUPPORTED, assert_bitwise_equal, assert_equal_nan_aware, using_simd
+from conftest import SIMD_SUPPORTED, Snapshot, assert_bitwise_equal, assert_equal_nan_aware, using_simd
 
 INFO = adamcpp.build_info()
 CHUNK = int(INFO["chunk_elements"])
@@ -366,24 +366,6 @@ def test_max_grad_norm_zero_zeroes_the_gradient(make):
 # ---------------------------------------------------------------------------
 # Non-finite gradients
 # ---------------------------------------------------------------------------
-def _snapshot(params, opt):
-    return ([p.copy() for p in params],
-            [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state])
-
-
-def _assert_unchanged(params, opt, snap, what):
-    ps, states = snap
-    for i, (p, q) in enumerate(zip(params, ps)):
-        assert_bitwise_equal(p, q, f"{what}: params[{i}]")
-    for i, (s, saved) in enumerate(zip(opt.state, states)):
-        assert set(s) == set(saved), f"{what}: state[{i}] keys"
-        for k, v in saved.items():
-            if isinstance(v, np.ndarray):
-                assert_bitwise_equal(s[k], v, f"{what}: state[{i}][{k!r}]")
-            else:
-                assert s[k] == v, f"{what}: state[{i}][{k!r}]"
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", ["adam", "sgd-momentum-damp"])
 def test_skip_with_clipping(name, bad):
@@ -391,11 +373,11 @@ def test_skip_with_clipping(name, bad):
     params = [p.copy() for p in params0]
     opt = OPTIMIZERS[name](params, max_grad_norm=1.0, nonfinite="skip")
     assert opt.step(grads[0]) is True
-    snap = _snapshot(params, opt)
+    snap = Snapshot(opt, params)
     g = [x.copy() for x in grads[1]]
     g[3][0] = bad
     assert opt.step(g, grad_scale=0.5) is False
-    _assert_unchanged(params, opt, snap, "skipped step")
+    snap.assert_values_unchanged("skipped step")
     if np.isnan(bad):
         assert math.isnan(opt.last_grad_norm)
     else:
@@ -411,12 +393,12 @@ def test_raise_with_clipping(name):
     opt = OPTIMIZERS[name](params, max_grad_norm=1.0, nonfinite="raise")
     opt.step(grads[0])
     norm0 = opt.last_grad_norm
-    snap = _snapshot(params, opt)
+    snap = Snapshot(opt, params)
     g = [x.copy() for x in grads[1]]
     g[1][100] = np.nan
     with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
         opt.step(g)
-    _assert_unchanged(params, opt, snap, "refused step")
+    snap.assert_values_unchanged("refused step")
     assert opt.last_grad_norm == norm0  # nothing changes, the reported norm included
 
 
@@ -541,11 +523,11 @@ def test_invalid_max_grad_norm(cls, value, exc):
     params = [np.ones(3), np.ones(2, np.float32)]
     opt = cls(params, lr=0.1, max_grad_norm=1.0)
     opt.step([np.ones(3), np.ones(2, np.float32)])
-    snap, norm = _snapshot(params, opt), opt.last_grad_norm
+    snap, norm = Snapshot(opt, params), opt.last_grad_norm
     opt.max_grad_norm = value
     with pytest.raises(exc, match="max_grad_norm"):
         opt.step([np.ones(3), np.ones(2, np.float32)])
-    _assert_unchanged(params, opt, snap, "refused step")
+    snap.assert_values_unchanged("refused step")
     assert opt.last_grad_norm == norm
 
 

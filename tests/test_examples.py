@@ -34,13 +34,6 @@ def single_threaded_blas():
         yield
 
 
-@pytest.fixture
-def restore_threads():
-    n = adamcpp.get_num_threads()
-    yield
-    adamcpp.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     pytest.importorskip("sklearn")

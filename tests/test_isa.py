@@ -23,7 +23,7 @@ import adamcpp
 from adamcpp import _core
 
 from conftest import SIMD_SUPPORTED, assert_bitwise_equal, using_simd
-from reference import emulated_step
+from reference import emulated_step, run_trajectory
 
 SIZES = [0, 1, 7, 15, 16, 17, 97, 4099, 1_000_003]
 DTYPES = [np.float32, np.float64]
@@ -58,12 +58,8 @@ def _run_functional(p0, grads, hyper, grad_scale):
 
 
 def _emulate(p0, grads, hyper, grad_scale):
-    p = p0.copy()
-    m, v = np.zeros_like(p), np.zeros_like(p)
-    vmax = np.zeros_like(p) if hyper.get("amsgrad") else None
-    for k, g in enumerate(grads, start=1):
-        p, m, v, vmax = emulated_step(p, g, m, v, vmax, step=k, grad_scale=grad_scale, **hyper)
-    return p, m, v, vmax
+    emu = run_trajectory(p0, grads, mode="emulate", grad_scale=grad_scale, **hyper)
+    return emu.p, emu.m, emu.v, emu.vmax
 
 
 def _assert_same(got, want, what):

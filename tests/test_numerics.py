@@ -2,7 +2,7 @@
 
 Two independent checks per trajectory (tests/reference.py):
 
-1. Tolerance against the float64 reference (API.md's formulas in float64).
+1. Tolerance against the float64 reference (docs/api.md's formulas in float64).
    The tolerance is derived, not guessed. A step is about ten operations on
    each element (g*scale, [g + wd*p | p*df], two products and a sum for m,
    three products and a sum for v, sqrt, [/sqrt(bc2)], +eps, step_size*m, the
@@ -56,8 +56,10 @@ from adamcpp import _core
 
 from conftest import (
     SIMD_SUPPORTED,
+    Snapshot,
     assert_bitwise_equal,
     assert_equal_nan_aware,
+    assert_within,
     flat,
     make_problem,
     using_simd,
@@ -113,17 +115,7 @@ def _reference_cached(v) -> ReferenceAdam:
 
 def _check_against_reference(ref: ReferenceAdam, name: str, actual: np.ndarray, dtype, what: str) -> None:
     """|actual - ref| <= the derived bound, element by element."""
-    expected = np.ravel(getattr(ref, name))
-    tol = np.ravel(ref.error_bound(name, dtype))
-    actual = np.ravel(actual)
-    err = np.abs(actual.astype(np.float64) - expected)
-    bad = ~(err <= tol)
-    if bad.any():
-        i = int(np.argmax(np.where(bad, err / np.maximum(tol, 1e-300), 0)))
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.size} elements outside the rounding bound; worst at {i}: "
-            f"got {actual[i]!r}, reference {expected[i]!r}, |err| {err[i]:.3e} > bound {tol[i]:.3e}"
-        )
+    assert_within(np.ravel(actual), np.ravel(getattr(ref, name)), np.ravel(ref.error_bound(name, dtype)), what)
 
 
 def _make_optimizer(v, params):
@@ -398,32 +390,11 @@ def _nonfinite_setup(policy):
     return build(policy), build("propagate"), grads
 
 
-def _snapshot(opt, params):
-    return (
-        [p.copy() for p in params],
-        [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state],
-    )
-
-
-def _assert_unchanged(opt, params, snap):
-    ps, states = snap
-    for i, (p, p_old) in enumerate(zip(params, ps)):
-        assert_bitwise_equal(p, p_old, f"params[{i}]")
-    assert len(opt.state) == len(states)
-    for i, (s, s_old) in enumerate(zip(opt.state, states)):
-        assert set(s) == set(s_old), f"state[{i}] keys"
-        for k in s_old:
-            if isinstance(s_old[k], np.ndarray):
-                assert_bitwise_equal(s[k], s_old[k], f"state[{i}][{k!r}]")
-            else:
-                assert s[k] == s_old[k] and type(s[k]) is type(s_old[k]), f"state[{i}][{k!r}]"
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_nonfinite_skip_and_raise_change_nothing(simd_target, policy, bad):
     (opt, params), (twin, twin_params), grads = _nonfinite_setup(policy)
-    snap = _snapshot(opt, params)
+    snap = Snapshot(opt, params)
     bad_grads = [g.copy() for g in grads[3]]
     bad_grads[1].flat[5] = bad  # a float64 tensor, in the middle
     if policy == "skip":
@@ -431,7 +402,7 @@ def test_nonfinite_skip_and_raise_change_nothing(simd_target, policy, bad):
     else:
         with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
             opt.step(bad_grads)
-    _assert_unchanged(opt, params, snap)
+    snap.assert_values_unchanged()
     # The schedule position was not consumed either: the next good step gives
     # exactly what an optimizer that never saw the bad step gives.
     for gk in grads[3:]:

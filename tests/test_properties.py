@@ -27,6 +27,7 @@ from hypothesis.extra.numpy import array_shapes
 
 from adamcpp import Adam, AdamW
 from adamcpp.functional import adam as functional_adam
+from conftest import assert_equal_nan_aware
 
 # On a failure hypothesis writes a patch of the failing example with libcst,
 # whose import (libcst 1.0 with a recent mypy_extensions) emits a
@@ -77,23 +78,6 @@ def emulate_step(p, g, m, v, vmax, *, step: int, lr: float, beta1: float, beta2:
             denom = np.sqrt(v_used) / T(bias_correction2_sqrt) + T(eps)
         p = np.asarray(p - (T(step_size) * m) / denom, dtype=T)
     return p, m, v, vmax
-
-
-def assert_same(actual, expected, what=""):
-    """Bitwise equal, except that NaN only has to match NaN."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    nan_a, nan_e = np.isnan(actual), np.isnan(expected)
-    assert np.array_equal(nan_a, nan_e), f"{what}: NaN positions differ"
-    a = np.where(nan_a, 0, actual).astype(actual.dtype)
-    e = np.where(nan_e, 0, expected).astype(expected.dtype)
-    if a.tobytes() != e.tobytes():
-        uint = np.uint32 if a.dtype.itemsize == 4 else np.uint64
-        bad = np.flatnonzero(a.ravel().view(uint) != e.ravel().view(uint))
-        i = bad[0]
-        raise AssertionError(f"{what}: {bad.size} of {a.size} elements differ bitwise; "
-                             f"first at flat index {i}: {a.ravel()[i]!r} != {e.ravel()[i]!r}")
 
 
 # ------------------------------------------------------------------- strategies
@@ -158,11 +142,11 @@ def test_functional_matches_emulation(shape_list, dtype, hyper, steps, grad_scal
     functional_adam(ps, gs, ms, vs, step=step, max_exp_avg_sqs=vmaxs if hyper["amsgrad"] else None,
                     grad_scale=grad_scale, **hyper)
     for i, (p, m, v, vm) in enumerate(expected):
-        assert_same(ps[i], p, f"params[{i}]")
-        assert_same(ms[i], m, f"exp_avgs[{i}]")
-        assert_same(vs[i], v, f"exp_avg_sqs[{i}]")
+        assert_equal_nan_aware(ps[i], p, f"params[{i}]")
+        assert_equal_nan_aware(ms[i], m, f"exp_avgs[{i}]")
+        assert_equal_nan_aware(vs[i], v, f"exp_avg_sqs[{i}]")
         if hyper["amsgrad"]:
-            assert_same(vmaxs[i], vm, f"max_exp_avg_sqs[{i}]")
+            assert_equal_nan_aware(vmaxs[i], vm, f"max_exp_avg_sqs[{i}]")
         assert gs[i].tobytes() == grads_before[i].tobytes(), "gradients are only read"
 
 
@@ -198,11 +182,11 @@ def test_optimizer_matches_emulation_and_preserves_dtypes(shape_list, dtype, hyp
         assert type(s["step"]) is int and s["step"] == n_steps
         for k in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hyper["amsgrad"] else ()):
             assert s[k].dtype == dtype and s[k].shape == p.shape, k
-        assert_same(p, ep, f"params[{i}]")
-        assert_same(s["exp_avg"], em, f"exp_avg[{i}]")
-        assert_same(s["exp_avg_sq"], ev, f"exp_avg_sq[{i}]")
+        assert_equal_nan_aware(p, ep, f"params[{i}]")
+        assert_equal_nan_aware(s["exp_avg"], em, f"exp_avg[{i}]")
+        assert_equal_nan_aware(s["exp_avg_sq"], ev, f"exp_avg_sq[{i}]")
         if hyper["amsgrad"]:
-            assert_same(s["max_exp_avg_sq"], evm, f"max_exp_avg_sq[{i}]")
+            assert_equal_nan_aware(s["max_exp_avg_sq"], evm, f"max_exp_avg_sq[{i}]")
 
 
 @PROPERTY_SETTINGS

@@ -12,6 +12,7 @@ import pytest
 
 import adamcpp
 from adamcpp import schedules as S
+from conftest import Recorder, normal_problem
 
 EPS64 = 2.0 ** -52  # float64 machine epsilon (spacing of doubles in [1, 2))
 
@@ -293,23 +294,8 @@ def test_exported_from_package():
 # --------------------------------------------------------- use with the optimizers
 
 
-class Recorder:
-    """A schedule that records every t it is asked for (module level, so it pickles)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.seen = []
-
-    def __call__(self, t):
-        self.seen.append(t)
-        return self.inner(t)
-
-
-def make_problem(seed=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    params = [rng.standard_normal(s).astype(dtype) for s in [(7, 5), (5,), (33,)]]
-    grads = [[rng.standard_normal(p.shape).astype(dtype) for p in params] for _ in range(16)]
-    return params, grads
+def _problem(seed=0, dtype=np.float32):
+    return normal_problem(seed, [(7, 5), (5,), (33,)], 16, dtype)
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["Adam", "AdamW"])
@@ -320,7 +306,7 @@ def test_optimizer_follows_schedule_bitwise(decoupled, dtype):
     bit for bit (both run the same native path)."""
     sched = S.WarmupCosineDecay(1e-2, 4, 12, 1e-4, 1e-5)
     rec = Recorder(sched)
-    params, grads = make_problem(dtype=dtype)
+    params, grads = _problem(dtype=dtype)
     ref = [p.copy() for p in params]
     m = [np.zeros_like(p) for p in ref]
     v = [np.zeros_like(p) for p in ref]
@@ -341,7 +327,7 @@ def test_state_dict_resumes_schedule_at_the_right_t():
     into a fresh optimizer built with a different lr: the next update uses lr(7), and the
     resumed run matches an uninterrupted one bit for bit."""
     sched = S.StepDecay(1e-2, 3, 0.5)
-    params, grads = make_problem(seed=1)
+    params, grads = _problem(seed=1)
     straight = [p.copy() for p in params]
     opt_straight = adamcpp.Adam(straight, lr=sched)
     for g in grads:
@@ -354,7 +340,7 @@ def test_state_dict_resumes_schedule_at_the_right_t():
     sd = pickle.loads(pickle.dumps(opt_a.state_dict()))
     assert all(s["step"] == 7 for s in sd["state"].values())
     loaded_lr = sd["param_groups"][0]["lr"]
-    assert isinstance(loaded_lr, Recorder) and loaded_lr.inner == sched and loaded_lr is not opt_a.param_groups[0]["lr"]
+    assert isinstance(loaded_lr, Recorder) and loaded_lr.fn == sched and loaded_lr is not opt_a.param_groups[0]["lr"]
     loaded_lr.seen.clear()
 
     resumed = [p.copy() for p in first]
@@ -371,7 +357,7 @@ def test_state_dict_resumes_schedule_at_the_right_t():
 
 def test_plain_schedule_object_round_trips_in_state_dict():
     sched = S.CosineDecay(1e-3, 50, 1e-5)
-    params, grads = make_problem(seed=2)
+    params, grads = _problem(seed=2)
     opt = adamcpp.Adam(params, lr=sched)
     opt.step(grads[0])
     sd = pickle.loads(pickle.dumps(opt.state_dict()))
@@ -384,7 +370,7 @@ def test_plain_schedule_object_round_trips_in_state_dict():
 
 def test_skipped_step_does_not_advance_the_schedule():
     rec = Recorder(S.ExponentialDecay(1e-2, 0.5))
-    params, grads = make_problem(seed=3)
+    params, grads = _problem(seed=3)
     opt = adamcpp.Adam(params, lr=rec, nonfinite="skip")
     assert opt.step(grads[0]) is True
     bad = [g.copy() for g in grads[1]]
@@ -396,7 +382,7 @@ def test_skipped_step_does_not_advance_the_schedule():
 
 
 def test_per_group_schedules():
-    params, grads = make_problem(seed=4)
+    params, grads = _problem(seed=4)
     r0, r1 = Recorder(S.Constant(1e-3)), Recorder(S.CosineDecay(1e-2, 5))
     opt = adamcpp.Adam([{"params": params[:2], "lr": r0}, {"params": params[2:], "lr": r1}])
     for g in grads[:6]:
@@ -408,7 +394,7 @@ def test_sgd_accepts_schedules_when_available():
     if not hasattr(adamcpp, "SGD"):
         pytest.skip("adamcpp.SGD is not available in this build")
     rec = Recorder(S.StepDecay(0.1, 2, 0.5))
-    params, grads = make_problem(seed=5, dtype=np.float64)
+    params, grads = _problem(seed=5, dtype=np.float64)
     before = [p.copy() for p in params]
     opt = adamcpp.SGD(params, lr=rec)
     opt.step(grads[0])

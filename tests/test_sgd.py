@@ -1,20 +1,13 @@
 """adamcpp.SGD: torch.optim.SGD's numerics, state, checkpoints and errors.
 
-Two independent references, both written here from the algorithm rather than
-from the C++ sources:
+Two independent references, both in reference.py and written from the
+algorithm rather than from the C++ sources:
 
 * ``reference_sgd_step``: torch.optim.SGD's algorithm in float64, as the
   documented update reads (with the gradient negated first for ``maximize``,
-  which is what torch's implementation does and what adamcpp documents):
-
-      g = grad * grad_scale   (g = -g when maximize)
-      g = g + weight_decay * p                          (weight_decay != 0)
-      buf = g  on the first momentum step, else  buf = momentum * buf + (1 - dampening) * g
-      g = g + momentum * buf  (nesterov)   or   g = buf          (momentum != 0)
-      p = p - lr * g
-
-  The library is compared with it under an elementwise first-order
-  rounding-error bound (``SgdErrorBound``), derived below.
+  which is what torch's implementation does and what adamcpp documents). The
+  library is compared with it under an elementwise first-order rounding-error
+  bound (``SgdErrorBound``, derived in its docstring).
 
 * ``emulated_sgd_step``: the same update in the element type with the
   documented operation order and every scalar rounded once from float64 (as
@@ -34,8 +27,17 @@ import pytest
 import adamcpp
 from adamcpp import schedules as S
 
-from conftest import SIMD_SUPPORTED, assert_bitwise_equal, make_problem
-from reference import UNIT_ROUNDOFF
+from conftest import (
+    SIMD_SUPPORTED,
+    Recorder,
+    Snapshot,
+    alternating_dtype_problem,
+    assert_bitwise_equal,
+    assert_within,
+    flat,
+    make_problem,
+)
+from reference import UNIT_ROUNDOFF, SgdErrorBound, emulated_sgd_step, reference_sgd_step, sgd_hyper
 
 INFO = adamcpp.build_info()
 CHUNK = int(INFO["chunk_elements"])
@@ -57,125 +59,6 @@ MOMENTUM_CONFIGS = [
     (0.9, 0.0, True),
 ]
 MOMENTUM_IDS = ["plain", "plain-damp", "momentum", "momentum-damp", "nesterov"]
-
-
-def hyper_of(momentum, dampening, nesterov, weight_decay, maximize, lr=1e-2) -> Dict[str, Any]:
-    return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                nesterov=nesterov, maximize=maximize)
-
-
-def _lr_at(lr, t: int) -> float:
-    """The rate of the update that has `t` updates before it."""
-    return float(lr(t)) if callable(lr) else float(lr)
-
-
-# ---------------------------------------------------------------------------
-# References
-# ---------------------------------------------------------------------------
-def reference_sgd_step(p, grad, buf, *, t: int = 0, grad_scale: float = 1.0, lr=1e-3, momentum=0.0,
-                       dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
-    """torch.optim.SGD's update in float64. `buf` is None before the first
-    momentum step; `t` = updates already applied (for a schedule). Pure:
-    returns (p, buf)."""
-    lr = _lr_at(lr, t)
-    p = np.asarray(p, dtype=np.float64)
-    g = np.asarray(grad, dtype=np.float64) * grad_scale
-    if maximize:
-        g = -g
-    if weight_decay != 0:
-        g = g + weight_decay * p
-    if momentum != 0:
-        if buf is None:
-            buf = g.copy()
-        else:
-            buf = momentum * np.asarray(buf, dtype=np.float64) + (1.0 - dampening) * g
-        g = g + momentum * buf if nesterov else buf
-    return p - lr * g, buf
-
-
-def emulated_sgd_step(p, grad, buf, *, t: int = 0, grad_scale: float = 1.0, lr=1e-3, momentum=0.0,
-                      dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
-    """The documented operation order in p's dtype, scalars rounded once.
-    Pure: returns (p, buf)."""
-    T = np.asarray(p).dtype.type
-    gs = T(-grad_scale if maximize else grad_scale)
-    lr_t, wd, mom, omd = T(_lr_at(lr, t)), T(weight_decay), T(momentum), T(1.0 - dampening)
-    p = np.asarray(p)
-    with np.errstate(all="ignore"):
-        g = np.asarray(grad, dtype=T) * gs
-        if weight_decay != 0:
-            g = g + wd * p
-        if momentum != 0:
-            buf = g.copy() if buf is None else buf * mom + omd * g
-            g = g + mom * buf if nesterov else buf
-        p = p - lr_t * g
-    assert p.dtype == T and (buf is None or buf.dtype == T)
-    return p, buf
-
-
-class SgdErrorBound:
-    """Elementwise first-order bound on |x_T - x_ref| (x = p, buf) between any
-    evaluation of the update with correctly rounded operations in T and the
-    float64 reference, both starting from the same exactly representable p0
-    and gradients.
-
-    Per step (magnitudes taken from the reference; u = u_T + u_64 because the
-    reference rounds too, on the same operation graph):
-      g1 = g*gs: gs rounded once, the product once             -> 2u |g gs|
-      g2 = g1 + wd*p: wd once, product once, sum once           -> <= 3u G + wd E_p,
-                                                                  G = |g gs| + wd |p|
-      buf (first) = g2                                          -> E_b = dG
-      buf = buf*mu + omd*g2: mu, omd, 2 products, 1 sum         -> mu E_b + omd dG + 3u (mu |b| + omd G)
-      d = g2 + mu*buf (nesterov): mu, product, sum              -> dG + mu E_b + 3u (G + mu |b'|)
-      p = p - lr*d: lr, product, difference                     -> E_p + lr E_d + 3u (|p| + lr |D|)
-    with |D| = G + mu |b'| (nesterov), |b'| (momentum) or G. Products of two
-    error terms are second order: over a few hundred steps they are < 1e-2 of
-    the bound even in float32, hence the final factor 1.01.
-    """
-
-    def __init__(self, p0: np.ndarray, dtype):
-        self.u = UNIT_ROUNDOFF[np.dtype(dtype)] + UNIT_ROUNDOFF[np.dtype(np.float64)]
-        self.E = np.zeros(p0.shape)
-        self.B = np.zeros(p0.shape)
-
-    def advance(self, p_ref, grad, buf_ref, new_buf_ref, *, grad_scale, lr, momentum, dampening,
-                weight_decay, nesterov, maximize, t=0):
-        u, mu, omd, wd = self.u, momentum, 1.0 - dampening, weight_decay
-        lr = _lr_at(lr, t)
-        G = np.abs(np.asarray(grad, np.float64) * grad_scale) + wd * np.abs(p_ref)
-        dG = 3.0 * u * G + wd * self.E
-        if mu != 0:
-            if buf_ref is None:
-                B = dG
-            else:
-                B = mu * self.B + omd * dG + 3.0 * u * (mu * np.abs(buf_ref) + omd * G)
-            b1 = np.abs(new_buf_ref)
-            if nesterov:
-                Ed, D = dG + mu * B + 3.0 * u * (G + mu * b1), G + mu * b1
-            else:
-                Ed, D = B, b1
-        else:
-            B, Ed, D = self.B, dG, G
-        self.E = self.E + lr * Ed + 3.0 * u * (np.abs(p_ref) + lr * D)
-        self.B = B
-
-    def bound(self, name: str) -> np.ndarray:
-        return 1.01 * (self.E if name == "p" else self.B)
-
-
-def assert_within(actual, expected, bound, what):
-    actual = np.asarray(actual, dtype=np.float64)
-    err = np.abs(actual - expected)
-    bad = ~(err <= bound)
-    if bad.any():
-        k = np.flatnonzero(bad.ravel())[:5]
-        rows = [f"  at {j}: got {actual.ravel()[j]!r}, reference {expected.ravel()[j]!r}, "
-                f"error {err.ravel()[j]:.3e} > bound {bound.ravel()[j]:.3e}" for j in k]
-        raise AssertionError(f"{what}: {int(bad.sum())} element(s) outside the bound\n" + "\n".join(rows))
-
-
-def _flat64(arrays) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
 
 
 # ---------------------------------------------------------------------------
@@ -206,19 +89,19 @@ def test_sgd_trajectory(simd_target, momentum, dampening, nesterov, weight_decay
     reference every 50 steps. (The float64 comparison does not depend on the
     target: it runs under the first one, and the bitwise check ties every
     other target to the same bits.)"""
-    hyper = hyper_of(momentum, dampening, nesterov, weight_decay, maximize)
+    hyper = sgd_hyper(momentum, dampening, nesterov, weight_decay, maximize)
     params0, grads = trajectory_problem(dtype)
     with_reference = simd_target == SIMD_SUPPORTED[0]
     params = [p.copy() for p in params0]
     opt = adamcpp.SGD(params, **hyper)
     # Emulation and reference on the concatenation (the update is elementwise).
-    emu_p, emu_b = _flat64(params0).astype(dtype), None
-    ref_p, ref_b = _flat64(params0), None
+    emu_p, emu_b = flat(params0, np.float64).astype(dtype), None
+    ref_p, ref_b = flat(params0, np.float64), None
     bound = SgdErrorBound(ref_p, dtype)
     scale_p = np.abs(ref_p)  # largest |p| seen, for the relative size of the bound
     for k, gk in enumerate(grads):
         assert opt.step(gk, grad_scale=grad_scale) is True
-        g = _flat64(gk)
+        g = flat(gk, np.float64)
         emu_p, emu_b = emulated_sgd_step(emu_p, g.astype(dtype), emu_b, grad_scale=grad_scale, **hyper)
         # Every step at first (the first momentum step is special), then every
         # 10th and the last: a bitwise difference, once made, persists.
@@ -255,7 +138,7 @@ def test_sgd_trajectory(simd_target, momentum, dampening, nesterov, weight_decay
 def test_error_bound_detects_a_wrong_first_step(rng):
     """Sanity check of the tolerance: a reference that dampens the first
     momentum step (a plausible bug) falls outside the float32 bound."""
-    hyper = hyper_of(0.9, 0.5, False, 0.0, False)
+    hyper = sgd_hyper(0.9, 0.5, False, 0.0, False)
     params0, grads = make_problem(rng, [(64,)], 20, np.float32)
     p = params0[0].copy()
     opt = adamcpp.SGD([p], **hyper)
@@ -290,7 +173,7 @@ def test_sgd_groups_with_different_hyperparameters(simd_target, rng, dtype):
     groups, hypers, at = [], [], 0
     for sh, h in specs:
         groups.append({"params": params[at:at + len(sh)], **h})
-        full = dict(hyper_of(0.0, 0.0, False, 0.0, False, lr=1e-3), **h)
+        full = dict(sgd_hyper(0.0, 0.0, False, 0.0, False, lr=1e-3), **h)
         hypers += [full] * len(sh)
         at += len(sh)
     opt = adamcpp.SGD(groups, lr=1e-3)
@@ -336,11 +219,8 @@ THREAD_SIZES = [1, CHUNK - 1, CHUNK + 1, 7, 3 * CHUNK + 5, 2 * CHUNK - 1]
 @pytest.mark.parametrize("momentum, dampening, nesterov", MOMENTUM_CONFIGS[1:], ids=MOMENTUM_IDS[1:])
 def test_thread_count_does_not_change_results(restore_threads, momentum, dampening, nesterov):
     assert sum(THREAD_SIZES) >= PAR_MIN  # the parallel path runs
-    hyper = hyper_of(momentum, dampening, nesterov, 0.01, False)
-    rng = np.random.default_rng(11)
-    dtypes = [(np.float32, np.float64)[i % 2] for i in range(len(THREAD_SIZES))]
-    params0 = [rng.uniform(-1, 1, n).astype(d) for n, d in zip(THREAD_SIZES, dtypes)]
-    grads = [[rng.normal(0, 1, n).astype(d) for n, d in zip(THREAD_SIZES, dtypes)] for _ in range(3)]
+    hyper = sgd_hyper(momentum, dampening, nesterov, 0.01, False)
+    params0, grads = alternating_dtype_problem(THREAD_SIZES, 3, seed=11)
     runs = {}
     for threads in (1, 2):
         adamcpp.set_num_threads(threads)
@@ -371,7 +251,7 @@ def _problem(seed=3, dtype=np.float32, shapes=((5,), (2, 3), (1,)), steps=60):
 
 @pytest.mark.parametrize("momentum, dampening, nesterov", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
 def test_state_dict_round_trip(momentum, dampening, nesterov):
-    hyper = hyper_of(momentum, dampening, nesterov, 0.01, False)
+    hyper = sgd_hyper(momentum, dampening, nesterov, 0.01, False)
     params0, grads = _problem()
     pa = [p.copy() for p in params0]
     a = adamcpp.SGD(pa, **hyper)
@@ -451,7 +331,7 @@ def test_load_torch_style_state_dict_with_none_buffers():
     assert all(s["step"] == 0 and s.get("momentum_buffer") is None for s in opt.state)
     opt.step(grads[0])
     opt.step(grads[1])
-    h = hyper_of(0.9, 0.5, False, 0.0, False, lr=0.05)
+    h = sgd_hyper(0.9, 0.5, False, 0.0, False, lr=0.05)
     for i in range(3):
         p, b = emulated_sgd_step(params0[i], grads[0][i], None, **h)
         p, b = emulated_sgd_step(p, grads[1][i], b, **h)
@@ -481,7 +361,7 @@ def test_load_torch_style_state_dict_empty_state_and_buffers():
         assert opt.state[i]["step"] == 0
     assert opt.state[1]["step"] == 0 and opt.state[1].get("momentum_buffer") is None
     opt.step(grads[0])
-    h = hyper_of(0.9, 0.25, False, 0.0, False, lr=0.05)
+    h = sgd_hyper(0.9, 0.25, False, 0.0, False, lr=0.05)
     for i in range(3):
         start = None if i == 1 else bufs[i].astype(np.float32)
         p, b = emulated_sgd_step(params0[i], grads[0][i], start, **h)
@@ -521,7 +401,7 @@ def test_skipped_first_step_creates_no_buffer(policy):
     applied step is the first momentum step (buf = g, undamped)."""
     params0, grads = _problem()
     params = [p.copy() for p in params0]
-    h = hyper_of(0.9, 0.5, False, 0.01, False, lr=0.05)
+    h = sgd_hyper(0.9, 0.5, False, 0.01, False, lr=0.05)
     opt = adamcpp.SGD(params, nonfinite=policy, **h)
     bad = [g.copy() for g in grads[0]]
     bad[2][0] = np.nan  # only the last tensor is bad
@@ -544,7 +424,7 @@ def test_skipped_first_step_creates_no_buffer(policy):
 def test_skipped_later_step_leaves_buffers_alone():
     params0, grads = _problem()
     params = [p.copy() for p in params0]
-    h = hyper_of(0.9, 0.0, True, 0.0, True, lr=0.05)
+    h = sgd_hyper(0.9, 0.0, True, 0.0, True, lr=0.05)
     opt = adamcpp.SGD(params, nonfinite="skip", **h)
     opt.step(grads[0])
     before = [(p.copy(), s["momentum_buffer"], s["momentum_buffer"].copy()) for p, s in zip(params, opt.state)]
@@ -561,39 +441,6 @@ def test_skipped_later_step_leaves_buffers_alone():
 # ---------------------------------------------------------------------------
 # Errors change nothing
 # ---------------------------------------------------------------------------
-def _same(a, b) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and a.tobytes() == b.tobytes())
-    return type(a) is type(b) and a == b
-
-
-class Snapshot:
-    """Bits of every parameter, every state entry (and the identity of the
-    stored objects) and every group's hyperparameters."""
-
-    def __init__(self, opt, params):
-        self.opt, self.params = opt, [(p, p.copy()) for p in params]
-        self.state = [(s, {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}, dict(s))
-                      for s in opt.state]
-        self.groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
-
-    def assert_unchanged(self, *, except_groups: bool = False):
-        for i, (p, saved) in enumerate(self.params):
-            assert _same(p, saved), f"params[{i}] changed"
-        assert len(self.opt.state) == len(self.state)
-        for i, (live, saved, objs) in enumerate(self.state):
-            assert self.opt.state[i] is live, f"state[{i}] replaced"
-            assert set(live) == set(saved), f"state[{i}] keys changed"
-            for k, v in saved.items():
-                assert live[k] is objs[k], f"state[{i}][{k!r}] replaced"
-                assert _same(live[k], v), f"state[{i}][{k!r}] changed"
-        if not except_groups:
-            for gi, (g, hyper) in enumerate(self.groups):
-                assert self.opt.param_groups[gi] is g
-                assert {k: v for k, v in g.items() if k != "params"} == hyper, f"param_groups[{gi}] changed"
-
-
 BAD_HYPER = [
     # (kwargs, exception, message fragment)
     (dict(lr=-0.1), ValueError, "lr"),
@@ -634,7 +481,7 @@ def test_dampening_bounds_are_inclusive():
 def _trained(nonfinite="propagate", **kw):
     params0, grads = _problem()
     params = [p.copy() for p in params0]
-    hyper = dict(hyper_of(0.9, 0.5, False, 0.01, False), **kw)
+    hyper = dict(sgd_hyper(0.9, 0.5, False, 0.01, False), **kw)
     opt = adamcpp.SGD(params, nonfinite=nonfinite, **hyper)
     for gk in grads[:3]:
         opt.step(gk)
@@ -771,15 +618,6 @@ def test_bad_state_dict_changes_nothing(mutate, exc):
 # ---------------------------------------------------------------------------
 # Learning-rate schedules
 # ---------------------------------------------------------------------------
-class Recorder:
-    def __init__(self, fn):
-        self.fn, self.seen = fn, []
-
-    def __call__(self, t):
-        self.seen.append(t)
-        return self.fn(t)
-
-
 @pytest.mark.parametrize("schedule", [S.StepDecay(0.1, 2, 0.5), S.WarmupCosineDecay(0.05, 3, 10),
                                       lambda t: 0.1 / (1 + t)], ids=["step", "warmup_cosine", "lambda"])
 def test_schedules_drive_sgd(schedule):
@@ -788,7 +626,7 @@ def test_schedules_drive_sgd(schedule):
     params0, grads = _problem(steps=12)
     params = [p.copy() for p in params0]
     rec = Recorder(schedule)
-    h = hyper_of(0.9, 0.1, False, 0.01, True, lr=schedule)  # the emulation calls the bare schedule
+    h = sgd_hyper(0.9, 0.1, False, 0.01, True, lr=schedule)  # the emulation calls the bare schedule
     opt = adamcpp.SGD(params, nonfinite="skip", **dict(h, lr=rec))
     emu = [(p.copy(), None) for p in params0]
     applied = 0

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 import adamcpp
+from conftest import normal_problem
 
 
 def _setup(n=3, size=5, seed=0):
-    rng = np.random.default_rng(seed)
-    params = [rng.standard_normal(size).astype(np.float32) for _ in range(n)]
-    grads = [[rng.standard_normal(size).astype(np.float32) for _ in range(n)] for _ in range(6)]
-    return params, grads
+    return normal_problem(seed, [(size,)] * n, 6, np.float32)
 
 
 def _run_pair(edit, *, amsgrad=False):

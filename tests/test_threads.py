@@ -18,8 +18,8 @@ import pytest
 
 import adamcpp
 
-from conftest import assert_bitwise_equal
-from reference import emulated_step
+from conftest import Snapshot, alternating_dtype_problem, assert_bitwise_equal
+from reference import run_trajectory
 
 INFO = adamcpp.build_info()
 CHUNK = int(INFO["chunk_elements"])
@@ -42,15 +42,6 @@ VARIANTS = {
 }
 
 
-def _data(sizes, steps, seed):
-    """Parameters (float32 and float64 alternating) and `steps` gradient lists."""
-    rng = np.random.default_rng(seed)
-    dtypes = [(np.float32, np.float64)[i % 2] for i in range(len(sizes))]
-    params = [rng.uniform(-1, 1, n).astype(d) for n, d in zip(sizes, dtypes)]
-    grads = [[rng.normal(0, 1, n).astype(d) for n, d in zip(sizes, dtypes)] for _ in range(steps)]
-    return params, grads
-
-
 def _run(params0, grads, threads, nonfinite, hyper):
     adamcpp.set_num_threads(threads)
     assert adamcpp.get_num_threads() == threads
@@ -64,11 +55,8 @@ def _run(params0, grads, threads, nonfinite, hyper):
 def _emulate(p0, grads_i, hyper):
     h = dict(hyper)
     h["beta1"], h["beta2"] = h.pop("betas", (0.9, 0.999))
-    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
-    vmax = np.zeros_like(p0) if h.get("amsgrad") else None
-    for k, g in enumerate(grads_i, start=1):
-        p, m, v, vmax = emulated_step(p, g, m, v, vmax, step=k, **h)
-    return p, m, v, vmax
+    emu = run_trajectory(p0, grads_i, mode="emulate", **h)
+    return emu.p, emu.m, emu.v, emu.vmax
 
 
 def test_layouts_straddle_the_threshold():
@@ -84,7 +72,7 @@ def test_layouts_straddle_the_threshold():
 def test_thread_count_does_not_change_results(restore_threads, layout, variant, nonfinite):
     hyper = VARIANTS[variant]
     sizes = LAYOUTS[layout]
-    params0, grads = _data(sizes, 3, seed=len(sizes) * 1000 + sum(sizes) % 997)
+    params0, grads = alternating_dtype_problem(sizes, 3, seed=len(sizes) * 1000 + sum(sizes) % 997)
     runs = {t: _run(params0, grads, t, nonfinite, hyper) for t in THREADS}
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.get("amsgrad") else [])
     ps1, opt1 = runs[1]
@@ -111,25 +99,6 @@ def test_thread_count_does_not_change_results(restore_threads, layout, variant, 
 BIG_LAST = LAYOUTS["above"] + [2 * CHUNK + 11]
 
 
-def _snapshot(params, opt):
-    return [p.copy() for p in params], [
-        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state
-    ]
-
-
-def _assert_unchanged(params, opt, snap, what):
-    ps, states = snap
-    for i, (p, q) in enumerate(zip(params, ps)):
-        assert_bitwise_equal(p, q, f"{what}: params[{i}]")
-    for i, (s, old) in enumerate(zip(opt.state, states)):
-        assert set(s) == set(old)
-        for k, v in old.items():
-            if isinstance(v, np.ndarray):
-                assert_bitwise_equal(s[k], v, f"{what}: state[{i}][{k!r}]")
-            else:
-                assert s[k] == v, f"{what}: state[{i}][{k!r}]"
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 @pytest.mark.parametrize("layout", ["above", "big_last"])
@@ -137,20 +106,20 @@ def _assert_unchanged(params, opt, snap, what):
 def test_nonfinite_in_last_tensor_found_at_any_thread_count(restore_threads, policy, layout, where, bad):
     sizes = LAYOUTS["above"] if layout == "above" else BIG_LAST
     last = len(sizes) - 1
-    params0, grads = _data(sizes, 3, seed=42)
+    params0, grads = alternating_dtype_problem(sizes, 3, seed=42)
     hyper = VARIANTS["l2-amsgrad"]
     bad_grads = [g.copy() for g in grads[2]]
     pos = {"first": 0, "middle": sizes[last] // 2, "last": sizes[last] - 1}[where]
     bad_grads[last][pos] = bad
     for t in THREADS:
         ps, opt = _run(params0, grads[:2], t, policy, hyper)
-        snap = _snapshot(ps, opt)
+        snap = Snapshot(opt, ps)
         if policy == "skip":
             assert opt.step(bad_grads) is False, f"{t} threads: the non-finite gradient was not found"
         else:
             with pytest.raises(FloatingPointError, match=rf"grads\[{last}\]"):
                 opt.step(bad_grads)
-        _assert_unchanged(ps, opt, snap, f"{policy} with {t} threads")
+        snap.assert_values_unchanged(f"{policy} with {t} threads")
         assert [s["step"] for s in opt.state] == [2] * len(sizes)
 
 
@@ -159,7 +128,7 @@ def test_nonfinite_report_is_deterministic(restore_threads):
     the same tensor, and it is one of the two."""
     sizes = BIG_LAST
     last = len(sizes) - 1
-    params0, grads = _data(sizes, 1, seed=5)
+    params0, grads = alternating_dtype_problem(sizes, 1, seed=5)
     bad_grads = [g.copy() for g in grads[0]]
     bad_grads[2][CHUNK // 3] = np.nan
     bad_grads[last][-1] = -np.inf

@@ -59,6 +59,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import adamcpp
+from conftest import assert_within, flat
 
 U32 = 2.0**-24
 U64 = 2.0**-53
@@ -118,10 +119,6 @@ def _grad_stream(rng: np.random.Generator, dtype, shapes, steps: int, wide: bool
     return out
 
 
-def _flat(arrays: Sequence[Any]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-
-
 def _t(x: np.ndarray):
     """A torch tensor with its own copy of x (torch never shares memory with our arrays)."""
     return torch.from_numpy(np.array(x, copy=True))
@@ -130,18 +127,6 @@ def _t(x: np.ndarray):
 def _set_grads(tparams, grads) -> None:
     for p, g in zip(tparams, grads):
         p.grad = _t(g)
-
-
-def _assert_within(step: int, what: str, got: np.ndarray, ref: np.ndarray, bound: np.ndarray) -> None:
-    """|got - ref| <= bound elementwise (NaN fails); reports the first offending element."""
-    err = np.abs(got - ref)
-    bad = ~(err <= bound)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        pytest.fail(
-            f"step {step}: {what}[{i}] (flattened): adamcpp {got[i]!r} vs torch {ref[i]!r}, "
-            f"|diff| {err[i]:.3e} > bound {bound[i]:.3e}; {int(bad.sum())} element(s) out of bound"
-        )
 
 
 @functools.cache
@@ -222,16 +207,22 @@ def _torch_adam_state(opt, tparams) -> dict[str, Any]:
             v.append(np.zeros_like(a))
             vmax.append(np.zeros_like(a))
             steps.append(0)
-    return {"p": _flat(p), "m": _flat(m), "v": _flat(v), "vmax": _flat(vmax), "steps": steps}
+    return {
+        "p": flat(p, np.float64),
+        "m": flat(m, np.float64),
+        "v": flat(v, np.float64),
+        "vmax": flat(vmax, np.float64),
+        "steps": steps,
+    }
 
 
 def _adamcpp_state(opt, params) -> dict[str, Any]:
     st = opt.state
     return {
-        "p": _flat(params),
-        "m": _flat([s["exp_avg"] for s in st]),
-        "v": _flat([s["exp_avg_sq"] for s in st]),
-        "vmax": _flat([s.get("max_exp_avg_sq", s["exp_avg_sq"]) for s in st]),
+        "p": flat(params, np.float64),
+        "m": flat([s["exp_avg"] for s in st], np.float64),
+        "v": flat([s["exp_avg_sq"] for s in st], np.float64),
+        "vmax": flat([s.get("max_exp_avg_sq", s["exp_avg_sq"]) for s in st], np.float64),
         "steps": [int(s["step"]) for s in st],
     }
 
@@ -257,10 +248,10 @@ def _adam_hypers(opt, tparams) -> dict[str, np.ndarray]:
 
 def _compare_adam(step: int, label: str, got: dict[str, Any], ref: dict[str, Any], b: _AdamBound) -> None:
     assert got["steps"] == ref["steps"], f"step {step}: {label}: step counts {got['steps']} vs torch {ref['steps']}"
-    _assert_within(step, f"{label}: exp_avg_sq", got["v"], ref["v"], b.V)
-    _assert_within(step, f"{label}: max_exp_avg_sq", got["vmax"], ref["vmax"], b.VM)
-    _assert_within(step, f"{label}: exp_avg", got["m"], ref["m"], b.M)
-    _assert_within(step, f"{label}: param", got["p"], ref["p"], b.E)
+    assert_within(got["v"], ref["v"], b.V, f"step {step}: {label}: exp_avg_sq")
+    assert_within(got["vmax"], ref["vmax"], b.VM, f"step {step}: {label}: max_exp_avg_sq")
+    assert_within(got["m"], ref["m"], b.M, f"step {step}: {label}: exp_avg")
+    assert_within(got["p"], ref["p"], b.E, f"step {step}: {label}: param")
 
 
 def _one_step_from_torch(opt_t, tparams, grads, grad_scale: float) -> dict[str, Any]:
@@ -294,7 +285,13 @@ def _one_step_from_torch(opt_t, tparams, grads, grad_scale: float) -> dict[str, 
         vs += gv
         vmaxs += gvm
         steps += gsteps
-    return {"p": _flat(ps), "m": _flat(ms), "v": _flat(vs), "vmax": _flat(vmaxs), "steps": steps}
+    return {
+        "p": flat(ps, np.float64),
+        "m": flat(ms, np.float64),
+        "v": flat(vs, np.float64),
+        "vmax": flat(vmaxs, np.float64),
+        "steps": steps,
+    }
 
 
 def _run_adam(opt_a, params_a, refs, grads_seq, dtype, *, grad_scale: float = 1.0, one_step: bool = True,
@@ -321,7 +318,7 @@ def _run_adam(opt_a, params_a, refs, grads_seq, dtype, *, grad_scale: float = 1.
         assert opt_a.step(grads, grad_scale=grad_scale) is True
         post = _torch_adam_state(opt_t, tp0)
         h = _adam_hypers(opt_t, tp0)
-        g = _flat(tgrads)
+        g = flat(tgrads, np.float64)
         b = b.advance(h, pre, g, post)
         got = _adamcpp_state(opt_a, params_a)
         if trajectory:
@@ -332,7 +329,8 @@ def _run_adam(opt_a, params_a, refs, grads_seq, dtype, *, grad_scale: float = 1.
             _compare_adam(k, "one step from torch's state", local, post, _AdamBound(n, u).advance(h, pre, g, post))
         if promise_rtol is not None:
             floor = np.maximum(np.abs(post["p"]), 1.0)
-            _assert_within(k, "param (API promise, relative with floor 1)", got["p"], post["p"], promise_rtol * floor)
+            assert_within(got["p"], post["p"], promise_rtol * floor,
+                          f"step {k}: param (API promise, relative with floor 1)")
     return b
 
 
@@ -394,7 +392,7 @@ def test_adam_coupled_decay_wide_range(dtype, amsgrad):
 @pytest.mark.parametrize("cls_name, weight_decay, amsgrad, maximize",
                          [("Adam", 0.1, True, False), ("AdamW", 0.1, False, True)])
 def test_float64_promise_1000_steps(cls_name, weight_decay, amsgrad, maximize):
-    """API.md: in float64, trajectories agree with torch.optim to ~1e-12 relative over 1,000 steps.
+    """docs/api.md: in float64, trajectories agree with torch.optim to ~1e-12 relative over 1,000 steps.
 
     Why 1e-12 relative with a floor of 1 (parameters are O(1) here): by the bound of the module doc,
     each step adds at most 2u|p_new| (the final p - U on both sides) and, for AdamW, 2u|p_old| (the
@@ -614,7 +612,7 @@ def _torch_sgd_state(opt, tparams) -> dict[str, Any]:
         p.append(a)
         buf.append(np.zeros_like(a) if b is None else b.numpy())
         has.append(np.full(a.size, b is not None))
-    return {"p": _flat(p), "buf": _flat(buf), "has_buf": np.concatenate(has)}
+    return {"p": flat(p, np.float64), "buf": flat(buf, np.float64), "has_buf": np.concatenate(has)}
 
 
 def _adamcpp_sgd_state(opt, params) -> dict[str, Any]:
@@ -624,7 +622,7 @@ def _adamcpp_sgd_state(opt, params) -> dict[str, Any]:
         p.append(a)
         buf.append(np.zeros_like(a) if b is None else b)
         has.append(np.full(a.size, b is not None))
-    return {"p": _flat(p), "buf": _flat(buf), "has_buf": np.concatenate(has)}
+    return {"p": flat(p, np.float64), "buf": flat(buf, np.float64), "has_buf": np.concatenate(has)}
 
 
 _SGD_HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -653,14 +651,14 @@ def _run_sgd(opt_a, params_a, refs, grads_seq, dtype, bound: _SGDBound | None = 
             opt.step()
         opt_a.step(grads)
         post = _torch_sgd_state(opt_t, tp0)
-        b = b.advance(_sgd_hypers(opt_t), pre, _flat(grads), post)
+        b = b.advance(_sgd_hypers(opt_t), pre, flat(grads, np.float64), post)
         got = _adamcpp_sgd_state(opt_a, params_a)
         for label, opt, tps in refs:
             ref = post if opt is opt_t else _torch_sgd_state(opt, tps)
             np.testing.assert_array_equal(got["has_buf"], ref["has_buf"],
                                           err_msg=f"step {k}: momentum_buffer presence vs {label}")
-            _assert_within(k, f"momentum_buffer vs {label}", got["buf"], ref["buf"], b.B)
-            _assert_within(k, f"param vs {label}", got["p"], ref["p"], b.E)
+            assert_within(got["buf"], ref["buf"], b.B, f"step {k}: momentum_buffer vs {label}")
+            assert_within(got["p"], ref["p"], b.E, f"step {k}: param vs {label}")
 
 
 _SGD_CONFIGS = [
@@ -826,7 +824,7 @@ def _run_clipped(kind: str, opt_a, params_a, opt_t, tparams, grads_seq, dtype, c
         assert opt_a.step(grads, grad_scale=grad_scale) is True
         assert abs(opt_a.last_grad_norm - total) <= 2 * nrel * exact, (k, opt_a.last_grad_norm, total)
         assert abs(opt_a.last_grad_norm - exact) <= nrel * exact, (k, opt_a.last_grad_norm, exact)
-        g_clipped = _flat([tp.grad.numpy() for tp in tparams])
+        g_clipped = flat([tp.grad.numpy() for tp in tparams], np.float64)
         unclipped = c / (exact + 1e-6) >= 1.0 + 4.0 * rho
         maybe_clipped += not unclipped
         extra = 0.0 if unclipped else (rho + 2 * u) * np.abs(g_clipped)
@@ -836,8 +834,8 @@ def _run_clipped(kind: str, opt_a, params_a, opt_t, tparams, grads_seq, dtype, c
         if kind == "adam":
             _compare_adam(k, "trajectory with clipping", got, post, b)
         else:
-            _assert_within(k, "momentum_buffer with clipping", got["buf"], post["buf"], b.B)
-            _assert_within(k, "param with clipping", got["p"], post["p"], b.E)
+            assert_within(got["buf"], post["buf"], b.B, f"step {k}: momentum_buffer with clipping")
+            assert_within(got["p"], post["p"], b.E, f"step {k}: param with clipping")
     return maybe_clipped
 
 
