@@ -12,8 +12,8 @@ than from the C++ sources:
 
 ``emulated_step`` / ``ReferenceAdam(mode="emulate")``
     A bit-exact emulation in the element type (float32 or float64) of the
-    documented operation order (notes/context.md, "the exact per-element
-    operation order"): host scalars in float64, each rounded once to the
+    documented operation order (docs/api.md, "Numerics": the exact
+    per-element operation order): host scalars in float64, each rounded once to the
     element type, then one IEEE-rounded NumPy operation per documented
     operation.  NumPy's float32/float64 ``+ - * / sqrt`` are correctly rounded
     and ``np.maximum`` propagates NaN, so a correct kernel compiled without FMA

@@ -1,7 +1,7 @@
 """Property tests (hypothesis) over shapes, dtypes and hyperparameters.
 
 The oracle is a small, independent emulation of the documented arithmetic
-(notes/context.md, "Numerics as implemented"): the step scalars are computed in
+(docs/api.md, "Numerics"): the step scalars are computed in
 float64 on the host and each is rounded once to the element type T; then every
 per-element operation is a single correctly rounded NumPy operation in T
 (NumPy's float32/float64 + - * / sqrt are IEEE correctly rounded, and adamcpp is
