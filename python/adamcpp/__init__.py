@@ -10,8 +10,9 @@ from __future__ import annotations
 import os as _os
 from typing import Any, Dict
 
-from . import _core, functional, schedules
+from . import _core, checkpoint, functional, schedules
 from ._common import describe_number as _describe_number
+from .checkpoint import load, save
 from .optim import SGD, Adam, AdamW, Optimizer, global_norm
 
 __version__: str = _core.version
@@ -65,6 +66,9 @@ __all__ = [
     "SGD",
     "global_norm",
     "Optimizer",
+    "save",
+    "load",
+    "checkpoint",
     "functional",
     "schedules",
     "get_num_threads",
