@@ -16,10 +16,12 @@ standard MNIST arrays ``x_train, y_train, x_test, y_test``.
     python3 examples/train_mlp.py                      # Adam on digits
     python3 examples/train_mlp.py --compare            # Adam, AdamW, SGD, momentum from one init
     python3 examples/train_mlp.py --optimizer sgd --schedule cosine --plot curves.png
+    python3 examples/train_mlp.py --save run.safetensors      # a checkpoint after every epoch
+    python3 examples/train_mlp.py --save run.safetensors --resume run.safetensors   # after a crash
 
 The pieces (``load_data``, ``MLP``, ``make_optimizer``, ``make_schedule``,
-``train``) are importable: put this directory on ``sys.path`` and
-``import train_mlp``.
+``train``, ``save_checkpoint``, ``load_checkpoint``) are importable: put this
+directory on ``sys.path`` and ``import train_mlp``.
 """
 
 from __future__ import annotations
@@ -364,6 +366,11 @@ def current_lr(opt: adamcpp.Optimizer) -> float:
 
 
 # -------------------------------------------------------------------- training
+def training_rng(seed: int) -> np.random.Generator:
+    """The stream of shuffles and dropout masks, independent of the initialisation's (seed)."""
+    return np.random.default_rng([seed, 1])
+
+
 @dataclass
 class History:
     """Per-epoch curves and totals of one training run."""
@@ -390,6 +397,17 @@ class History:
     def final_test_acc(self) -> float:
         return self.test_acc[-1] if self.test_acc else float("nan")
 
+    _CURVES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr_at_end")
+    _TOTALS = ("wall_time", "step_time", "updates")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The curves and totals (not ``lr``: the optimizer's state holds it)."""
+        return {k: getattr(self, k) for k in ("optimizer", *self._CURVES, *self._TOTALS)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], lr: Any) -> History:
+        return cls(lr=lr, **{k: d[k] for k in ("optimizer", *cls._CURVES, *cls._TOTALS)})
+
 
 def train(
     model: MLP,
@@ -402,16 +420,24 @@ def train(
     name: str = "",
     progress: bool = False,
     on_epoch: Optional[Callable[[int, History], None]] = None,
+    rng: Optional[np.random.Generator] = None,
+    history: Optional[History] = None,
+    start_epoch: int = 0,
 ) -> History:
     """Mini-batch training. ``seed`` fixes the shuffles and dropout masks, so two
     runs from the same initial parameters with the same seed are bit-identical
-    (and different optimizers see the same batches in the same order)."""
-    rng = np.random.default_rng([seed, 1])  # independent of the init stream (seed)
-    history = History(optimizer=name, lr=opt.param_groups[0]["lr"])
+    (and different optimizers see the same batches in the same order).
+
+    A resumed run passes what ``load_checkpoint`` returns: the generator in its
+    saved state (else ``training_rng(seed)``), the history so far and the
+    number of epochs already done; it then continues exactly where the saved
+    run was."""
+    rng = training_rng(seed) if rng is None else rng
+    history = History(optimizer=name, lr=opt.param_groups[0]["lr"]) if history is None else history
     n = len(data.y_train)
     steps_per_epoch = math.ceil(n / batch_size)
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    start = time.perf_counter() - history.wall_time
+    for epoch in range(start_epoch + 1, epochs + 1):
         order = rng.permutation(n)
         loss_sum, correct = 0.0, 0
         # on stderr, erased at the end of the epoch; no-ops when progress is False
@@ -449,6 +475,57 @@ def train(
             on_epoch(epoch, history)
     history.wall_time = time.perf_counter() - start
     return history
+
+
+# ----------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    path: str,
+    model: MLP,
+    opt: adamcpp.Optimizer,
+    rng: np.random.Generator,
+    history: History,
+    epoch: int,
+    config: Dict[str, Any],
+) -> None:
+    """One file with everything a resumed run needs: the optimizer's state dict,
+    plus the model's parameters (stored as tensors ``model.W1``, ...) and the
+    trainer's position (epochs done, the shuffle/dropout generator's state, the
+    history so far, the settings), all in one atomic ``adamcpp.save``."""
+    checkpoint = opt.state_dict()
+    checkpoint["model"] = dict(model.params)
+    checkpoint["trainer"] = {
+        "epoch": epoch,
+        "rng": rng.bit_generator.state,
+        "history": history.to_dict(),
+        "config": config,
+    }
+    adamcpp.save(checkpoint, path)
+
+
+def load_checkpoint(
+    path: str, model: MLP, opt: adamcpp.Optimizer
+) -> Tuple[int, np.random.Generator, History, Dict[str, Any]]:
+    """Restores the model's parameters (in place, so the optimizer keeps them)
+    and the optimizer from ``save_checkpoint``'s file; returns (epochs done,
+    the generator, the history, the settings). Raises ValueError (nothing
+    changed) for a damaged file or one that does not fit the model."""
+    checkpoint = adamcpp.load(path)
+    saved = checkpoint.get("model")
+    if not isinstance(saved, dict) or "trainer" not in checkpoint:
+        raise ValueError(f"{path}: not a train_mlp.py checkpoint (no model parameters or trainer position)")
+    for k, p in model.params.items():
+        if k not in saved or saved[k].shape != p.shape or saved[k].dtype != p.dtype:
+            raise ValueError(f"{path}: parameter {k!r} is missing or differs in shape or dtype from the model's")
+    if set(saved) != set(model.params):
+        raise ValueError(f"{path}: parameters {sorted(saved)} do not match the model's {sorted(model.params)}")
+    trainer = checkpoint["trainer"]
+    opt.load_state_dict(checkpoint)  # validates everything before it changes anything
+    for k, p in model.params.items():
+        p[...] = saved[k]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = trainer["rng"]
+    history = History.from_dict(trainer["history"], opt.param_groups[0]["lr"])
+    return int(trainer["epoch"]), rng, history, trainer["config"]
 
 
 # ------------------------------------------------------------------------- CLI
@@ -517,7 +594,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", metavar="PNG", help="save loss and test-accuracy curves (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines; just the summary")
+    p.add_argument(
+        "--save",
+        metavar="PATH",
+        help="write a checkpoint (model, optimizer, position) to PATH after every epoch, replacing it atomically",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue the run saved in PATH (same settings; --epochs is the total), bit for bit as if uninterrupted",
+    )
     return p
+
+
+def _run_config(args: argparse.Namespace, name: str, lr0: float, data: Dataset) -> Dict[str, Any]:
+    """The settings a resumed run must share with the saved one."""
+    return {
+        "optimizer": name,
+        "lr": lr0,
+        "schedule": args.schedule,
+        "epochs": args.epochs,
+        "weight_decay": args.weight_decay,
+        "clip_norm": args.clip_norm,
+        "batch_size": args.batch_size,
+        "dropout": args.dropout,
+        "seed": args.seed,
+        "data": data.describe(),
+    }
+
+
+def _config_mismatch(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
+    """Why a run cannot continue a saved one, or None. Only --epochs may differ, and
+    only with a constant rate (a schedule is laid out over the saved run's epochs)."""
+    for key, value in now.items():
+        if key == "epochs" and now["schedule"] == "constant":
+            continue
+        if saved.get(key) != value:
+            return f"was written by a run with {key} {saved.get(key)!r}, this run has {value!r}"
+    return None
+
+
+def _on_epoch(
+    args: argparse.Namespace, model: MLP, opt: adamcpp.Optimizer, rng: np.random.Generator, config: Dict[str, Any]
+) -> Callable[[int, History], None]:
+    """What the command line does after each epoch: save the checkpoint (--save), then print the epoch's line."""
+
+    def on_epoch(epoch: int, history: History) -> None:
+        if args.save:
+            save_checkpoint(args.save, model, opt, rng, history, epoch, config)
+        if not (args.compare or args.quiet):
+            print(_epoch_line(epoch, args.epochs, history), flush=True)
+
+    return on_epoch
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -538,6 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         skipped = [n for n in OPTIMIZERS if n not in names]
         if args.lr is not None:
             parser.error("--lr applies to one optimizer; --compare uses each optimizer's default rate")
+        if args.save or args.resume:
+            parser.error("--save and --resume apply to one optimizer's run, not to --compare")
     else:
         names, skipped = [args.optimizer], []
         if not optimizer_available(args.optimizer):
@@ -562,6 +692,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             adamcpp.set_num_threads(args.threads)
         except (TypeError, ValueError) as exc:
             parser.error(f"--threads: {exc}")
+    if args.resume and not os.path.isfile(args.resume):
+        parser.error(f"--resume: no checkpoint file {args.resume!r}")
 
     try:
         data = load_data(args.data, seed=args.seed)
@@ -590,9 +722,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"{name}: {exc}")
         if not args.compare and not args.quiet:
             print(f"optimizer  {type(opt).__name__}, lr {_describe_lr(lr)}")
-        per_epoch = (
-            None if (args.compare or args.quiet) else (lambda e, h: print(_epoch_line(e, args.epochs, h), flush=True))
-        )
+        config = _run_config(args, name, lr0, data)
+        rng, history, start_epoch = training_rng(args.seed), None, 0
+        if args.resume:
+            try:
+                start_epoch, rng, history, saved_config = load_checkpoint(args.resume, model, opt)
+            except (TypeError, ValueError) as exc:
+                parser.error(f"--resume: {exc}")
+            mismatch = _config_mismatch(saved_config, config)
+            if mismatch:
+                parser.error(f"--resume: {args.resume} {mismatch}; resume with the settings of the saved run")
+            print(f"resumed    {args.resume} after epoch {start_epoch}/{saved_config['epochs']}")
+
+        per_epoch = _on_epoch(args, model, opt, rng, config)
         try:
             h = train(
                 model,
@@ -604,6 +746,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 name=name,
                 progress=progress,
                 on_epoch=per_epoch,
+                rng=rng,
+                history=history,
+                start_epoch=start_epoch,
             )
         except FloatingPointError as exc:
             print(f"{name}: diverged ({exc}); try a smaller --lr", file=sys.stderr)

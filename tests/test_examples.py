@@ -369,3 +369,129 @@ def test_cli_reports_optimizer_errors(digits, capsys):
         T.main(["--weight-decay", "-1", "--epochs", "1"])
     assert exc.value.code == 2
     assert "weight_decay" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- save and resume
+
+
+def _same_checkpoint(a, b, where="checkpoint"):
+    """Two checkpoints hold the same values, arrays bit for bit (wall times aside)."""
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            if k not in ("wall_time", "step_time"):
+                _same_checkpoint(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_checkpoint(x, y, f"{where}[{i}]")
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(digits, tmp_path, monkeypatch, capsys):
+    """4 epochs with a cosine schedule (the rate depends on the position) and dropout
+    (the generator's state matters), straight through; against the same command
+    killed right after its checkpoint of epoch 2, then run again with --resume."""
+    argv = ["--epochs", "4", "--schedule", "cosine", "--quiet"]
+    straight, broken = tmp_path / "straight.safetensors", tmp_path / "broken.safetensors"
+    assert T.main([*argv, "--save", str(straight)]) == 0
+
+    class Killed(BaseException):
+        pass
+
+    real_save = adamcpp.save
+
+    def save_then_die(checkpoint, path):
+        real_save(checkpoint, path)
+        if checkpoint["trainer"]["epoch"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(adamcpp, "save", save_then_die)
+    with pytest.raises(Killed):
+        T.main([*argv, "--save", str(broken)])
+    monkeypatch.setattr(adamcpp, "save", real_save)
+    halfway = adamcpp.load(broken)
+    assert halfway["trainer"]["epoch"] == 2 and halfway["state"][0]["step"] == 2 * 45
+    capsys.readouterr()
+
+    assert T.main([*argv, "--save", str(broken), "--resume", str(broken)]) == 0
+    assert f"resumed    {broken} after epoch 2/4" in capsys.readouterr().out
+    done, resumed = adamcpp.load(straight), adamcpp.load(broken)
+    assert resumed["trainer"]["epoch"] == 4 and len(resumed["trainer"]["history"]["test_acc"]) == 4
+    _same_checkpoint(done, resumed)  # parameters, optimizer state, schedule, generator, curves
+
+
+def test_resume_sensitivity_to_the_generator(digits, tmp_path):
+    """What --resume restores matters: from the same epoch-2 checkpoint, continuing with
+    the saved generator reproduces the uninterrupted run; a fresh generator does not."""
+    spe = 45
+    model = T.MLP((64, 64, 128, 10), 0.2, seed=0)
+    opt = T.make_optimizer("adam", model.params, T.make_schedule("cosine", 1e-3, epochs=4, steps_per_epoch=spe))
+    rng = T.training_rng(0)
+    path = tmp_path / "ck.safetensors"
+    saves = {}
+
+    def on_epoch(e, h):
+        if e == 2:
+            T.save_checkpoint(str(path), model, opt, rng, h, e, {"note": "test"})
+            saves["at"] = e
+
+    T.train(model, opt, digits, epochs=4, rng=rng, on_epoch=on_epoch)
+    assert saves == {"at": 2}
+    final = {k: v.copy() for k, v in model.params.items()}
+
+    def resume(fresh_generator):
+        m = T.MLP((64, 64, 128, 10), 0.2, seed=99)  # other initial values: all come from the file
+        o = T.make_optimizer("adam", m.params, 0.5)
+        epoch, g, h, config = T.load_checkpoint(str(path), m, o)
+        assert (epoch, config) == (2, {"note": "test"}) and len(h.test_acc) == 2
+        T.train(m, o, digits, epochs=4, rng=T.training_rng(0) if fresh_generator else g, history=h, start_epoch=epoch)
+        assert len(h.test_acc) == 4
+        return m.params
+
+    restored = resume(False)
+    assert all(restored[k].tobytes() == final[k].tobytes() for k in final)
+    fresh = resume(True)
+    assert any(fresh[k].tobytes() != final[k].tobytes() for k in final)
+
+
+def test_constant_rate_runs_may_be_extended(digits, tmp_path, capsys):
+    """With a constant rate --epochs may grow on resume: 2 epochs, then resumed to 3,
+    equal 3 epochs straight."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert T.main(["--epochs", "3", "--quiet", "--save", str(a)]) == 0
+    assert T.main(["--epochs", "2", "--quiet", "--save", str(b)]) == 0
+    assert T.main(["--epochs", "3", "--quiet", "--save", str(b), "--resume", str(b)]) == 0
+    _same_checkpoint(adamcpp.load(a), adamcpp.load(b))
+
+
+def test_resume_refuses_what_it_cannot_continue(digits, tmp_path, capsys):
+    path = tmp_path / "ck.safetensors"
+    assert T.main(["--epochs", "1", "--quiet", "--schedule", "cosine", "--save", str(path)]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--compare", "--save", str(path)], "not to --compare"),
+        (["--resume", str(tmp_path / "missing.safetensors")], "no checkpoint file"),
+        (["--resume", str(path), "--schedule", "cosine", "--optimizer", "adamw"], "optimizer 'adam', this run has 'adamw'"),
+        (["--resume", str(path), "--schedule", "cosine", "--epochs", "2"], "epochs 1, this run has 2"),
+        (["--resume", str(path)], "schedule 'cosine', this run has 'constant'"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            T.main(["--quiet", "--epochs", "1", *argv] if "--epochs" not in argv else ["--quiet", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(SystemExit):
+        T.main(["--epochs", "1", "--schedule", "cosine", "--resume", str(path)])
+    assert "checksum mismatch" in capsys.readouterr().err
+    plain = tmp_path / "plain.safetensors"
+    adamcpp.save(adamcpp.Adam([np.zeros(2, np.float32)]).state_dict(), plain)
+    with pytest.raises(SystemExit):
+        T.main(["--epochs", "1", "--resume", str(plain)])
+    assert "not a train_mlp.py checkpoint" in capsys.readouterr().err
