@@ -3,9 +3,17 @@
 #include "array_checks.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <limits>
 
+#include "optim_math.h"  // the portable conversions (this translation unit is no ISA target)
+
 namespace adamcpp {
+
+PyTypeObject* g_ndarray_type = nullptr;
+
+void init_array_checks() { g_ndarray_type = py::detail::npy_api::get().PyArray_Type_; }
 
 void type_error(const std::string& msg) { throw py::type_error(msg); }
 void value_error(const std::string& msg) { throw py::value_error(msg); }
@@ -48,19 +56,90 @@ std::string int_str(PyObject* o) {
 
 }  // namespace
 
-void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like, bool need_write) {
+namespace {
+
+std::atomic<int> g_bfloat16_num{-1};
+PyObject* g_bfloat16_descr = nullptr;  // a strong reference, kept for the process
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::f32:
+      return "float32";
+    case DType::f64:
+      return "float64";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
+  }
+  return "?";
+}
+
+// "float32 or float64", "float16, bfloat16, float32 or float64", "bfloat16".
+std::string dtype_set(unsigned dtypes) {
+  std::vector<std::string> names;
+  for (DType d : {DType::f16, DType::bf16, DType::f32, DType::f64}) {
+    if (dtypes & dtype_bit(d)) names.emplace_back(dtype_name(d));
+  }
+  std::string s;
+  for (std::size_t k = 0; k < names.size(); ++k) {
+    s += k == 0 ? "" : (k + 1 == names.size() ? " or " : ", ");
+    s += names[k];
+  }
+  return s;
+}
+
+bool single_dtype(unsigned dtypes) { return dtypes != 0 && (dtypes & (dtypes - 1)) == 0; }
+
+DType only_dtype(unsigned dtypes) {
+  int d = 0;
+  while (!(dtypes & (1u << d))) ++d;
+  return static_cast<DType>(d);
+}
+
+}  // namespace
+
+int bfloat16_type_num() { return g_bfloat16_num.load(std::memory_order_relaxed); }
+
+int recognise_user_dtype(PyObject* descr) {
+  const auto* d = py::detail::array_descriptor_proxy(descr);
+  const int known = g_bfloat16_num.load(std::memory_order_relaxed);
+  if (d->type_num == known) return static_cast<int>(DType::bf16);
+  if (known >= 0) return kNoDType;
+  // First sighting of a user-defined dtype: ml_dtypes' bfloat16 is a 2-byte
+  // scalar type named bfloat16 (its module may vary: ml_dtypes.bfloat16).
+  const char* name = reinterpret_cast<PyTypeObject*>(d->typeobj)->tp_name;
+  const std::size_t len = std::strlen(name);
+  const bool named = len >= 8 && std::strcmp(name + len - 8, "bfloat16") == 0 && (len == 8 || name[len - 9] == '.');
+  if (!named || py::reinterpret_borrow<py::dtype>(descr).itemsize() != 2) return kNoDType;
+  Py_INCREF(descr);
+  g_bfloat16_descr = descr;
+  g_bfloat16_num.store(d->type_num);
+  return static_cast<int>(DType::bf16);
+}
+
+void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like, unsigned dtypes,
+                 bool need_write) {
   using npy = py::detail::npy_api;
   if (!is_ndarray(o)) type_error(labels(role, i) + ": expected a numpy.ndarray, got " + type_name(o));
   const ArrayView a = raw_view(o);
-  if (like == nullptr) {
-    if (a.dtype < 0) {
-      type_error(labels(role, i) + ": expected dtype float32 or float64 (native byte order), got " + dtype_str(a));
+  const bool dtype_ok = ((dtypes >> a.dtype) & 1u) != 0;
+  if (!dtype_ok) {
+    if (like == nullptr || !single_dtype(dtypes)) {
+      type_error(labels(role, i) + ": expected dtype " + dtype_set(dtypes) + " (native byte order), got " +
+                 dtype_str(a));
     }
-  } else {
-    if (a.dtype != like->dtype) {
+    const DType want = only_dtype(dtypes);
+    if (static_cast<int>(want) == like->dtype) {
       type_error(labels(role, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) + ", got " +
                  dtype_str(a));
     }
+    const char* why = role == kMasterParam  ? " (a master copy is float32)"
+                      : want == DType::bf16 ? " (state_dtype='bfloat16')"
+                                            : " (the state of a 16-bit parameter, with state_dtype='float32')";
+    type_error(labels(role, i) + ": expected dtype " + dtype_name(want) + why + ", got " + dtype_str(a));
+  }
+  if (like != nullptr) {
     bool same_shape = a.nd == like->nd;
     for (int d = 0; same_shape && d < a.nd; ++d) same_shape = a.dims[d] == like->dims[d];
     if (!same_shape) {
@@ -93,21 +172,56 @@ void step_error(PyObject* o, std::int64_t minimum, std::int64_t maximum, const s
               int_str(o));
 }
 
-py::array zeros_like(const ArrayView& like) {
+namespace {
+
+py::dtype dtype_object(DType d) {
+  switch (d) {
+    case DType::f32:
+      return py::dtype::of<float>();
+    case DType::f64:
+      return py::dtype::of<double>();
+    case DType::f16:
+      return py::dtype(kNpyHalf);
+    case DType::bf16:
+      break;
+  }
+  if (g_bfloat16_descr == nullptr) {
+    // bfloat16 state starts beside existing bfloat16 state, so this is rare: ask ml_dtypes.
+    const py::object bfloat16 = py::module_::import("ml_dtypes").attr("bfloat16");
+    const py::dtype dt = py::dtype::from_args(bfloat16);
+    if (recognise_user_dtype(dt.ptr()) != static_cast<int>(DType::bf16))
+      type_error("ml_dtypes.bfloat16: not recognised");
+  }
+  return py::reinterpret_borrow<py::dtype>(g_bfloat16_descr);
+}
+
+}  // namespace
+
+py::array zeros_like(const ArrayView& like, DType dtype) {
   std::vector<py::ssize_t> shape(like.dims, like.dims + like.nd);
-  py::array out(like.dtype == static_cast<int>(DType::f64) ? py::dtype::of<double>() : py::dtype::of<float>(), shape);
-  if (like.numel) std::fill_n(static_cast<char*>(out.mutable_data()), like.nbytes(), 0);
+  py::array out(dtype_object(dtype), shape);
+  if (like.numel) std::fill_n(static_cast<char*>(out.mutable_data()), like.numel * dtype_size(dtype), 0);
+  return out;
+}
+
+py::array float32_copy(const ArrayView& param) {
+  std::vector<py::ssize_t> shape(param.dims, param.dims + param.nd);
+  py::array out(py::dtype::of<float>(), shape);
+  float* dst = static_cast<float*>(out.mutable_data());
+  const auto* src = reinterpret_cast<const std::uint16_t*>(param.data);
+  for (std::size_t k = 0; k < param.numel; ++k) {
+    dst[k] = param.dtype == static_cast<int>(DType::f16) ? portable::float_from_f16(src[k])
+                                                         : portable::float_from_bf16(src[k]);
+  }
   return out;
 }
 
 namespace {
 
+// The same buffers with the same roles in the same order (Interval has no padding).
 bool same_ranges(const std::vector<Interval>& x, const std::vector<Interval>& y) {
-  if (x.size() != y.size()) return false;
-  for (std::size_t k = 0; k < x.size(); ++k) {
-    if (x[k].begin != y[k].begin || x[k].end != y[k].end) return false;
-  }
-  return true;
+  static_assert(sizeof(Interval) == 4 * 8, "Interval must have no padding");
+  return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(Interval)) == 0);
 }
 
 }  // namespace
@@ -126,8 +240,8 @@ void AliasCheck::check(const std::vector<Interval>& written, const std::vector<I
         const Interval x = sorted_[j - 1];
         const Interval y = sorted_[j];
         sorted_.clear();
-        value_error(labels(y.role, y.tensor) + " shares memory with " + labels(x.role, x.tensor) +
-                    "; every parameter and state buffer must be distinct");
+        value_error(labels(static_cast<int>(y.role), y.tensor) + " shares memory with " +
+                    labels(static_cast<int>(x.role), x.tensor) + "; every parameter and state buffer must be distinct");
       }
     }
     ends_.clear();
@@ -145,7 +259,8 @@ void AliasCheck::check(const std::vector<Interval>& written, const std::vector<I
     const std::size_t k = static_cast<std::size_t>(std::upper_bound(ends, ends + count, g.begin) - ends);
     if (k < count && sorted_[k].begin < g.end) {
       const Interval& w = sorted_[k];
-      value_error(labels(g.role, g.tensor) + " shares memory with " + labels(w.role, w.tensor) +
+      value_error(labels(static_cast<int>(g.role), g.tensor) + " shares memory with " +
+                  labels(static_cast<int>(w.role), w.tensor) +
                   "; a gradient must not alias a buffer that the step writes");
     }
   }

@@ -14,6 +14,12 @@
 
 #include "kernels.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define ADAMCPP_HOT inline __attribute__((always_inline))
+#else
+#define ADAMCPP_HOT inline
+#endif
+
 namespace adamcpp {
 
 namespace py = pybind11;
@@ -21,12 +27,18 @@ namespace py = pybind11;
 // Which array of a tensor a check is about. Gradients and parameters first;
 // the state buffers follow, per optimizer, named like their state entries.
 enum Role : int { kParam = 0, kGrad = 1 };
-enum AdamRole : int { kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4 };
+enum AdamRole : int { kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kMasterParam = 5 };
 enum SgdRole : int { kMomentumBuffer = 2 };
 
 // The role names, index = role; a state role's name is its state dict key.
-inline constexpr const char* kAdamRoles[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+inline constexpr const char* kAdamRoles[] = {"param",      "grad",           "exp_avg",
+                                             "exp_avg_sq", "max_exp_avg_sq", "master_param"};
 inline constexpr const char* kSgdRoles[] = {"param", "grad", "momentum_buffer"};
+
+// Sets of accepted dtypes: bit (1 << DType).
+constexpr unsigned dtype_bit(DType d) { return 1u << static_cast<int>(d); }
+constexpr unsigned kFullDTypes = dtype_bit(DType::f32) | dtype_bit(DType::f64);
+constexpr unsigned kAnyDType = kFullDTypes | dtype_bit(DType::f16) | dtype_bit(DType::bf16);
 
 [[noreturn]] void type_error(const std::string& msg);
 [[noreturn]] void value_error(const std::string& msg);
@@ -42,22 +54,41 @@ struct Labels {
   std::string operator()(int role, std::size_t i) const;
 };
 
+// ArrayView::dtype of an array of any other dtype: a bit no set of accepted dtypes has.
+constexpr int kNoDType = 31;
+
+// The type number NumPy gave ml_dtypes' bfloat16 in this process (a
+// user-defined dtype: recognised by name the first time it is seen), or -1.
+int bfloat16_type_num();
+int recognise_user_dtype(PyObject* descr);  // DType::bf16 or kNoDType
+
 // A look at one ndarray, read straight from NumPy's struct.
 struct ArrayView {
   PyObject* obj = nullptr;
   char* data = nullptr;
   int nd = 0;
   const py::ssize_t* dims = nullptr;
-  int dtype = -1;  // DType, or -1 for anything but native float32/float64
+  int dtype = kNoDType;  // DType, or kNoDType for anything but native float16/bfloat16/float32/float64
   int flags = 0;
   std::size_t numel = 0;
+  std::size_t itemsize = 0;  // of a DType (0 for anything else)
 
-  std::size_t nbytes() const { return numel * (dtype == static_cast<int>(DType::f64) ? 8 : 4); }
+  std::size_t nbytes() const { return numel * itemsize; }
 };
 
-inline bool is_ndarray(PyObject* o) { return py::detail::npy_api::get().PyArray_Check_(o); }
+// numpy.ndarray, set when the module is initialised (npy_api::get() on every
+// check costs more than the check).
+extern PyTypeObject* g_ndarray_type;
+void init_array_checks();
 
-inline ArrayView raw_view(PyObject* o) {
+ADAMCPP_HOT bool is_ndarray(PyObject* o) {
+  return Py_TYPE(o) == g_ndarray_type || PyType_IsSubtype(Py_TYPE(o), g_ndarray_type);
+}
+
+constexpr int kNpyHalf = 23;
+constexpr int kNpyUserDef = 256;
+
+ADAMCPP_HOT ArrayView raw_view(PyObject* o) {
   using npy = py::detail::npy_api;
   const auto* p = py::detail::array_proxy(o);
   const auto* d = py::detail::array_descriptor_proxy(p->descr);
@@ -68,8 +99,20 @@ inline ArrayView raw_view(PyObject* o) {
   v.dims = p->dimensions;
   v.flags = p->flags;
   if (d->byteorder != '>') {  // '>' is the non-native order on the little-endian hosts adamcpp targets
-    if (d->type_num == npy::NPY_FLOAT_) v.dtype = static_cast<int>(DType::f32);
-    if (d->type_num == npy::NPY_DOUBLE_) v.dtype = static_cast<int>(DType::f64);
+    const int num = d->type_num;
+    if (num == npy::NPY_FLOAT_) {
+      v.dtype = static_cast<int>(DType::f32);
+      v.itemsize = 4;
+    } else if (num == npy::NPY_DOUBLE_) {
+      v.dtype = static_cast<int>(DType::f64);
+      v.itemsize = 8;
+    } else if (num == kNpyHalf) {
+      v.dtype = static_cast<int>(DType::f16);
+      v.itemsize = 2;
+    } else if (num >= kNpyUserDef) {
+      v.dtype = recognise_user_dtype(p->descr);
+      v.itemsize = v.dtype == kNoDType ? 0 : 2;
+    }
   }
   std::size_t n = 1;
   for (int k = 0; k < v.nd; ++k) n *= static_cast<std::size_t>(v.dims[k]);
@@ -78,39 +121,46 @@ inline ArrayView raw_view(PyObject* o) {
 }
 
 // Reports why `a` breaks a rule (never returns); the checks below call it.
+// `like` is the tensor's parameter (null for the parameter itself), `dtypes`
+// the accepted dtypes.
 [[noreturn]] void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
-                              bool need_write);
+                              unsigned dtypes, bool need_write);
 
-// The rules for every array of a tensor. `like` is the tensor's parameter
-// (null for the parameter itself); only gradients may be read-only.
-inline ArrayView check_array(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
-                             bool need_write) {
+// The rules for every array of a tensor: one of `dtypes`, the shape of
+// `like` (the tensor's parameter; null for the parameter itself),
+// C-contiguous, aligned and, with need_write, writeable.
+ADAMCPP_HOT ArrayView check_array(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
+                                  unsigned dtypes, bool need_write) {
   using npy = py::detail::npy_api;
   ArrayView a;
-  if (!is_ndarray(o)) array_error(o, role, i, labels, like, need_write);
+  if (!is_ndarray(o)) array_error(o, role, i, labels, like, dtypes, need_write);
   a = raw_view(o);
-  bool ok = like == nullptr ? a.dtype >= 0 : a.dtype == like->dtype && a.nd == like->nd;
+  bool ok = ((dtypes >> a.dtype) & 1u) != 0 && (like == nullptr || a.nd == like->nd);
   for (int d = 0; ok && like != nullptr && d < a.nd; ++d) ok = a.dims[d] == like->dims[d];
   const int need =
       npy::NPY_ARRAY_C_CONTIGUOUS_ | npy::NPY_ARRAY_ALIGNED_ | (need_write ? npy::NPY_ARRAY_WRITEABLE_ : 0);
-  if (!ok || (a.flags & need) != need) array_error(o, role, i, labels, like, need_write);
+  if (!ok || (a.flags & need) != need) array_error(o, role, i, labels, like, dtypes, need_write);
   return a;
 }
 
-// A zero-filled array shaped and typed like `like` (state that starts now).
-py::array zeros_like(const ArrayView& like);
+// A zero-filled array of dtype `dtype` shaped like `like` (state that starts now).
+py::array zeros_like(const ArrayView& like, DType dtype);
 
-// One buffer's byte range, for the aliasing rules.
+// A float32 copy of a 16-bit parameter (a master copy that starts now).
+py::array float32_copy(const ArrayView& param);
+
+// One buffer's byte range, for the aliasing rules. No padding: two call
+// layouts are compared byte for byte (AliasCheck).
 struct Interval {
   std::uintptr_t begin;
   std::uintptr_t end;
-  int role;
   std::size_t tensor;
+  std::int64_t role;
 };
 
 inline Interval interval_of(const ArrayView& a, int role, std::size_t i) {
   const auto begin = reinterpret_cast<std::uintptr_t>(a.data);
-  return {begin, begin + static_cast<std::uintptr_t>(a.nbytes()), role, i};
+  return {begin, begin + static_cast<std::uintptr_t>(a.nbytes()), i, role};
 }
 
 // Refuses any overlap between two written buffers, and between a gradient and

@@ -27,10 +27,13 @@ namespace {
 // The fields of the per-group named tuples, in the order read here; the
 // Python layer builds its named tuples from these names.
 const char* const kAdamHyperFields[] = {
-    "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize", "eps_style"};
+    "lr",       "beta1",     "beta2",          "eps",         "weight_decay",   "decoupled_weight_decay", "amsgrad",
+    "maximize", "eps_style", "master_weights", "state_dtype", "state_rounding", "param_rounding",         "seed"};
 const char* const kSgdHyperFields[] = {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"};
 const char* const kEpsStyleNames[] = {"torch", "keras"};               // index = EpsStyle
 const char* const kNonfiniteNames[] = {"propagate", "skip", "raise"};  // index = Nonfinite
+const char* const kStateDTypeNames[] = {"float32", "bfloat16"};        // index = StateDType
+const char* const kRoundingNames[] = {"nearest", "stochastic"};        // index = Rounding
 
 template <std::size_t N>
 py::tuple names_tuple(const char* const (&names)[N]) {
@@ -41,14 +44,14 @@ py::tuple names_tuple(const char* const (&names)[N]) {
 
 // Interned state dict keys, in role order after param and grad.
 struct StateKeys {
-  PyObject* adam[3];
+  PyObject* adam[4];
   PyObject* sgd[1];
 };
 
 const StateKeys& state_keys() {
   static const StateKeys* keys = [] {
     auto* k = new StateKeys();  // lives as long as the interpreter
-    for (int r = kExpAvg; r <= kMaxExpAvgSq; ++r) k->adam[r - kExpAvg] = PyUnicode_InternFromString(kAdamRoles[r]);
+    for (int r = kExpAvg; r <= kMasterParam; ++r) k->adam[r - kExpAvg] = PyUnicode_InternFromString(kAdamRoles[r]);
     k->sgd[0] = PyUnicode_InternFromString(kSgdRoles[kMomentumBuffer]);
     return k;
   }();
@@ -112,11 +115,17 @@ bool field_bool(PyObject* t, Py_ssize_t k) {
   return v != 0;
 }
 
-int field_index(PyObject* t, Py_ssize_t k, int count) {
+int field_index(PyObject* t, Py_ssize_t k, int count, int minimum = 0) {
   const long v = PyLong_AsLong(PyTuple_GET_ITEM(t, k));
   if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-  if (v < 0 || v >= count) value_error("internal: hyperparameter field out of range");
+  if (v < minimum || v >= count) value_error("internal: hyperparameter field out of range");
   return static_cast<int>(v);
+}
+
+std::uint64_t field_u64(PyObject* t, Py_ssize_t k) {
+  const unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, k));
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<std::uint64_t>(v);
 }
 
 PyObject* hyper_tuple(PyObject* o, Py_ssize_t size, const char* what) {
@@ -127,10 +136,16 @@ PyObject* hyper_tuple(PyObject* o, Py_ssize_t size, const char* what) {
 }
 
 AdamHyper adam_hyper(PyObject* o) {
-  PyObject* t = hyper_tuple(o, 9, "AdamHyper");
-  return AdamHyper{field_double(t, 0), field_double(t, 1), field_double(t, 2),
-                   field_double(t, 3), field_double(t, 4), field_bool(t, 5),
-                   field_bool(t, 6),   field_bool(t, 7),   static_cast<EpsStyle>(field_index(t, 8, kEpsStyles))};
+  PyObject* t = hyper_tuple(o, 14, "AdamHyper");
+  AdamHyper h{field_double(t, 0), field_double(t, 1), field_double(t, 2),
+              field_double(t, 3), field_double(t, 4), field_bool(t, 5),
+              field_bool(t, 6),   field_bool(t, 7),   static_cast<EpsStyle>(field_index(t, 8, kEpsStyles))};
+  h.master_weights = static_cast<MasterWeights>(field_index(t, 9, 2, -1));
+  h.state_dtype = static_cast<StateDType>(field_index(t, 10, 2));
+  h.state_rounding = static_cast<Rounding>(field_index(t, 11, 2));
+  h.param_rounding = static_cast<Rounding>(field_index(t, 12, 2));
+  h.seed = field_u64(t, 13);
+  return h;
 }
 
 SgdHyper sgd_hyper(PyObject* o) {
@@ -159,42 +174,85 @@ void parse_groups(py::handle groups_obj, py::handle group_of_obj, std::size_t n,
 
 // ------------------------------------------------------------------ tensors
 
-// Checks tensor i's parameter and gradient and fills the common fields.
-ArrayView take_param_grad(PyObject* param, PyObject* grad, std::size_t i, const Labels& labels, TensorRef& ref,
-                          StepScratch& sc) {
-  const ArrayView p = check_array(param, kParam, i, labels, nullptr, true);
-  const ArrayView g = check_array(grad, kGrad, i, labels, &p, false);
+// Checks tensor i's parameter (one of `param_dtypes`) and gradient (any
+// float dtype, the parameter's shape) and fills the common fields.
+ArrayView take_param_grad(PyObject* param, PyObject* grad, std::size_t i, const Labels& labels, unsigned param_dtypes,
+                          TensorRef& ref, StepScratch& sc) {
+  const ArrayView p = check_array(param, kParam, i, labels, nullptr, param_dtypes, true);
+  const ArrayView g = check_array(grad, kGrad, i, labels, &p, kAnyDType, false);
   ref.param = p.data;
   ref.grad = g.data;
   ref.numel = p.numel;
   ref.dtype = static_cast<DType>(p.dtype);
+  ref.grad_dtype = static_cast<DType>(g.dtype);
   sc.written.push_back(interval_of(p, kParam, i));
   sc.read.push_back(interval_of(g, kGrad, i));
   return p;
 }
 
-// Checks one state buffer of tensor i against its parameter; returns its data.
-void* take_state(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView& p, StepScratch& sc) {
-  const ArrayView a = check_array(o, role, i, labels, &p, true);
+// Checks one state buffer of tensor i (dtype `dtype`, its parameter's shape); returns its data.
+ADAMCPP_HOT void* take_state(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView& p,
+                             DType dtype, StepScratch& sc) {
+  const ArrayView a = check_array(o, role, i, labels, &p, dtype_bit(dtype), true);
   sc.written.push_back(interval_of(a, role, i));
   return a.data;
 }
 
-PyObject* required(PyObject* v, std::size_t i, const Labels& labels, int role) {
+ADAMCPP_HOT PyObject* required(PyObject* v, std::size_t i, const Labels& labels, int role) {
   if (v == nullptr) value_error(labels(role, i) + ": missing from the optimizer state");
   return v;
 }
 
-// A state buffer of tensor i, or a new zero one when it does not exist yet
-// (stored only if the step applies). Sets *is_new.
-void* state_or_new(PyObject* existing, int role, std::size_t i, const Labels& labels, const ArrayView& p,
+// A state buffer of tensor i, or a new one when it does not exist yet (zeros,
+// or for a master copy the parameter's values; stored only if the step
+// applies). Sets *is_new.
+void* state_or_new(PyObject* existing, int role, std::size_t i, const Labels& labels, const ArrayView& p, DType dtype,
                    StepScratch& sc, bool* is_new) {
   *is_new = existing == nullptr;
-  if (existing != nullptr) return take_state(existing, role, i, labels, p, sc);
-  py::array fresh = zeros_like(p);
-  void* data = take_state(fresh.ptr(), role, i, labels, p, sc);
+  if (existing != nullptr) return take_state(existing, role, i, labels, p, dtype, sc);
+  py::array fresh = role == kMasterParam ? float32_copy(p) : zeros_like(p, dtype);
+  void* data = take_state(fresh.ptr(), role, i, labels, p, dtype, sc);
   sc.created.push_back({i, role - kGrad - 1, std::move(fresh)});
   return data;
+}
+
+// How tensor i of group `h` stores its state: the state dtype (float32 for a
+// 16-bit parameter, the parameter's own for float32/float64, or bfloat16) and
+// whether a float32 master copy carries a 16-bit parameter.
+struct StateLayout {
+  DType state;
+  bool half;  // a float16 or bfloat16 parameter
+  bool master;
+};
+
+ADAMCPP_HOT StateLayout state_layout(const AdamHyper& h, const ArrayView& p, std::size_t i, const Labels& labels) {
+  const DType d = static_cast<DType>(p.dtype);
+  const bool half = d == DType::f16 || d == DType::bf16;
+  StateLayout layout{half ? DType::f32 : d, half, half && h.master_weights != MasterWeights::off};
+  if (h.state_dtype == StateDType::bf16) {
+    if (d == DType::f64) {
+      type_error(labels(kParam, i) +
+                 ": state_dtype='bfloat16' needs a float32, float16 or bfloat16 parameter, got float64 (float64 "
+                 "parameters keep float64 state)");
+    }
+    layout.state = DType::bf16;
+  }
+  return layout;
+}
+
+// The storage fields of tensor i: its state dtype, whether everything is of
+// the compute type, its roundings and, when it rounds stochastically, the key.
+ADAMCPP_HOT void set_storage(AdamTensor& t, const AdamHyper& h, const StateLayout& layout, std::int64_t step,
+                             std::size_t i) {
+  t.state_dtype = layout.state;
+  t.native = !layout.half && layout.state == t.dtype && t.grad_dtype == t.dtype;
+  if (t.native) return;
+  t.state_rounding = h.state_rounding;
+  t.param_rounding = h.param_rounding;
+  if ((layout.state == DType::bf16 && h.state_rounding == Rounding::stochastic) ||
+      (layout.half && !layout.master && h.param_rounding == Rounding::stochastic)) {
+    t.rounding_key = rounding_key(h.seed, step, i);
+  }
 }
 
 // Releases the GIL for the step and reports its outcome as (applied, grad_norm or None).
@@ -251,7 +309,7 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
   parse_groups(groups_obj, group_of_obj, n, sc.adam_groups, sc.group_of, adam_hyper);
   PyObject* const* held = sc.held.data();
   PyObject* const* keys = state_keys().adam;
-  cache.read(held + 2 * n, n, keys, 3);
+  cache.read(held + 2 * n, n, keys, 4);
 
   sc.adam.resize(n);
   sc.new_steps.resize(n);
@@ -259,16 +317,23 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
   for (std::size_t i = 0; i < n; ++i) {
     const AdamHyper& h = sc.adam_groups[static_cast<std::size_t>(sc.group_of[i])];
     AdamTensor& t = sc.adam[i];
-    const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, t, sc);
-    t.exp_avg = take_state(required(cache.entry(i, 0), i, labels, kExpAvg), kExpAvg, i, labels, p, sc);
-    t.exp_avg_sq = take_state(required(cache.entry(i, 1), i, labels, kExpAvgSq), kExpAvgSq, i, labels, p, sc);
+    const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, kAnyDType, t, sc);
+    const StateLayout layout = state_layout(h, p, i, labels);
+    t.exp_avg = take_state(required(cache.entry(i, 0), i, labels, kExpAvg), kExpAvg, i, labels, p, layout.state, sc);
+    t.exp_avg_sq =
+        take_state(required(cache.entry(i, 1), i, labels, kExpAvgSq), kExpAvgSq, i, labels, p, layout.state, sc);
     t.max_exp_avg_sq = nullptr;
+    bool is_new = false;
     if (h.amsgrad) {
-      bool is_new = false;
-      t.max_exp_avg_sq = state_or_new(cache.entry(i, 2), kMaxExpAvgSq, i, labels, p, sc, &is_new);
+      t.max_exp_avg_sq = state_or_new(cache.entry(i, 2), kMaxExpAvgSq, i, labels, p, layout.state, sc, &is_new);
+    }
+    t.master_param = nullptr;
+    if (layout.master) {
+      t.master_param = state_or_new(cache.entry(i, 3), kMasterParam, i, labels, p, DType::f32, sc, &is_new);
     }
     const std::int64_t step = cache.next_step(i);
     set_adam_step(t, h, step, grad_scale, bc);
+    set_storage(t, h, layout, step, i);
     sc.new_steps[i] = step;
   }
   return run_and_report(sc.adam, policy, sc, labels, &cache, keys);
@@ -296,12 +361,12 @@ py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_ob
   for (std::size_t i = 0; i < n; ++i) {
     const SgdHyper& h = sc.sgd_groups[static_cast<std::size_t>(sc.group_of[i])];
     SgdTensor& t = sc.sgd[i];
-    const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, t, sc);
+    const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, kFullDTypes, t, sc);
     set_sgd_step(t, h, grad_scale);
     t.momentum_buffer = nullptr;
     t.first = false;
     if (t.momentum_mode != Momentum::none) {
-      t.momentum_buffer = state_or_new(cache.entry(i, 0), kMomentumBuffer, i, labels, p, sc, &t.first);
+      t.momentum_buffer = state_or_new(cache.entry(i, 0), kMomentumBuffer, i, labels, p, t.dtype, sc, &t.first);
     }
     sc.new_steps[i] = cache.next_step(i);
   }
@@ -318,10 +383,13 @@ struct LocalCall {
 };
 
 // Stateless Adam (functional.adam): the arrays come from the lists, `steps`
-// gives the 1-based step of each tensor; nothing is incremented.
+// gives the 1-based step of each tensor; nothing is incremented. A 16-bit
+// parameter has a master copy in `master_params` when the hyperparameters say
+// master_weights (and None there otherwise); tensor i's stochastic rounding
+// is keyed on its position i.
 void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp_avgs_obj, py::handle exp_avg_sqs_obj,
-                     py::handle max_exp_avg_sqs_obj, py::handle steps_obj, py::handle hyper_obj, double grad_scale,
-                     py::handle patterns) {
+                     py::handle max_exp_avg_sqs_obj, py::handle master_params_obj, py::handle steps_obj,
+                     py::handle hyper_obj, double grad_scale, py::handle patterns) {
   const Labels labels{patterns, py::none()};
   LocalCall call;
   StepScratch& sc = call.sc;
@@ -335,28 +403,48 @@ void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp
   PyObject* steps = as_sequence(steps_obj, "step", n, "");
   PyObject* max_exp_avg_sqs = nullptr;
   if (h.amsgrad) max_exp_avg_sqs = as_sequence(max_exp_avg_sqs_obj, "max_exp_avg_sqs", n, "");
+  PyObject* master_params = nullptr;
+  if (!master_params_obj.is_none()) master_params = as_sequence(master_params_obj, "master_params", n, "");
   for (PyObject* seq : {params, grads, exp_avgs, exp_avg_sqs, steps}) hold_all(seq, n, sc);
+  const std::size_t vmax_at = sc.held.size();
   if (max_exp_avg_sqs != nullptr) hold_all(max_exp_avg_sqs, n, sc);
+  const std::size_t master_at = sc.held.size();
+  if (master_params != nullptr) hold_all(master_params, n, sc);
   PyObject* const* held = sc.held.data();
 
   sc.adam.resize(n);
   BiasCorrections bc;
   for (std::size_t i = 0; i < n; ++i) {
     AdamTensor& t = sc.adam[i];
-    const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, t, sc);
-    t.exp_avg = take_state(held[2 * n + i], kExpAvg, i, labels, p, sc);
-    t.exp_avg_sq = take_state(held[3 * n + i], kExpAvgSq, i, labels, p, sc);
+    const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, kAnyDType, t, sc);
+    const StateLayout layout = state_layout(h, p, i, labels);
+    t.exp_avg = take_state(held[2 * n + i], kExpAvg, i, labels, p, layout.state, sc);
+    t.exp_avg_sq = take_state(held[3 * n + i], kExpAvgSq, i, labels, p, layout.state, sc);
     t.max_exp_avg_sq = nullptr;
     if (h.amsgrad) {
-      PyObject* vmax = held[5 * n + i];
+      PyObject* vmax = held[vmax_at + i];
       if (vmax == Py_None) {
         value_error(labels(kMaxExpAvgSq, i) + ": amsgrad=True needs a max_exp_avg_sq array for every tensor");
       }
-      t.max_exp_avg_sq = take_state(vmax, kMaxExpAvgSq, i, labels, p, sc);
+      t.max_exp_avg_sq = take_state(vmax, kMaxExpAvgSq, i, labels, p, layout.state, sc);
+    }
+    t.master_param = nullptr;
+    PyObject* master = master_params != nullptr ? held[master_at + i] : Py_None;
+    if (layout.master) {
+      if (master == Py_None) {
+        value_error(labels(kMasterParam, i) + ": a " +
+                    std::string(p.dtype == static_cast<int>(DType::f16) ? "float16" : "bfloat16") +
+                    " parameter with master weights needs a float32 master_param array");
+      }
+      t.master_param = take_state(master, kMasterParam, i, labels, p, DType::f32, sc);
+    } else if (master != Py_None) {
+      value_error(labels(kMasterParam, i) +
+                  ": expected None: only a 16-bit parameter with master weights has a master copy");
     }
     const std::int64_t step = as_step(held[4 * n + i], 1, std::numeric_limits<std::int64_t>::max(),
                                       [i] { return "step[" + std::to_string(i) + "]"; });
     set_adam_step(t, h, step, grad_scale, bc);
+    set_storage(t, h, layout, step, i);
   }
   run_and_report(sc.adam, policy, sc, labels, nullptr, nullptr);
 }
@@ -374,8 +462,8 @@ double global_norm(py::handle grads_obj, py::handle patterns, py::handle names) 
   hold_all(grads, n, sc);
   std::vector<TensorRef> tensors(n);
   for (std::size_t i = 0; i < n; ++i) {
-    const ArrayView g = check_array(sc.held[i], kGrad, i, labels, nullptr, false);
-    tensors[i] = TensorRef{nullptr, g.data, g.numel, static_cast<DType>(g.dtype), 1.0};
+    const ArrayView g = check_array(sc.held[i], kGrad, i, labels, nullptr, kAnyDType, false);
+    tensors[i] = TensorRef{nullptr, g.data, g.numel, static_cast<DType>(g.dtype), static_cast<DType>(g.dtype), 1.0};
   }
   py::gil_scoped_release release;
   return std::sqrt(sum_squares(tensors.data(), n, sc.workspace));
@@ -437,6 +525,40 @@ void ceiling_adam(py::handle param, py::handle grad, py::handle exp_avg, py::han
                                static_cast<float>(step_size), static_cast<float>(bias_correction2_sqrt), threads);
 }
 
+// A 16-bit array (float16 or bfloat16) for the conversion probes; returns its format.
+DType half_buffer(const ArrayView& a, const char* what, bool need_write) {
+  using npy = py::detail::npy_api;
+  if (a.dtype != static_cast<int>(DType::f16) && a.dtype != static_cast<int>(DType::bf16)) {
+    type_error(std::string(what) + ": expected float16 or bfloat16");
+  }
+  const int need =
+      npy::NPY_ARRAY_C_CONTIGUOUS_ | npy::NPY_ARRAY_ALIGNED_ | (need_write ? npy::NPY_ARRAY_WRITEABLE_ : 0);
+  if ((a.flags & need) != need) value_error(std::string(what) + ": expected an aligned, C-contiguous array");
+  return static_cast<DType>(a.dtype);
+}
+
+void narrow(py::handle src, py::handle dst, int rounding, std::uint32_t key) {
+  const ArrayView s = probe_buffer(src, "src", DType::f32, nullptr);
+  if (!is_ndarray(dst.ptr())) type_error("dst: expected a numpy.ndarray");
+  const ArrayView d = raw_view(dst.ptr());
+  const DType format = half_buffer(d, "dst", true);
+  if (d.numel != s.numel) value_error("dst: size mismatch");
+  if (rounding != 0 && rounding != 1) value_error("rounding: expected 0 (nearest) or 1 (stochastic)");
+  py::gil_scoped_release release;
+  active_probes().narrow(reinterpret_cast<const float*>(s.data), reinterpret_cast<std::uint16_t*>(d.data), s.numel,
+                         format, static_cast<Rounding>(rounding), key);
+}
+
+void widen(py::handle src, py::handle dst) {
+  if (!is_ndarray(src.ptr())) type_error("src: expected a numpy.ndarray");
+  const ArrayView s = raw_view(src.ptr());
+  const DType format = half_buffer(s, "src", false);
+  const ArrayView d = probe_buffer(dst, "dst", DType::f32, &s);
+  py::gil_scoped_release release;
+  active_probes().widen(reinterpret_cast<const std::uint16_t*>(s.data), reinterpret_cast<float*>(d.data), s.numel,
+                        format);
+}
+
 void triad(py::handle a, py::handle b, py::handle c, double s) {
   const ArrayView x = probe_buffer(a, "a", DType::f64, nullptr);
   const ArrayView y = probe_buffer(b, "b", DType::f64, &x);
@@ -452,6 +574,7 @@ void triad(py::handle a, py::handle b, py::handle c, double s) {
 
 PYBIND11_MODULE(_core, m) {
   using namespace adamcpp;
+  init_array_checks();
   m.doc() = "adamcpp native core: fused multi-tensor optimizer kernels with run-time SIMD dispatch";
 
   py::class_<StateCache>(m, "StateCache",
@@ -474,8 +597,9 @@ PYBIND11_MODULE(_core, m) {
         "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
         "Returns (applied, grad_norm or None).");
   m.def("adam_functional", &adam_functional, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
-        py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("hyper"), py::arg("grad_scale"),
-        py::arg("patterns"), "Stateless fused Adam step over lists of arrays (functional.adam).");
+        py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("master_params"), py::arg("steps"),
+        py::arg("hyper"), py::arg("grad_scale"), py::arg("patterns"),
+        "Stateless fused Adam step over lists of arrays (functional.adam).");
   m.def("global_norm", &global_norm, py::arg("grads"), py::arg("patterns"), py::arg("names"),
         "L2 norm of all gradients together, one multi-threaded pass accumulating in float64.");
   m.def("params_unchanged", &params_unchanged, py::arg("param_groups"), py::arg("flat"), py::arg("group_of"),
@@ -486,6 +610,8 @@ PYBIND11_MODULE(_core, m) {
   m.attr("EPS_STYLES") = names_tuple(kEpsStyleNames);
   m.attr("NONFINITE_POLICIES") = names_tuple(kNonfiniteNames);
   m.attr("ADAM_ROLES") = names_tuple(kAdamRoles);
+  m.attr("STATE_DTYPES") = names_tuple(kStateDTypeNames);
+  m.attr("ROUNDINGS") = names_tuple(kRoundingNames);
   m.attr("SGD_ROLES") = names_tuple(kSgdRoles);
 
   m.def("ceiling_adam", &ceiling_adam, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
@@ -493,11 +619,18 @@ PYBIND11_MODULE(_core, m) {
         "The simplest `omp parallel for simd` float32 Adam loop (benchmark ceiling).");
   m.def("triad", &triad, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("s"),
         "STREAM triad a = b + s * c over float64 arrays (memory-bandwidth probe).");
+  m.def("narrow", &narrow, py::arg("src"), py::arg("dst"), py::arg("rounding"), py::arg("key"),
+        "The kernels' float32 -> float16/bfloat16 conversion over an array (rounding: ROUNDINGS index; element k "
+        "takes the generator's bits for index k under `key`).");
+  m.def("widen", &widen, py::arg("src"), py::arg("dst"), "The kernels' float16/bfloat16 -> float32 conversion.");
   m.def("compiled_targets", &compiled_targets, "SIMD targets compiled into this build.");
   m.def("target_supported", &target_supported, py::arg("name"), "Whether this CPU can run the target.");
   m.def("best_target", &best_target, "The best compiled target this CPU supports.");
   m.def("select_simd", &select_target, py::arg("name"), "Use the named SIMD target from now on.");
   m.def("simd", []() { return std::string(active_kernels().name); }, "The SIMD target in use.");
+  m.def("set_fused_layouts", &set_fused_layouts, py::arg("enabled"),
+        "Run the fused 16-bit layouts (default), or convert every mixed-precision tensor in blocks (tests, bench).");
+  m.def("fused_layouts_enabled", &fused_layouts_enabled, "Whether the fused 16-bit layouts run.");
   m.def("get_num_threads", &get_num_threads, "Threads used by a step.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the threads used by a step (>= 1).");
   m.attr("openmp") = have_openmp();

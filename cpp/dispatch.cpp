@@ -109,6 +109,14 @@ const KernelTable& active_kernels() { return active_target().table(); }
 
 const ProbeTable& active_probes() { return active_target().probes(); }
 
+namespace {
+std::atomic<bool> g_fused_layouts{true};
+}  // namespace
+
+bool fused_layouts_enabled() { return g_fused_layouts.load(std::memory_order_relaxed); }
+
+void set_fused_layouts(bool enabled) { g_fused_layouts.store(enabled); }
+
 int get_num_threads() { return g_num_threads.load(); }
 
 void set_num_threads(int n) {

@@ -28,6 +28,11 @@ const KernelTable& active_kernels();
 // The benchmark probes of the same target.
 const ProbeTable& active_probes();
 
+// Whether the fused 16-bit layouts run (default), or every mixed-precision
+// tensor takes the blocked path (for tests and adamcpp-bench: both give the same bits).
+bool fused_layouts_enabled();
+void set_fused_layouts(bool enabled);
+
 int get_num_threads();
 void set_num_threads(int n);
 bool have_openmp();

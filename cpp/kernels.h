@@ -1,6 +1,7 @@
 // adamcpp: the kernel table shared by every ISA target and the dispatcher.
 // Kernels take raw pointers, element ranges and small scalar structs; they
-// never see Python.
+// never see Python. (Nothing here is called by a kernel translation unit:
+// the ISA targets keep their inline code in their own namespaces.)
 #pragma once
 
 #include <cstddef>
@@ -15,14 +16,21 @@ struct TensorRef {
   void* param;
   const void* grad;
   std::size_t numel;
-  DType dtype;
+  DType dtype;        // the parameter's; its compute type is float64 for float64, float32 otherwise
+  DType grad_dtype;   // any DType: converted to the compute type as it is read
   double grad_scale;  // gradient multiplier (sign included), applied in the kernel
 };
 
 struct AdamTensor : TensorRef {
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;  // nullptr unless amsgrad
+  void* max_exp_avg_sq;     // nullptr unless amsgrad
+  void* master_param;       // float32 master copy of a 16-bit parameter, or nullptr (the parameter is its own master)
+  DType state_dtype;        // of exp_avg, exp_avg_sq and max_exp_avg_sq: the compute type, or bf16
+  bool native;              // parameter, gradient and state all of the compute type (no master copy)
+  Rounding state_rounding;  // bf16 state only
+  Rounding param_rounding;  // 16-bit parameters without a master copy only
+  std::uint64_t rounding_key = 0;  // stochastic rounding: low 32 bits key the state, high 32 the parameter
   WeightDecay weight_decay_mode;
   bool amsgrad;
   EpsStyle eps_style;
@@ -41,34 +49,44 @@ struct SgdTensor : TensorRef {
 using AdamChunkFn = void (*)(const AdamTensor& tensor, std::size_t begin, std::size_t end);
 using SgdChunkFn = void (*)(const SgdTensor& tensor, std::size_t begin, std::size_t end);
 
-// True when any element of grad[begin, end) * scale is NaN or infinite.
+// True when any element of grad[begin, end), converted to the compute type, times scale is NaN or infinite.
 using NonfiniteFn = bool (*)(const void* grad, std::size_t begin, std::size_t end, double scale);
 
 // Sum of squares of grad[begin, end), accumulated in double.
 using SumSquaresFn = double (*)(const void* grad, std::size_t begin, std::size_t end);
 
-constexpr int kDTypes = 2;
+constexpr int kComputeTypes = 2;  // index = DType: f32, f64
 constexpr int kWeightDecayModes = 3;
 constexpr int kEpsStyles = 2;
 constexpr int kMomentumModes = 3;
 
+// The 16-bit layouts with a fused loop of their own, all with bfloat16 state
+// rounded stochastically (the layouts adamcpp-bench's --precision names).
+// Every other combination of parameter, gradient, state and rounding converts
+// in L1-sized blocks around the compute-type loop (same arithmetic, same bits).
+enum class FusedLayout : int {
+  bf16_state = 0,   // float32 parameter and gradient
+  bf16_master = 1,  // bfloat16 parameter and gradient, float32 master copy
+  bf16 = 2,         // bfloat16 parameter (stochastic rounding) and gradient, no master copy
+};
+constexpr int kFusedLayouts = 3;
+
+inline std::size_t dtype_size(DType d) { return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : 2); }
+
 struct KernelTable {
   const char* name;
-  // [dtype][weight decay mode][amsgrad][eps style]
-  AdamChunkFn adam[kDTypes][kWeightDecayModes][2][kEpsStyles];
-  // [dtype][weight decay on][momentum mode][first]
-  SgdChunkFn sgd[kDTypes][2][kMomentumModes][2];
-  NonfiniteFn nonfinite[kDTypes];
-  SumSquaresFn sum_squares[kDTypes];
-
-  AdamChunkFn adam_fn(const AdamTensor& t) const {
-    return adam[static_cast<int>(t.dtype)][static_cast<int>(t.weight_decay_mode)][t.amsgrad ? 1 : 0]
-               [static_cast<int>(t.eps_style)];
-  }
-  SgdChunkFn sgd_fn(const SgdTensor& t) const {
-    return sgd[static_cast<int>(t.dtype)][t.weight_decay_on ? 1 : 0][static_cast<int>(t.momentum_mode)]
-              [t.first ? 1 : 0];
-  }
+  // Parameter, gradient and state all of the compute type: [compute][weight decay mode][amsgrad][eps style]
+  AdamChunkFn adam[kComputeTypes][kWeightDecayModes][2][kEpsStyles];
+  // The fused 16-bit layouts (without amsgrad): [layout][weight decay mode][eps style]
+  AdamChunkFn adam_fused[kFusedLayouts][kWeightDecayModes][kEpsStyles];
+  // Any other Adam tensor: [compute]
+  AdamChunkFn adam_blocked[kComputeTypes];
+  // [compute][weight decay on][momentum mode][first]
+  SgdChunkFn sgd[kComputeTypes][2][kMomentumModes][2];
+  // An SGD tensor whose gradient is not of its compute type: [compute]
+  SgdChunkFn sgd_blocked[kComputeTypes];
+  NonfiniteFn nonfinite[kDTypeCount][kComputeTypes];  // [gradient dtype][compute]
+  SumSquaresFn sum_squares[kDTypeCount];              // [gradient dtype]
 };
 
 // One definition per compiled ISA target, each in its own namespace.

@@ -68,6 +68,10 @@ class FloatModeScope {
   FloatModes saved_;
 };
 
+// Index of a parameter's compute type in the kernel table: float64 for
+// float64 parameters, float32 for the others.
+inline int compute_index(DType d) { return d == DType::f64 ? 1 : 0; }
+
 // Calls body(tensor_index, begin, end, chunk) for every non-empty piece of
 // every tensor; a piece never crosses a chunk boundary, and each thread takes
 // one contiguous run of whole chunks.
@@ -128,7 +132,7 @@ std::ptrdiff_t find_nonfinite(const Tensor* tensors, std::size_t count, Workspac
     std::ptrdiff_t cur = first.load(std::memory_order_relaxed);
     if (cur >= 0 && cur <= idx) return;
     const TensorRef& t = tensors[i];
-    if (k.nonfinite[static_cast<int>(t.dtype)](t.grad, lo, hi, t.grad_scale)) {
+    if (k.nonfinite[static_cast<int>(t.grad_dtype)][compute_index(t.dtype)](t.grad, lo, hi, t.grad_scale)) {
       cur = first.load();
       while ((cur < 0 || idx < cur) && !first.compare_exchange_weak(cur, idx)) {
       }
@@ -146,24 +150,56 @@ double sum_squares_of(const Tensor* tensors, std::size_t count, Workspace& ws) {
   double* part = ws.partial.data();
   for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t chunk) {
     const TensorRef& t = tensors[i];
-    part[chunk] += k.sum_squares[static_cast<int>(t.dtype)](t.grad, lo, hi);
+    part[chunk] += k.sum_squares[static_cast<int>(t.grad_dtype)](t.grad, lo, hi);
   });
   double sum = 0.0;
   for (double p : ws.partial) sum += p;
   return sum;
 }
 
+// The loop of an Adam tensor: its compute-type loop when every array holds
+// the compute type, a fused 16-bit layout (kernels.h) when it has one, else
+// the blocked conversion around the compute-type loop (the same bits).
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((always_inline))
+#endif
+inline AdamChunkFn adam_fn(const KernelTable& k, const AdamTensor& t, bool fused) {
+  const int wd = static_cast<int>(t.weight_decay_mode);
+  const int e = static_cast<int>(t.eps_style);
+  const DType d = t.dtype;
+  if (t.native) return k.adam[static_cast<int>(d)][wd][t.amsgrad ? 1 : 0][e];
+  if (fused && !t.amsgrad && t.state_dtype == DType::bf16 && t.state_rounding == Rounding::stochastic) {
+    if (d == DType::f32 && t.grad_dtype == DType::f32) {
+      return k.adam_fused[static_cast<int>(FusedLayout::bf16_state)][wd][e];
+    }
+    if (d == DType::bf16 && t.grad_dtype == DType::bf16 && t.master_param != nullptr) {
+      return k.adam_fused[static_cast<int>(FusedLayout::bf16_master)][wd][e];
+    }
+    if (d == DType::bf16 && t.grad_dtype == DType::bf16 && t.param_rounding == Rounding::stochastic) {
+      return k.adam_fused[static_cast<int>(FusedLayout::bf16)][wd][e];
+    }
+  }
+  return k.adam_blocked[compute_index(d)];
+}
+
+SgdChunkFn sgd_fn(const KernelTable& k, const SgdTensor& t) {
+  const int c = compute_index(t.dtype);
+  if (t.grad_dtype != t.dtype) return k.sgd_blocked[c];
+  return k.sgd[c][t.weight_decay_on ? 1 : 0][static_cast<int>(t.momentum_mode)][t.first ? 1 : 0];
+}
+
 void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
+  const bool fused = fused_layouts_enabled();
   for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
-    k.adam_fn(tensors[i])(tensors[i], lo, hi);
+    adam_fn(k, tensors[i], fused)(tensors[i], lo, hi);
   });
 }
 
 void update(const SgdTensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
   for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
-    k.sgd_fn(tensors[i])(tensors[i], lo, hi);
+    sgd_fn(k, tensors[i])(tensors[i], lo, hi);
   });
 }
 
@@ -172,7 +208,8 @@ StepOutcome run_any_step(Tensor* tensors, std::size_t count, const StepPolicy& p
   StepOutcome out{false, -1, std::nan("")};
   bool check = policy.nonfinite != Nonfinite::propagate;
   if (policy.max_grad_norm >= 0.0) {
-    out.grad_norm = std::fabs(policy.grad_scale) * std::sqrt(sum_squares_of(tensors, count, ws));
+    const double raw_norm = std::sqrt(sum_squares_of(tensors, count, ws));
+    out.grad_norm = std::fabs(policy.grad_scale) * raw_norm;
     const double coef = clip_coefficient(policy.max_grad_norm, out.grad_norm);
     if (std::isnan(coef)) {
       // Only a NaN or Inf gradient makes the norm NaN: find it at the caller's scale.
@@ -183,10 +220,11 @@ StepOutcome run_any_step(Tensor* tensors, std::size_t count, const StepPolicy& p
     // No scaled element exceeds the clipped norm, so a clipped norm well inside
     // float32's range proves every element finite without a second pass, as
     // long as the scale itself is a finite float32 (a zero gradient times an
-    // infinite scale is NaN).
+    // infinite scale is NaN) and every unscaled element converts to a finite
+    // float32 (a float64 gradient of a float32 parameter).
     constexpr double kFloatMax = static_cast<double>(std::numeric_limits<float>::max());
     const double scale = std::fabs(policy.grad_scale * coef);
-    if (out.grad_norm * coef < 0.5 * kFloatMax && scale <= kFloatMax) check = false;
+    if (out.grad_norm * coef < 0.5 * kFloatMax && scale <= kFloatMax && raw_norm < 0.5 * kFloatMax) check = false;
   }
   if (check) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
   if (out.nonfinite_tensor < 0) {

@@ -1,8 +1,13 @@
-// adamcpp: the per-element optimizer updates (Adam/AdamW, SGD), written once.
+// adamcpp: the per-element optimizer updates (Adam/AdamW, SGD), written once,
+// and the per-element conversions between the compute type and the 16-bit
+// storage formats (float16, bfloat16; to nearest or stochastically, with the
+// counter-based generator that keys stochastic rounding).
 //
-// This header is plain inline arithmetic (its only include is the plain
-// optim_types.h), so the same function serves the CPU kernels (compiled once per ISA target) and a CUDA
-// translation unit (where it becomes __host__ __device__).
+// This header is plain inline arithmetic (it includes only <cstdint> and the
+// plain optim_types.h), so the same function serves the CPU kernels (compiled
+// once per ISA target) and a CUDA translation unit (where it becomes
+// __host__ __device__). Every operation is an IEEE basic operation or integer
+// arithmetic, so every ISA and the GPU give the same bits.
 //
 // Every ISA translation unit defines ADAMCPP_MATH_NS to its own name before
 // including this file, so each target gets its own copy of these inline
@@ -19,6 +24,8 @@
 #else
 #define ADAMCPP_HD inline
 #endif
+
+#include <cstdint>
 
 #include "optim_types.h"
 
@@ -60,6 +67,7 @@ ADAMCPP_HD AdamScalars<T> adam_scalars(const AdamStepScalars& s, double grad_sca
   r.decay_factor = static_cast<T>(s.decay_factor);
   r.step_size = static_cast<T>(s.step_size);
   r.bias_correction2_sqrt = static_cast<T>(s.bias_correction2_sqrt);
+  r.inv_bias_correction2_sqrt = static_cast<T>(s.inv_bias_correction2_sqrt);
   return r;
 }
 
@@ -83,7 +91,11 @@ ADAMCPP_HD T nan_max(T current, T candidate) {
 // One Adam step of one element. The operation order matches torch.optim:
 //   v = beta2 * v + ((1 - beta2) * g) * g
 //   p = p - (step_size * m) / (sqrt(v) / bias_correction2_sqrt + eps)
-template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
+// `Reciprocal` is the compact-state form (bfloat16 moments, whose rounding
+// dwarfs the difference): the torch-style denominator multiplies by
+// 1 / bias_correction2_sqrt instead of dividing, one division per element
+// instead of two.
+template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps, bool Reciprocal = false>
 ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq, const AdamScalars<T>& s) {
   T g = grad * s.grad_scale;
   T p = param;
@@ -103,12 +115,143 @@ ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max
     *max_exp_avg_sq = v_used;
   }
   T denom;
-  if constexpr (Eps == EpsStyle::torch) {
+  if constexpr (Eps == EpsStyle::torch && Reciprocal) {
+    denom = sqrt_of(v_used) * s.inv_bias_correction2_sqrt + s.eps;
+  } else if constexpr (Eps == EpsStyle::torch) {
     denom = sqrt_of(v_used) / s.bias_correction2_sqrt + s.eps;
   } else {
     denom = sqrt_of(v_used) + s.eps;
   }
   param = p - (s.step_size * m) / denom;
+}
+
+// ------------------------------------------------------------ 16-bit storage
+// Conversions between float32 (the compute type of 16-bit tensors) and the
+// 16-bit formats, on bit patterns held in std::uint16_t. Each is integer
+// arithmetic and IEEE basic operations only.
+
+ADAMCPP_HD std::uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  std::uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+ADAMCPP_HD float float_of(std::uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// bfloat16 is the upper half of a float32: widening is exact.
+ADAMCPP_HD float float_from_bf16(std::uint16_t h) { return float_of(static_cast<std::uint32_t>(h) << 16); }
+
+// A NaN becomes the quiet NaN 0x7FC0 with its sign (as ml_dtypes converts).
+ADAMCPP_HD std::uint16_t bf16_nan(std::uint32_t b) {
+  return static_cast<std::uint16_t>(((b >> 16) & 0x8000u) | 0x7FC0u);
+}
+
+// float32 -> bfloat16, to nearest, ties to even; Inf stays Inf, an overflow becomes Inf.
+ADAMCPP_HD std::uint16_t bf16_nearest(float x) {
+  const std::uint32_t b = bits_of(x);
+  const std::uint16_t rounded = static_cast<std::uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  return (b & 0x7FFFFFFFu) > 0x7F800000u ? bf16_nan(b) : rounded;
+}
+
+// float32 -> bfloat16, stochastically: the 16 dropped bits are exactly the
+// dropped fraction, so adding 16 uniform random bits `r` (0..65535) and
+// truncating rounds away from zero with probability fraction: E[result] = x.
+ADAMCPP_HD std::uint16_t bf16_stochastic(float x, std::uint32_t r) {
+  const std::uint32_t b = bits_of(x);
+  const std::uint16_t rounded = static_cast<std::uint16_t>((b + (r & 0xFFFFu)) >> 16);
+  return (b & 0x7FFFFFFFu) > 0x7F800000u ? bf16_nan(b) : rounded;
+}
+
+// float16 -> float32, exact. Subnormals are m * 2^-24 (an exact product).
+ADAMCPP_HD float float_from_f16(std::uint16_t h) {
+  const std::uint32_t sign = (static_cast<std::uint32_t>(h) & 0x8000u) << 16;
+  const std::uint32_t exponent = (static_cast<std::uint32_t>(h) >> 10) & 0x1Fu;
+  const std::uint32_t mantissa = static_cast<std::uint32_t>(h) & 0x3FFu;
+  const std::uint32_t normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  const std::uint32_t special = sign | 0x7F800000u | (mantissa << 13);
+  const std::uint32_t subnormal =
+      sign | bits_of(static_cast<float>(static_cast<int>(mantissa)) * 5.9604644775390625e-8f);
+  return float_of(exponent == 0x1Fu ? special : (exponent == 0u ? subnormal : normal));
+}
+
+// The float16 bits of a float32 Inf or NaN (`a` = |bits|): the NaN keeps the
+// top of its payload, never 0 (NumPy's rule).
+ADAMCPP_HD std::uint32_t f16_special(std::uint32_t a) {
+  const std::uint32_t payload = (a & 0x7FFFFFu) >> 13;
+  return a == 0x7F800000u ? 0x7C00u : (0x7C00u | (payload == 0u ? 1u : payload));
+}
+
+// float32 -> float16, to nearest, ties to even (as NumPy's astype): values
+// from 65520 on overflow to Inf. Subnormal results are rounded by the float
+// addition |x| + 0.5, whose ulp is float16's smallest step 2^-24.
+ADAMCPP_HD std::uint16_t f16_nearest(float x) {
+  const std::uint32_t b = bits_of(x);
+  const std::uint32_t sign = (b >> 16) & 0x8000u;
+  const std::uint32_t a = b & 0x7FFFFFFFu;
+  const std::uint32_t t = a - 0x38000000u;  // rebias the exponent from 127 to 15
+  const std::uint32_t normal = (t + 0xFFFu + ((t >> 13) & 1u)) >> 13;
+  const std::uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+  std::uint32_t h = a >= 0x38800000u ? normal : subnormal;
+  h = a >= 0x477FF000u ? 0x7C00u : h;
+  h = a >= 0x7F800000u ? f16_special(a) : h;
+  return static_cast<std::uint16_t>(sign | h);
+}
+
+// float32 -> float16, stochastically, with 16 uniform random bits `r`: in
+// float16's normal range the 13 dropped bits are compared with 13 of them
+// (exactly the dropped fraction); below it, the value in units of 2^-24 is
+// taken with 16 fraction bits. Values beyond the largest float16 round up to Inf
+// with the probability of their fraction, like any other.
+ADAMCPP_HD std::uint16_t f16_stochastic(float x, std::uint32_t r) {
+  const std::uint32_t b = bits_of(x);
+  const std::uint32_t sign = (b >> 16) & 0x8000u;
+  const std::uint32_t a = b & 0x7FFFFFFFu;
+  r &= 0xFFFFu;
+  const std::uint32_t normal_bits = (a - 0x38000000u + (r >> 3)) >> 13;
+  const std::uint32_t normal = normal_bits > 0x7C00u ? 0x7C00u : normal_bits;
+  // a < 2^-14: a value of mantissa * 2^(exponent - 150), i.e. mantissa >> shift units of 2^-24.
+  const std::uint32_t exponent = a >> 23;
+  const std::uint32_t mantissa = exponent == 0u ? a : ((a & 0x7FFFFFu) | 0x800000u);
+  const std::uint32_t shift = exponent == 0u ? 125u : 126u - exponent;  // >= 14 here
+  const std::uint32_t fixed =
+      shift >= 48u ? 0u : (shift >= 16u ? mantissa >> (shift - 16u) : mantissa << (16u - shift));
+  const std::uint32_t subnormal = (fixed + r) >> 16;
+  std::uint32_t h = a >= 0x38800000u ? normal : subnormal;
+  h = a >= 0x7F800000u ? f16_special(a) : h;
+  return static_cast<std::uint16_t>(sign | h);
+}
+
+// The counter-based generator of stochastic rounding: 32 uniform bits for
+// element `index` under `key`, a hash of (seed, step, tensor) computed on the
+// host (step_scalars.h). A bijection of index ^ key (two multiply-xorshift
+// rounds), so a fresh key per step makes every element's bits uniform and
+// independent from step to step; the result depends on nothing else (not the
+// thread, the chunk or the SIMD target). The low 16 bits round exp_avg, the
+// high 16 bits exp_avg_sq (and max_exp_avg_sq); a parameter uses its own key.
+ADAMCPP_HD std::uint32_t random_bits(std::uint32_t index, std::uint32_t key) {
+  std::uint32_t h = (index ^ key) * 0x9E3779B1u;
+  h ^= h >> 15;
+  h *= 0x85EBCA77u;
+  h ^= h >> 13;
+  return h;
+}
+
+// The key of the elements of a tensor from index 2^32 * high on (high > 0):
+// the generator hashes an element's low 32 index bits under it.
+ADAMCPP_HD std::uint32_t segment_key(std::uint32_t key, std::uint64_t high) {
+  return random_bits(static_cast<std::uint32_t>(high) ^ static_cast<std::uint32_t>(high >> 32), key ^ 0xA511E9B3u);
 }
 
 // SGD with momentum, in torch.optim.SGD's operation order. `First` marks the

@@ -4,8 +4,17 @@
 
 namespace adamcpp {
 
-// Element type of a tensor (parameter, gradient and state share it).
-enum class DType : int { f32 = 0, f64 = 1 };
+// Element type of an array: float32, float64 and the two 16-bit formats
+// (IEEE float16, bfloat16). A parameter's compute type is float64 for float64
+// parameters and float32 for the others; gradients of any of these types are
+// converted to it as they are read.
+enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+constexpr int kDTypeCount = 4;
+
+// How a value is rounded to a narrower storage type: to nearest (ties to
+// even), or stochastically (away from zero with probability equal to the
+// dropped fraction, keyed on seed, step, tensor and element).
+enum class Rounding : int { nearest = 0, stochastic = 1 };
 
 // Which weight decay a tensor uses: none, coupled L2 (Adam: g += wd * p) or
 // decoupled (AdamW: p *= 1 - lr * wd). A template parameter, never a branch
@@ -25,6 +34,7 @@ struct AdamStepScalars {
   double decay_factor;
   double step_size;
   double bias_correction2_sqrt;
+  double inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t): the compact-state form's multiplier
 };
 
 // Host-side (double) scalars of one SGD tensor for one step.
@@ -45,10 +55,11 @@ struct AdamScalars {
   T beta2;
   T one_minus_beta2;
   T eps;
-  T weight_decay;           // coupled L2 coefficient
-  T decay_factor;           // 1 - lr * weight_decay (decoupled)
-  T step_size;              // torch: lr / bc1;   keras: lr * sqrt(bc2) / bc1
-  T bias_correction2_sqrt;  // sqrt(1 - beta2^t) (torch style only)
+  T weight_decay;               // coupled L2 coefficient
+  T decay_factor;               // 1 - lr * weight_decay (decoupled)
+  T step_size;                  // torch: lr / bc1;   keras: lr * sqrt(bc2) / bc1
+  T bias_correction2_sqrt;      // sqrt(1 - beta2^t) (torch style only)
+  T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t) (torch style, compact state only)
 };
 
 // Scalars of one SGD tensor for one step, rounded once to the element type.

@@ -34,10 +34,36 @@ void triad(double* ADAMCPP_RESTRICT a, const double* ADAMCPP_RESTRICT b, const d
   }
 }
 
+void narrow(const float* ADAMCPP_RESTRICT src, std::uint16_t* ADAMCPP_RESTRICT dst, std::size_t n, DType format,
+            Rounding rounding, std::uint32_t key) {
+  const bool sr = rounding == Rounding::stochastic;
+  if (format == DType::bf16) {
+#pragma omp simd
+    for (std::size_t k = 0; k < n; ++k) {
+      dst[k] = sr ? bf16_stochastic(src[k], random_bits(static_cast<std::uint32_t>(k), key)) : bf16_nearest(src[k]);
+    }
+  } else {
+#pragma omp simd
+    for (std::size_t k = 0; k < n; ++k) {
+      dst[k] = sr ? f16_stochastic(src[k], random_bits(static_cast<std::uint32_t>(k), key)) : f16_nearest(src[k]);
+    }
+  }
+}
+
+void widen(const std::uint16_t* ADAMCPP_RESTRICT src, float* ADAMCPP_RESTRICT dst, std::size_t n, DType format) {
+  if (format == DType::bf16) {
+#pragma omp simd
+    for (std::size_t k = 0; k < n; ++k) dst[k] = float_from_bf16(src[k]);
+  } else {
+#pragma omp simd
+    for (std::size_t k = 0; k < n; ++k) dst[k] = float_from_f16(src[k]);
+  }
+}
+
 }  // namespace
 
 const ProbeTable& probe_table() {
-  static const ProbeTable table{ADAMCPP_STR(ADAMCPP_ISA), &ceiling_adam, &triad};
+  static const ProbeTable table{ADAMCPP_STR(ADAMCPP_ISA), &ceiling_adam, &triad, &narrow, &widen};
   return table;
 }
 

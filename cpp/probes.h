@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+
+#include "optim_types.h"
 
 namespace adamcpp {
 
@@ -14,10 +17,19 @@ using CeilingAdamFn = void (*)(float* param, const float* grad, float* exp_avg, 
 // STREAM triad a[i] = b[i] + s * c[i], one `omp parallel for simd`.
 using TriadFn = void (*)(double* a, const double* b, const double* c, std::size_t n, double s, int num_threads);
 
+// The kernels' conversions over arrays, for the tests: float32 -> float16 or
+// bfloat16 (`format`), to nearest or stochastically with the generator under
+// `key` (element k takes random_bits(k, key)), and 16-bit -> float32.
+using NarrowFn = void (*)(const float* src, std::uint16_t* dst, std::size_t n, DType format, Rounding rounding,
+                          std::uint32_t key);
+using WidenFn = void (*)(const std::uint16_t* src, float* dst, std::size_t n, DType format);
+
 struct ProbeTable {
   const char* name;
   CeilingAdamFn ceiling_adam;
   TriadFn triad;
+  NarrowFn narrow;
+  WidenFn widen;
 };
 
 #define ADAMCPP_DECLARE_PROBES(isa) \

@@ -61,7 +61,7 @@ struct StepScratch {
 
 class StateCache {
  public:
-  static constexpr int kMaxEntries = 3;
+  static constexpr int kMaxEntries = 4;
 
   StateCache();
   ~StateCache();

@@ -12,6 +12,10 @@
 
 namespace adamcpp {
 
+// The storage options of an Adam group (mixed precision and compact state).
+enum class MasterWeights : int { automatic = -1, off = 0, on = 1 };  // automatic: on for 16-bit parameters
+enum class StateDType : int { full = 0, bf16 = 1 };                  // full: float32, or float64 for float64 parameters
+
 // One Adam group's hyperparameters as the Python layer validated them (the
 // fields of adamcpp's AdamHyper named tuple, in that order).
 struct AdamHyper {
@@ -24,6 +28,11 @@ struct AdamHyper {
   bool amsgrad;
   bool maximize;
   EpsStyle eps_style;
+  MasterWeights master_weights = MasterWeights::automatic;
+  StateDType state_dtype = StateDType::full;
+  Rounding state_rounding = Rounding::stochastic;
+  Rounding param_rounding = Rounding::nearest;
+  std::uint64_t seed = 0;
 };
 
 // One SGD group's hyperparameters (adamcpp's SgdHyper named tuple).
@@ -40,6 +49,23 @@ struct SgdHyper {
 // to ascend when `maximize`.
 inline double signed_grad_scale(double grad_scale, bool maximize) { return maximize ? -grad_scale : grad_scale; }
 
+// SplitMix64's finalizer: a bijective mix of 64 bits.
+inline std::uint64_t mix64(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The stochastic-rounding key of step `step` of tensor `tensor` (its flat
+// index in the optimizer, or its position in a functional call) under
+// `seed`: the low 32 bits key the state's random bits, the high 32 bits the
+// parameter's (optim_math.h, random_bits). Elements beyond 2^32 of one tensor
+// fold their high index bits into the key (kernels.cpp).
+inline std::uint64_t rounding_key(std::uint64_t seed, std::int64_t step, std::uint64_t tensor) {
+  return mix64(mix64(mix64(seed) ^ static_cast<std::uint64_t>(step)) ^ tensor);
+}
+
 // 1 - beta^t for both betas. Tensors of a group usually share t, so the last
 // pair is remembered.
 class BiasCorrections {
@@ -51,9 +77,13 @@ class BiasCorrections {
     step_ = step;
     first_ = 1.0 - std::pow(beta1, static_cast<double>(step));
     second_ = 1.0 - std::pow(beta2, static_cast<double>(step));
+    second_sqrt_ = std::sqrt(second_);
+    inv_second_sqrt_ = 1.0 / second_sqrt_;
   }
   double first() const { return first_; }
   double second() const { return second_; }
+  double second_sqrt() const { return second_sqrt_; }
+  double inv_second_sqrt() const { return inv_second_sqrt_; }
 
  private:
   double beta1_ = -1.0;
@@ -61,9 +91,12 @@ class BiasCorrections {
   std::int64_t step_ = -1;
   double first_ = 0.0;
   double second_ = 0.0;
+  double second_sqrt_ = 0.0;
+  double inv_second_sqrt_ = 0.0;
 };
 
 // The variant and the scalars of Adam step `step` (1-based) of one tensor.
+// A tensor that rounds stochastically also needs its key (rounding_key).
 inline void set_adam_step(AdamTensor& t, const AdamHyper& h, std::int64_t step, double grad_scale,
                           BiasCorrections& bc) {
   bc.update(h.beta1, h.beta2, step);
@@ -74,7 +107,8 @@ inline void set_adam_step(AdamTensor& t, const AdamHyper& h, std::int64_t step, 
   s.eps = h.eps;
   s.weight_decay = h.weight_decay;
   s.decay_factor = 1.0 - h.lr * h.weight_decay;
-  s.bias_correction2_sqrt = std::sqrt(bc.second());
+  s.bias_correction2_sqrt = bc.second_sqrt();
+  s.inv_bias_correction2_sqrt = bc.inv_second_sqrt();
   // torch: lr / bc1 with eps added after sqrt(v) / sqrt(bc2);
   // keras: the paper's epsilon-hat, lr * sqrt(bc2) / bc1 with eps added to sqrt(v).
   s.step_size =

@@ -239,10 +239,11 @@ CORRUPTIONS = {
     "list": (lambda a: a.tolist(), TypeError, "all"),
     "scalar": (lambda a: 0.5, TypeError, "all"),
     "int64": (lambda a: a.astype(np.int64), TypeError, "all"),
-    "float16": (lambda a: a.astype(np.float16), TypeError, "all"),
+    # float16 parameters are accepted (mixed precision) and gradients of any float dtype too: only state is refused
+    "float16": (lambda a: a.astype(np.float16), TypeError, "state"),
     "complex64": (lambda a: a.astype(np.complex64), TypeError, "all"),
     "big_endian": (lambda a: a.astype(a.dtype.newbyteorder(">")), TypeError, "all"),
-    "other_float": (_other_float, TypeError, "not_param"),
+    "other_float": (_other_float, TypeError, "state"),
     "wrong_shape": (lambda a: np.zeros((3, 2), a.dtype), ValueError, "not_param"),
     "transposed": (lambda a: np.zeros((3, 2), a.dtype).T, ValueError, "all"),
     "strided": (lambda a: np.zeros((2, 6), a.dtype)[:, ::2], ValueError, "all"),
@@ -258,6 +259,8 @@ def _applies(where: str, role: str) -> bool:
         return True
     if where == "not_param":
         return role != "params"
+    if where == "state":
+        return role not in ("params", "grads")
     return role != "grads"  # "written"
 
 

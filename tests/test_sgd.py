@@ -530,7 +530,7 @@ ERROR_CASES = {
     "grad_is_param": (lambda o, p, g: g[:1] + [p[1]] + g[2:], ValueError, ["grads[1]", "shares memory"]),
     "grad_wrong_shape": (lambda o, p, g: g[:2] + [np.zeros((1, 1), np.float32)], ValueError,
                          ["grads[2]", "shape"]),
-    "grad_wrong_dtype": (lambda o, p, g: g[:2] + [g[2].astype(np.float64)], TypeError, ["grads[2]", "dtype"]),
+    "grad_wrong_dtype": (lambda o, p, g: g[:2] + [g[2].astype(np.int32)], TypeError, ["grads[2]", "dtype"]),
     "too_few_grads": (lambda o, p, g: g[:2], ValueError, ["grads"]),
     "buffer_wrong_shape": (
         lambda o, p, g: (o.state[2].__setitem__("momentum_buffer", np.zeros(2, np.float32)), g)[1], ValueError,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os as _os
 from typing import Any, Dict
 
-from . import _core, checkpoint, functional, schedules
+from . import _core, _precision, checkpoint, functional, schedules
 from ._common import describe_number as _describe_number
 from .checkpoint import load, save
 from .optim import SGD, Adam, AdamW, Optimizer, global_norm
@@ -57,6 +57,14 @@ def build_info() -> Dict[str, Any]:
         "num_threads": _core.get_num_threads(),
         "chunk_elements": int(_core.chunk_elements),
         "parallel_min_elements": int(_core.parallel_min_elements),
+        "precisions": {
+            "param_dtypes": ["float16", "bfloat16", "float32", "float64"],
+            "grad_dtypes": ["float16", "bfloat16", "float32", "float64"],
+            "state_dtypes": list(_core.STATE_DTYPES),
+            "roundings": list(_core.ROUNDINGS),
+            "fused_layouts": ["bf16-state", "bf16-master", "bf16"],
+            "bfloat16": _precision.bfloat16_available(),
+        },
     }
 
 

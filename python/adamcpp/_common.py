@@ -18,6 +18,24 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # The native core's names, index = the value it reads.
 EPS_STYLES = _core.EPS_STYLES
 NONFINITE_POLICIES = {name: i for i, name in enumerate(_core.NONFINITE_POLICIES)}
+STATE_DTYPES = _core.STATE_DTYPES
+ROUNDINGS = _core.ROUNDINGS
+MAX_SEED = 2**64 - 1
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16 (recognised by name: adamcpp never imports ml_dtypes for this)."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def is_half(dtype: np.dtype) -> bool:
+    """A 16-bit float dtype: float16 or bfloat16."""
+    return dtype == np.float16 or is_bfloat16(dtype)
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """float16, bfloat16, float32 or float64, in native byte order."""
+    return dtype.isnative and (dtype in FLOAT_DTYPES or is_half(dtype))
 
 
 def _is_real(x: Any) -> bool:
@@ -70,6 +88,43 @@ def check_betas(value: Any, where: str) -> tuple[Any, Any]:
     return value[0], value[1]
 
 
+def check_master_weights(value: Any, where: str) -> int:
+    """The native code of master_weights: None (automatic) -1, False 0, True 1."""
+    if value is None:
+        return -1
+    return int(check_bool(value, where))
+
+
+def check_state_dtype(value: Any, where: str) -> int:
+    """The native index of a state dtype name."""
+    if value == "float16":
+        raise ValueError(
+            f"{where}: 'float16' state is not offered: float16's smallest normal is 6.1e-5, so g**2 of a gradient "
+            "below about 2.4e-4 and eps=1e-8 flush to zero and the update divides by zero; use 'bfloat16' "
+            "(float32's range in 16 bits) or 'float32'"
+        )
+    if not isinstance(value, str) or value not in STATE_DTYPES:
+        raise ValueError(f"{where}: expected 'float32' or 'bfloat16', got {value!r}")
+    return STATE_DTYPES.index(value)
+
+
+def check_rounding(value: Any, where: str) -> int:
+    """The native index of a rounding name."""
+    if not isinstance(value, str) or value not in ROUNDINGS:
+        raise ValueError(f"{where}: expected 'stochastic' or 'nearest', got {value!r}")
+    return ROUNDINGS.index(value)
+
+
+def check_seed(value: Any, where: str) -> int:
+    """A seed: an int (a NumPy integer too) in [0, 2**64 - 1]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: expected an int seed, got {type(value).__name__}")
+    v = int(value)
+    if not 0 <= v <= MAX_SEED:
+        raise ValueError(f"{where}: expected an integer in [0, 2**64 - 1], got {describe_number(v)}")
+    return v
+
+
 def check_eps_style(value: Any, where: str) -> int:
     """The native index of an eps style name."""
     if not isinstance(value, str) or value not in EPS_STYLES:
@@ -95,11 +150,16 @@ def check_max_grad_norm(value: Optional[float]) -> float:
     return check_float(value, "max_grad_norm", minimum=0.0)
 
 
-def check_param_array(p: Any, label: str) -> np.ndarray:
-    """The rules for a parameter: an in-place-updatable float array."""
+def check_param_array(p: Any, label: str, half: bool = True) -> np.ndarray:
+    """The rules for a parameter: an in-place-updatable float array (float16
+    and bfloat16 too when `half`)."""
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{label}: expected a numpy.ndarray, got {type(p).__name__}")
-    if p.dtype not in FLOAT_DTYPES or not p.dtype.isnative:
+    if half and not is_float_dtype(p.dtype):
+        raise TypeError(
+            f"{label}: expected dtype float16, bfloat16, float32 or float64 (native byte order), got {p.dtype}"
+        )
+    if not half and (p.dtype not in FLOAT_DTYPES or not p.dtype.isnative):
         raise TypeError(f"{label}: expected dtype float32 or float64 (native byte order), got {p.dtype}")
     if not p.flags.c_contiguous:
         raise ValueError(

@@ -25,6 +25,8 @@ EPS_STYLES: Tuple[str, ...]
 NONFINITE_POLICIES: Tuple[str, ...]
 ADAM_ROLES: Tuple[str, ...]
 SGD_ROLES: Tuple[str, ...]
+STATE_DTYPES: Tuple[str, ...]
+ROUNDINGS: Tuple[str, ...]
 
 _Patterns = Sequence[str]
 
@@ -46,7 +48,7 @@ def adam_step(
     grads: Sequence[np.ndarray],
     states: Sequence[dict],
     group_of: Sequence[int],
-    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, int]],
+    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, int, int, int, int, int, int]],
     grad_scale: float,
     nonfinite: int,
     max_grad_norm: float,
@@ -85,13 +87,16 @@ def adam_functional(
     exp_avgs: Sequence[np.ndarray],
     exp_avg_sqs: Sequence[np.ndarray],
     max_exp_avg_sqs: Optional[Sequence[Optional[np.ndarray]]],
+    master_params: Optional[Sequence[Optional[np.ndarray]]],
     steps: Sequence[int],
-    hyper: Tuple[float, float, float, float, float, bool, bool, bool, int],
+    hyper: Tuple[float, float, float, float, float, bool, bool, bool, int, int, int, int, int, int],
     grad_scale: float,
     patterns: _Patterns,
 ) -> None:
     """Stateless fused Adam step over lists of arrays: `steps` gives each
-    tensor's 1-based step; nothing is incremented."""
+    tensor's 1-based step; nothing is incremented. `master_params` holds the
+    float32 master copy of each 16-bit parameter (None for the others) when
+    the hyperparameters say master_weights."""
 
 def global_norm(grads: Sequence[np.ndarray], patterns: _Patterns, names: Optional[Sequence[object]]) -> float:
     """L2 norm of all gradients together, accumulated in float64."""
@@ -112,6 +117,19 @@ def ceiling_adam(
 def triad(a: np.ndarray, b: np.ndarray, c: np.ndarray, s: float) -> None:
     """STREAM triad a = b + s * c over float64 arrays."""
 
+def narrow(src: np.ndarray, dst: np.ndarray, rounding: int, key: int) -> None:
+    """The kernels' float32 -> float16/bfloat16 conversion (dst's dtype) over
+    an array: rounding indexes ROUNDINGS; element k of a stochastic rounding
+    takes the generator's bits for index k under `key`."""
+
+def widen(src: np.ndarray, dst: np.ndarray) -> None:
+    """The kernels' float16/bfloat16 -> float32 conversion over an array."""
+
+def set_fused_layouts(enabled: bool) -> None:
+    """Run the fused 16-bit layouts (default), or convert every mixed-precision
+    tensor in blocks (the same bits; for tests and adamcpp-bench)."""
+
+def fused_layouts_enabled() -> bool: ...
 def compiled_targets() -> list[str]: ...
 def target_supported(name: str) -> bool: ...
 def best_target() -> str: ...

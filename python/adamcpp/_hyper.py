@@ -8,7 +8,16 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import _core
-from ._common import check_betas, check_bool, check_eps_style, check_float
+from ._common import (
+    check_betas,
+    check_bool,
+    check_eps_style,
+    check_float,
+    check_master_weights,
+    check_rounding,
+    check_seed,
+    check_state_dtype,
+)
 
 # How a caller names a hyperparameter in its messages: canonical field -> label.
 Label = Callable[[str], str]
@@ -26,6 +35,11 @@ class AdamHyper(NamedTuple):
     amsgrad: bool
     maximize: bool
     eps_style: int  # index into adamcpp._core.EPS_STYLES
+    master_weights: int  # -1: automatic (on for 16-bit parameters), 0: off, 1: on
+    state_dtype: int  # index into adamcpp._core.STATE_DTYPES
+    state_rounding: int  # index into adamcpp._core.ROUNDINGS
+    param_rounding: int  # index into adamcpp._core.ROUNDINGS
+    seed: int  # 0 <= seed < 2**64
 
 
 class SgdHyper(NamedTuple):
@@ -45,14 +59,34 @@ if AdamHyper._fields != _core.ADAM_HYPER_FIELDS or SgdHyper._fields != _core.SGD
     )
 
 
+# The storage options of a group and their defaults (mixed precision and compact state).
+STORAGE_DEFAULTS: Mapping[str, Any] = {
+    "master_weights": None,
+    "state_dtype": "float32",
+    "state_rounding": "stochastic",
+    "param_rounding": "nearest",
+    "seed": 0,
+}
+
+
 def adam_hyper(values: Mapping[str, Any], label: Label) -> AdamHyper:
     """Validates Adam hyperparameters: `values` holds lr (a number: a
     schedule's value is checked at each step), "betas" (a pair), eps,
-    weight_decay, decoupled_weight_decay, amsgrad, maximize and eps_style;
+    weight_decay, decoupled_weight_decay, amsgrad, maximize and eps_style,
+    and optionally the storage options (master_weights, state_dtype,
+    state_rounding, param_rounding, seed; STORAGE_DEFAULTS when absent);
     `label` names each field ("beta1"/"beta2" for the pair's entries) in
     messages."""
     lr = check_float(values["lr"], label("lr"), minimum=0.0)
     beta1, beta2 = check_betas(values["betas"], label("betas"))
+    storage = {key: values.get(key, default) for key, default in STORAGE_DEFAULTS.items()}
+    master_weights = check_master_weights(storage["master_weights"], label("master_weights"))
+    param_rounding = check_rounding(storage["param_rounding"], label("param_rounding"))
+    if param_rounding == 1 and master_weights != 0:
+        raise ValueError(
+            f"{label('param_rounding')}: 'stochastic' needs master_weights=False (a 16-bit parameter with a master "
+            "copy is its master rounded to nearest)"
+        )
     return AdamHyper(
         lr,
         check_float(beta1, label("beta1"), minimum=0.0, below=1.0),
@@ -63,6 +97,11 @@ def adam_hyper(values: Mapping[str, Any], label: Label) -> AdamHyper:
         check_bool(values["amsgrad"], label("amsgrad")),
         check_bool(values["maximize"], label("maximize")),
         check_eps_style(values["eps_style"], label("eps_style")),
+        master_weights,
+        check_state_dtype(storage["state_dtype"], label("state_dtype")),
+        check_rounding(storage["state_rounding"], label("state_rounding")),
+        param_rounding,
+        check_seed(storage["seed"], label("seed")),
     )
 
 

@@ -46,12 +46,25 @@ def adam(
     maximize: bool = False,
     eps_style: str = "torch",
     grad_scale: float = 1.0,
+    master_params: Optional[Sequence[Optional[np.ndarray]]] = None,
+    state_dtype: str = "float32",
+    state_rounding: str = "stochastic",
+    param_rounding: str = "nearest",
+    seed: int = 0,
 ) -> None:
     """Applies Adam step number `step` (1-based) in place to every tensor.
 
     Each array argument is one array or a list of arrays (one per tensor).
     `step` is an int or a list of ints, one per tensor. Nothing is incremented.
     Every argument is validated before any buffer is written.
+
+    Mixed precision as in the optimizers: `master_params` holds the float32
+    master copy of each 16-bit parameter (None for the others; without the
+    list, 16-bit parameters have no master copy and are rounded as
+    `param_rounding` says); the moments are of dtype `state_dtype`
+    ("bfloat16": ml_dtypes' bfloat16 arrays, rounded as `state_rounding`
+    says). Stochastic rounding is keyed on (seed, step, the tensor's position
+    in the lists, element).
     """
     single = isinstance(params, np.ndarray)
     ps = _as_list(params, "params", single)
@@ -64,6 +77,7 @@ def adam(
         if max_exp_avg_sqs is None:
             raise ValueError("max_exp_avg_sqs: amsgrad=True needs a max_exp_avg_sq array for every tensor")
         vmaxs = _as_list(max_exp_avg_sqs, "max_exp_avg_sqs", single)
+    masters = None if master_params is None else _as_list(master_params, "master_params", single)
     if isinstance(step, (list, tuple)):
         steps = list(step)
     elif isinstance(step, np.ndarray):
@@ -79,6 +93,11 @@ def adam(
         amsgrad=amsgrad,
         maximize=maximize,
         eps_style=eps_style,
+        master_weights=masters is not None,
+        state_dtype=state_dtype,
+        state_rounding=state_rounding,
+        param_rounding=param_rounding,
+        seed=seed,
     )
     hyper = adam_hyper(values, str)
-    _core.adam_functional(ps, gs, ms, vs, vmaxs, steps, hyper, check_grad_scale(grad_scale), _PATTERNS)
+    _core.adam_functional(ps, gs, ms, vs, vmaxs, masters, steps, hyper, check_grad_scale(grad_scale), _PATTERNS)

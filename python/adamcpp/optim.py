@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tupl
 
 import numpy as np
 
-from . import _core
+from . import _core, _precision
 from ._common import (
     check_float,
     check_grad_scale,
@@ -176,6 +176,7 @@ class Optimizer(abc.ABC):
 
     _native: Callable[..., Tuple[bool, Optional[float]]]
     _patterns: Tuple[str, ...] = ()  # message label of each native array role
+    _half_params: ClassVar[bool] = False  # whether float16/bfloat16 parameters are accepted
     # name -> required in a loaded state dict (optional entries start on demand)
     _array_state: ClassVar[Dict[str, bool]] = {}
     # optional entries that the state keeps as None until they start
@@ -259,7 +260,7 @@ class Optimizer(abc.ABC):
         for i in range(start, len(flat)):
             p = flat[i]
             label = self._label(i, keys)
-            check_param_array(p, label)
+            check_param_array(p, label, self._half_params)
             if id(p) in seen:
                 raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
@@ -281,6 +282,8 @@ class Optimizer(abc.ABC):
         self._hyper(group, f"param_groups[{gi}]")
         group["params"] = ps
         self.param_groups.append(ParamGroup(group))
+        for k, p in enumerate(ps):
+            self._check_layout(p, group, self._label(len(self._flat) + k, keys))
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
@@ -484,7 +487,9 @@ class Optimizer(abc.ABC):
             if pid not in id_to_index:
                 raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
             i = id_to_index[pid]
-            new_state[i] = self._convert_state(entry, self._flat[i], f"state_dict['state'][{pid}]")
+            new_state[i] = self._convert_state(
+                entry, self._flat[i], new_groups[self._group_of[i]], f"state_dict['state'][{pid}]"
+            )
         states = [
             ParamState(s if s is not None else self._new_state(self._flat[i], new_groups[self._group_of[i]]))
             for i, s in enumerate(new_state)
@@ -506,24 +511,40 @@ class Optimizer(abc.ABC):
             return value.item()
         return value
 
-    def _convert_state(self, entry: Any, p: np.ndarray, where: str) -> Dict[str, Any]:
+    def _convert_state(self, entry: Any, p: np.ndarray, group: Mapping[str, Any], where: str) -> Dict[str, Any]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: expected a dict")
         out: Dict[str, Any] = {"step": check_step_count(entry.get("step", 0), f"{where}['step']")}
         for name, required in self._array_state.items():
+            dtype = self._entry_dtype(name, p, group)
             if entry.get(name) is None:
                 if required:
                     raise ValueError(f"{where}: missing '{name}'")
                 if name in self._nullable_state:
                     out[name] = None
                 continue
-            arr = np.asarray(entry[name])
+            if dtype is None:
+                continue
+            arr = _precision.as_array(entry[name], f"{where}['{name}']")
             if arr.shape != p.shape:
                 raise ValueError(f"{where}['{name}']: expected shape {p.shape} like its parameter, got {arr.shape}")
-            if arr.dtype.kind != "f":
+            if not _precision.is_loadable(arr.dtype):
                 raise TypeError(f"{where}['{name}']: expected a floating-point array, got dtype {arr.dtype}")
-            out[name] = np.array(arr, dtype=p.dtype, order="C", copy=True)
+            out[name] = np.array(arr, dtype=dtype, order="C", copy=True)
+        self._complete_state(out, p, group)
         return out
+
+    def _entry_dtype(self, name: str, p: np.ndarray, group: Mapping[str, Any]) -> Optional[np.dtype]:
+        """The dtype of a state entry of parameter p in `group` (None: the entry does not apply)."""
+        return p.dtype
+
+    def _complete_state(self, state: Dict[str, Any], p: np.ndarray, group: Mapping[str, Any]) -> None:
+        """Adds to a loaded state what a parameter needs and the state dict lacked (nothing, here)."""
+        return None
+
+    def _check_layout(self, p: np.ndarray, group: Mapping[str, Any], label: str) -> None:
+        """Refuses a parameter that its group's options cannot store, before any state is made (none, here)."""
+        return None
 
     # --------------------------------------------------------------- subclass
     @abc.abstractmethod
@@ -586,7 +607,9 @@ def _lr_value(group: Mapping[str, Any]) -> Any:
 
 class Adam(Optimizer):
     """Adam (coupled L2 weight decay) with every variant of the numerics in
-    docs/api.md.
+    docs/api.md, and mixed precision: float16/bfloat16 parameters (with a
+    float32 master copy by default), bfloat16 state with stochastic rounding,
+    gradients of any float dtype.
 
     Parameters are updated in place; `step(grads)` updates every tensor of every
     group in one native call with the GIL released.
@@ -594,7 +617,13 @@ class Adam(Optimizer):
 
     _native = _core.adam_step
     _patterns = _state_patterns(_core.ADAM_ROLES)
-    _array_state: ClassVar[Dict[str, bool]] = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
+    _half_params = True
+    _array_state: ClassVar[Dict[str, bool]] = {
+        "exp_avg": True,
+        "exp_avg_sq": True,
+        "max_exp_avg_sq": False,
+        "master_param": False,
+    }
 
     def __init__(
         self,
@@ -610,6 +639,11 @@ class Adam(Optimizer):
         eps_style: str = "torch",
         nonfinite: str = "propagate",
         max_grad_norm: Optional[float] = None,
+        master_weights: Optional[bool] = None,
+        state_dtype: str = "float32",
+        state_rounding: str = "stochastic",
+        param_rounding: str = "nearest",
+        seed: int = 0,
     ):
         defaults = dict(
             lr=lr,
@@ -620,14 +654,35 @@ class Adam(Optimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
             eps_style=eps_style,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            state_rounding=state_rounding,
+            param_rounding=param_rounding,
+            seed=seed,
         )
         super().__init__(params, defaults, nonfinite, max_grad_norm)
 
     def _new_state(self, p: np.ndarray, group: Mapping[str, Any]) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+        dtype = _precision.state_dtype(p.dtype, group)
+        state: Dict[str, Any] = {
+            "step": 0,
+            "exp_avg": np.zeros(p.shape, dtype),
+            "exp_avg_sq": np.zeros(p.shape, dtype),
+        }
         if group.get("amsgrad"):
-            state["max_exp_avg_sq"] = np.zeros_like(p)
+            state["max_exp_avg_sq"] = np.zeros(p.shape, dtype)
+        self._complete_state(state, p, group)
         return state
+
+    def _entry_dtype(self, name: str, p: np.ndarray, group: Mapping[str, Any]) -> Optional[np.dtype]:
+        return _precision.entry_dtype(name, p.dtype, group)
+
+    def _complete_state(self, state: Dict[str, Any], p: np.ndarray, group: Mapping[str, Any]) -> None:
+        if _precision.has_master(p.dtype, group) and state.get("master_param") is None:
+            state["master_param"] = p.astype(np.float32)
+
+    def _check_layout(self, p: np.ndarray, group: Mapping[str, Any], label: str) -> None:
+        _precision.check_state_layout(p.dtype, group, label)
 
     def _hyper(self, group: Mapping[str, Any], where: str) -> AdamHyper:
         return adam_hyper({**group, "lr": _lr_value(group)}, _group_label(where))
@@ -649,6 +704,11 @@ class AdamW(Adam):
         eps_style: str = "torch",
         nonfinite: str = "propagate",
         max_grad_norm: Optional[float] = None,
+        master_weights: Optional[bool] = None,
+        state_dtype: str = "float32",
+        state_rounding: str = "stochastic",
+        param_rounding: str = "nearest",
+        seed: int = 0,
     ):
         super().__init__(
             params,
@@ -662,6 +722,11 @@ class AdamW(Adam):
             eps_style=eps_style,
             nonfinite=nonfinite,
             max_grad_norm=max_grad_norm,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            state_rounding=state_rounding,
+            param_rounding=param_rounding,
+            seed=seed,
         )
 
 
@@ -715,8 +780,8 @@ class SGD(Optimizer):
 def global_norm(grads: GradsLike) -> float:
     """The L2 norm of all gradients taken together (as torch's clip_grad_norm_
     computes it), in one multi-threaded native pass accumulating in float64.
-    Gradients may be float32 or float64, read-only, of any shape; they must be
-    C-contiguous."""
+    Gradients may be float16, bfloat16, float32 or float64, read-only, of any
+    shape; they must be C-contiguous."""
     names: Optional[Tuple[Any, ...]] = None
     if isinstance(grads, Mapping):
         names = tuple(grads.keys())
