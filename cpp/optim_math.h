@@ -150,6 +150,12 @@ ADAMCPP_HD float float_of(std::uint32_t u) {
 #endif
 }
 
+// Whether float32 bits are a NaN: |bits| above Inf's (a signed compare of a
+// non-negative value, one vector instruction).
+ADAMCPP_HD bool is_nan_bits(std::uint32_t b) {
+  return static_cast<std::int32_t>(b & 0x7FFFFFFFu) > static_cast<std::int32_t>(0x7F800000u);
+}
+
 // bfloat16 is the upper half of a float32: widening is exact.
 ADAMCPP_HD float float_from_bf16(std::uint16_t h) { return float_of(static_cast<std::uint32_t>(h) << 16); }
 
@@ -162,16 +168,17 @@ ADAMCPP_HD std::uint16_t bf16_nan(std::uint32_t b) {
 ADAMCPP_HD std::uint16_t bf16_nearest(float x) {
   const std::uint32_t b = bits_of(x);
   const std::uint16_t rounded = static_cast<std::uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-  return (b & 0x7FFFFFFFu) > 0x7F800000u ? bf16_nan(b) : rounded;
+  return is_nan_bits(b) ? bf16_nan(b) : rounded;
 }
 
 // float32 -> bfloat16, stochastically: the 16 dropped bits are exactly the
 // dropped fraction, so adding 16 uniform random bits `r` (0..65535) and
 // truncating rounds away from zero with probability fraction: E[result] = x.
+// A NaN stays a NaN (its quiet bit set; sign and the top of its payload kept).
 ADAMCPP_HD std::uint16_t bf16_stochastic(float x, std::uint32_t r) {
   const std::uint32_t b = bits_of(x);
-  const std::uint16_t rounded = static_cast<std::uint16_t>((b + (r & 0xFFFFu)) >> 16);
-  return (b & 0x7FFFFFFFu) > 0x7F800000u ? bf16_nan(b) : rounded;
+  const std::uint32_t rounded = is_nan_bits(b) ? (b | 0x00400000u) : b + (r & 0xFFFFu);
+  return static_cast<std::uint16_t>(rounded >> 16);
 }
 
 // float16 -> float32, exact. Subnormals are m * 2^-24 (an exact product).
@@ -235,17 +242,15 @@ ADAMCPP_HD std::uint16_t f16_stochastic(float x, std::uint32_t r) {
 
 // The counter-based generator of stochastic rounding: 32 uniform bits for
 // element `index` under `key`, a hash of (seed, step, tensor) computed on the
-// host (step_scalars.h). A bijection of index ^ key (two multiply-xorshift
-// rounds), so a fresh key per step makes every element's bits uniform and
-// independent from step to step; the result depends on nothing else (not the
-// thread, the chunk or the SIMD target). The low 16 bits round exp_avg, the
-// high 16 bits exp_avg_sq (and max_exp_avg_sq); a parameter uses its own key.
+// host (step_scalars.h). A bijection of index ^ key (a multiplicative hash
+// whose high half is folded into the low half), so a fresh key per step makes
+// every element's bits uniform and independent from step to step; the result
+// depends on nothing else (not the thread, the chunk or the SIMD target). The
+// low 16 bits round exp_avg, the high 16 bits exp_avg_sq (and max_exp_avg_sq);
+// a parameter uses its own key.
 ADAMCPP_HD std::uint32_t random_bits(std::uint32_t index, std::uint32_t key) {
-  std::uint32_t h = (index ^ key) * 0x9E3779B1u;
-  h ^= h >> 15;
-  h *= 0x85EBCA77u;
-  h ^= h >> 13;
-  return h;
+  const std::uint32_t h = (index ^ key) * 0x9E3779B1u;
+  return h ^ (h >> 16);
 }
 
 // The key of the elements of a tensor from index 2^32 * high on (high > 0):

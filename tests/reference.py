@@ -85,6 +85,13 @@ __all__ = [
     "reference_sgd_step",
     "emulated_sgd_step",
     "SgdErrorBound",
+    "mix64",
+    "rounding_key",
+    "random_bits",
+    "bf16_bits_stochastic",
+    "f16_bits_stochastic",
+    "round_to",
+    "emulated_mixed_step",
 ]
 
 LR = Union[float, Callable[[int], float]]
@@ -642,3 +649,150 @@ class SgdErrorBound:
     def bound(self, name: str) -> np.ndarray:
         """The bound for "p" (parameters) or, for any other name, the momentum buffer."""
         return 1.01 * (self.E if name == "p" else self.B)
+
+
+# --------------------------------------------------------------------------
+# Mixed precision and compact state (docs/api.md, "Mixed precision").
+# --------------------------------------------------------------------------
+# Written from the contract: the conversions, the generator, the rounding key
+# and the compact-state arithmetic, in NumPy, bit for bit.
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def mix64(x: int) -> int:
+    """SplitMix64's finalizer (with its increment) on a Python int."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def rounding_key(seed: int, step: int, tensor: int) -> int:
+    """The 64-bit key of step `step` of tensor `tensor` under `seed`: the low
+    32 bits key the state's random bits, the high 32 bits the parameter's."""
+    return mix64(mix64(mix64(seed) ^ step) ^ tensor)
+
+
+def random_bits(index: np.ndarray, key: int) -> np.ndarray:
+    """The generator: 32 bits for each element index (taken modulo 2**32) under a 32-bit key."""
+    x = (np.asarray(index, dtype=np.uint64) & np.uint64(_MASK32)) ^ np.uint64(key & _MASK32)
+    h = (x * np.uint64(0x9E3779B1)) & np.uint64(_MASK32)
+    return (h ^ (h >> np.uint64(16))).astype(np.uint32)
+
+
+def _is_nan_bits(b: np.ndarray) -> np.ndarray:
+    return (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+
+
+def bf16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, stochastically with 16 random bits per element
+    (r & 0xFFFF); a NaN stays a NaN (quiet bit set, sign and payload top kept)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    with np.errstate(over="ignore"):
+        rounded = np.where(_is_nan_bits(b), b | np.uint32(0x00400000), b + (r & np.uint32(0xFFFF)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def f16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits, stochastically: the 13 dropped bits of a normal
+    result against 13 random bits, a subnormal result's units of 2**-24 with
+    16 fraction bits against 16; Inf and NaN as NumPy converts them."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = np.asarray(r, dtype=np.uint64) & np.uint64(0xFFFF)
+    sign = (b >> np.uint64(16)) & np.uint64(0x8000)
+    a = b & np.uint64(0x7FFFFFFF)
+    normal = np.minimum((a - np.uint64(0x38000000) + (r >> np.uint64(3))) >> np.uint64(13), np.uint64(0x7C00))
+    exponent = a >> np.uint64(23)
+    mantissa = np.where(exponent == 0, a, (a & np.uint64(0x7FFFFF)) | np.uint64(0x800000))
+    shift = np.where(exponent == 0, 125, 126 - exponent.astype(np.int64))
+    fixed = np.where(shift >= 16, mantissa >> np.clip(shift - 16, 0, 63).astype(np.uint64),
+                     mantissa << np.clip(16 - shift, 0, 63).astype(np.uint64))
+    fixed = np.where(shift >= 48, np.uint64(0), fixed)
+    subnormal = (fixed + r) >> np.uint64(16)
+    h = np.where(a >= 0x38800000, normal, subnormal)
+    with np.errstate(invalid="ignore", over="ignore"):
+        special = np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16).astype(np.uint64)
+    h = np.where(a >= 0x7F800000, special & np.uint64(0x7FFF), h)
+    return (sign | h).astype(np.uint16)
+
+
+def bfloat16_dtype():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def round_to(x: np.ndarray, dtype, stochastic: bool, r: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 values stored as `dtype` (float32 itself, float16 or bfloat16),
+    to nearest (NumPy's/ml_dtypes' astype) or stochastically with bits r."""
+    dtype = np.dtype(dtype)
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == np.float32:
+        return x.copy()
+    if not stochastic:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return x.astype(dtype)
+    bits = bf16_bits_stochastic(x, r) if dtype.itemsize == 2 and dtype != np.float16 else f16_bits_stochastic(x, r)
+    return bits.view(dtype).reshape(x.shape)
+
+
+def emulated_mixed_step(p, grad, m, v, vmax=None, *, step: int, grad_scale: float = 1.0, param_dtype=None,
+                        master=None, state_dtype=np.float32, state_rounding: str = "stochastic",
+                        param_rounding: str = "nearest", seed: int = 0, tensor: int = 0, **hyper: Any):
+    """One Adam step of a float32-compute tensor with mixed storage, bit for
+    bit: the gradient and the stored values are converted to float32, the
+    update is emulated_step's arithmetic (with the compact form's
+    sqrt(v) * (1/sqrt(bc2)) for bfloat16 state), then the state is stored as
+    `state_dtype` and the parameter as `param_dtype` (from `master`, a float32
+    master copy, to nearest; else with `param_rounding`). Element i's random
+    bits are random_bits(i, key) (state: low 16 bits for m, high 16 for v and
+    vmax) and random_bits(i, key >> 32) for the parameter, key =
+    rounding_key(seed, step, tensor). Pure: returns (p, m, v, vmax, master),
+    each in its storage dtype (None where absent)."""
+    h = _hyper(hyper)
+    state_dtype = np.dtype(state_dtype)
+    param_dtype = np.dtype(param_dtype if param_dtype is not None else np.asarray(p).dtype)
+    compact = state_dtype != np.float32
+    src = np.asarray(master if master is not None else p)
+    shape = src.shape
+    p32 = src.astype(np.float32).ravel()
+    g32 = np.asarray(grad).astype(np.float32).ravel()
+    m32 = np.asarray(m).astype(np.float32).ravel()
+    v32 = np.asarray(v).astype(np.float32).ravel()
+    vm32 = None if vmax is None else np.asarray(vmax).astype(np.float32).ravel()
+    T = np.float32
+    s = step_scalars(step, grad_scale, **hyper)
+    with np.errstate(all="ignore"):
+        g = g32 * T(s.grad_scale)
+        if s.weight_decay != 0.0:
+            if h["decoupled_weight_decay"]:
+                p32 = p32 * T(s.decay_factor)
+            else:
+                g = g + T(s.weight_decay) * p32
+        m1 = T(s.beta1) * m32 + T(s.one_minus_beta1) * g
+        v1 = T(s.beta2) * v32 + (T(s.one_minus_beta2) * g) * g
+        v_used = v1
+        if h["amsgrad"]:
+            vm32 = np.where((v1 > vm32) | np.isnan(v1), v1, vm32).astype(T)  # NaN in either operand wins
+            v_used = vm32
+        if h["eps_style"] == "torch" and compact:
+            denom = np.sqrt(v_used) * T(1.0 / s.bias_correction2_sqrt) + T(s.eps)
+        elif h["eps_style"] == "torch":
+            denom = np.sqrt(v_used) / T(s.bias_correction2_sqrt) + T(s.eps)
+        else:
+            denom = np.sqrt(v_used) + T(s.eps)
+        p1 = p32 - (T(s.step_size) * m1) / denom
+    key = rounding_key(seed, step, tensor)
+    index = np.arange(p1.size, dtype=np.uint64)
+    r_state = random_bits(index, key)
+    r_param = random_bits(index, key >> 32)
+    sr_state = state_rounding == "stochastic"
+    m_out = round_to(m1, state_dtype, sr_state, r_state).reshape(shape)
+    v_out = round_to(v1, state_dtype, sr_state, r_state >> np.uint32(16)).reshape(shape)
+    vm_out = None if vm32 is None else round_to(vm32, state_dtype, sr_state, r_state >> np.uint32(16)).reshape(shape)
+    if master is not None:
+        return round_to(p1, param_dtype, False).reshape(shape), m_out, v_out, vm_out, p1.reshape(shape)
+    p_out = round_to(p1, param_dtype, param_rounding == "stochastic", r_param).reshape(shape)
+    return p_out, m_out, v_out, vm_out, None

@@ -50,11 +50,16 @@ Tensor names: ``state.{id}.{entry}`` (``state.0.exp_avg``),
 ``param_groups.{g}.{key}`` and ``{key}`` for other top-level entries, with
 ``.{index}`` or ``.{key}`` appended inside tuples, lists and dicts.
 
-Growth without a format break: a new state entry (such as "master_param") is
-one more tensor under its name; bfloat16 state will be one more dtype ("BF16")
-in the table, which a reader that predates it refuses by naming the dtype.
-``adamcpp.format_version`` rises only if the meaning of what is already there
-changes.
+bfloat16 arrays (ml_dtypes' bfloat16: bfloat16 state, 16-bit parameters) are
+stored as safetensors' "BF16" (the upper halves of float32, little-endian), and
+read back as ml_dtypes bfloat16 arrays; a file holding them needs ml_dtypes to
+load. The float32 master copy of a 16-bit parameter is the state entry
+"master_param", one more tensor under its name.
+
+Growth without a format break: a new state entry is one more tensor under its
+name; a new dtype is one more entry in the table, which a reader that predates
+it refuses by naming the dtype. ``adamcpp.format_version`` rises only if the
+meaning of what is already there changes.
 """
 
 from __future__ import annotations
@@ -71,11 +76,12 @@ import re
 import secrets
 import stat
 from collections.abc import Mapping
-from typing import Any, Dict, Iterator, List, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import schedules as _schedules
+from ._common import is_bfloat16
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -94,7 +100,7 @@ _MAX_DIM = 2**62
 
 # safetensors dtype name -> NumPy dtype as stored (little-endian). Element sizes
 # decide the order of the data (largest first), which keeps every tensor aligned.
-# bfloat16 state joins as "BF16" (ml_dtypes' bfloat16) when mixed precision lands.
+# "BF16" is stored as its 16-bit patterns and viewed as ml_dtypes' bfloat16 once read.
 _DTYPES: Dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -108,8 +114,9 @@ _DTYPES: Dict[str, np.dtype] = {
     "U16": np.dtype("<u2"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
+    "BF16": np.dtype("<u2"),
 }
-_CODE_OF: Dict[Tuple[str, int], str] = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items()}
+_CODE_OF: Dict[Tuple[str, int], str] = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items() if code != "BF16"}
 # NumPy scalars stored by type and value (their .item() is exact)
 _SCALAR_TYPES = frozenset(
     ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64")
@@ -205,11 +212,15 @@ class _Encoder:
     def _tensor(self, arr: np.ndarray, where: str, name: str) -> Any:
         if isinstance(arr, np.ma.MaskedArray):
             raise TypeError(f"{where}: a masked array cannot be stored in a checkpoint (its mask would be lost)")
-        code = _CODE_OF.get((arr.dtype.kind, arr.dtype.itemsize)) if arr.dtype.kind in "biuf" else None
+        if is_bfloat16(arr.dtype):
+            code: Optional[str] = "BF16"
+            arr = np.ascontiguousarray(arr).view(np.uint16)
+        else:
+            code = _CODE_OF.get((arr.dtype.kind, arr.dtype.itemsize)) if arr.dtype.kind in "biuf" else None
         if code is None:
             raise TypeError(
-                f"{where}: arrays of dtype {arr.dtype} cannot be stored (supported: float16, float32, float64, "
-                "signed and unsigned integers, bool)"
+                f"{where}: arrays of dtype {arr.dtype} cannot be stored (supported: bfloat16, float16, float32, "
+                "float64, signed and unsigned integers, bool)"
             )
         if name == _METADATA or name in self.tensors:
             other = self._where.get(name, "the file's metadata")
@@ -623,6 +634,7 @@ def load(path: PathLike) -> Dict[str, Any]:
             header, infos, recorded = _read_header(f, size)
             metadata = header[_METADATA]
             digest = hashlib.sha256(_canonical(_without_checksum(header)))
+            bfloat16 = _bfloat16_for(infos)
             arrays: Dict[str, np.ndarray] = {}
             for t in infos:
                 try:
@@ -632,7 +644,8 @@ def load(path: PathLike) -> Dict[str, Any]:
                 view = _byte_view(arr)
                 _read_into(f, view)
                 digest.update(view)
-                arrays[t.name] = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+                arr = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+                arrays[t.name] = arr.view(bfloat16) if t.code == "BF16" and bfloat16 is not None else arr
         if not hmac.compare_digest(digest.hexdigest(), recorded):
             raise _Refused(
                 "checksum mismatch: the file is damaged (the SHA-256 of its header and data differs from the one "
@@ -642,6 +655,21 @@ def load(path: PathLike) -> Dict[str, Any]:
         return _decode_state_dict(document, _Decoder({t.name: t for t in infos}, arrays))
     except _Refused as exc:
         raise ValueError(f"{label}: {exc}") from None
+
+
+def _bfloat16_for(infos: List[_TensorInfo]) -> Optional[np.dtype]:
+    """ml_dtypes' bfloat16 when the file holds BF16 tensors (refused without ml_dtypes)."""
+    names = [t.name for t in infos if t.code == "BF16"]
+    if not names:
+        return None
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise _Refused(
+            f"tensor {names[0]!r} is BF16 (bfloat16), which needs the ml_dtypes package to load "
+            "(pip install ml_dtypes, or pip install 'adamcpp[bf16]')"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _without_checksum(header: Dict[str, Any]) -> Dict[str, Any]:
