@@ -130,13 +130,13 @@ void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, con
                  dtype_str(a));
     }
     const DType want = only_dtype(dtypes);
-    if (static_cast<int>(want) == like->dtype) {
-      type_error(labels(role, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) + ", got " +
-                 dtype_str(a));
-    }
     const char* why = role == kMasterParam  ? " (a master copy is float32)"
                       : want == DType::bf16 ? " (state_dtype='bfloat16')"
                                             : " (the state of a 16-bit parameter, with state_dtype='float32')";
+    if (role != kMasterParam && want != DType::bf16 && static_cast<int>(want) == like->dtype) {
+      type_error(labels(role, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) + ", got " +
+                 dtype_str(a));
+    }
     type_error(labels(role, i) + ": expected dtype " + dtype_name(want) + why + ", got " + dtype_str(a));
   }
   if (like != nullptr) {

@@ -212,6 +212,36 @@ CASES = {
 }
 
 
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is in the test extra
+    BF16 = None
+
+if BF16 is not None:
+    # 16-bit parameters with float32 master copies, bfloat16 state rounded stochastically and to nearest, a
+    # pure bfloat16 group without master copies, amsgrad with bfloat16 state; gradients of the parameters' dtypes.
+    CASES["adam-mixed-precision"] = Case(
+        lambda ps: adamcpp.AdamW(
+            _groups(
+                ps,
+                [2, 4, 5],
+                [
+                    {"lr": 1e-2},
+                    {"lr": 1e-2, "state_dtype": "bfloat16", "amsgrad": True},
+                    {"state_dtype": "bfloat16", "state_rounding": "nearest"},
+                    {"state_dtype": "bfloat16", "master_weights": False, "param_rounding": "stochastic"},
+                ],
+            ),
+            seed=2**63 + 5,
+        ),
+        lambda ps: adamcpp.AdamW(_groups(ps, [2, 4, 5])),
+        SHAPES,
+        dtypes=(np.float16, BF16, np.float32, BF16),
+    )
+
+
 def trained(case: Case, steps: int = 6):
     """(params, optimizer) after `steps` steps."""
     params = case.params()
@@ -1022,3 +1052,57 @@ def test_a_torch_adam_checkpoint_loads_and_continues_like_torch(tmp_path):
         TT._run_adam(opt_a, params_a, [("torch", opt_t, tparams)], grads_seq[5:], dtype)
     finally:
         torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------- bfloat16
+needs_bf16 = pytest.mark.skipif(BF16 is None, reason="ml_dtypes is not installed")
+
+
+@needs_bf16
+def test_bfloat16_state_is_stored_as_BF16(tmp_path):
+    """bfloat16 arrays are safetensors BF16 tensors (their 16-bit patterns,
+    little-endian), the master copies F32; safetensors' NumPy and torch
+    readers see the same values; adamcpp.load gives ml_dtypes bfloat16 arrays."""
+    _, opt = trained(CASES["adam-mixed-precision"], steps=3)
+    sd = opt.state_dict()
+    path = tmp_path / "mixed.safetensors"
+    adamcpp.save(sd, path)
+    header, data = parse(path.read_bytes())
+    arrays = {f"state.{i}.{k}": v for i, st_ in sd["state"].items() for k, v in st_.items() if isinstance(v, np.ndarray)}
+    assert any(v.dtype == BF16 for v in arrays.values()) and any(k.endswith("master_param") for k in arrays)
+    for name, arr in arrays.items():
+        info = header[name]
+        assert info["dtype"] == ("BF16" if arr.dtype == BF16 else {2: "F16", 4: "F32", 8: "F64"}[arr.itemsize])
+        begin, end = info["data_offsets"]
+        assert data[begin:end] == np.ascontiguousarray(arr).view(np.uint16 if arr.itemsize == 2 else np.uint8).astype(
+            "<u2" if arr.itemsize == 2 else np.uint8).tobytes()
+    loaded = adamcpp.load(path)
+    assert_same(sd, loaded)
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    for name, arr in safetensors_numpy.load_file(str(path)).items():
+        assert arr.dtype == arrays[name].dtype and arr.tobytes() == arrays[name].tobytes(), name
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    for name, t in safetensors_torch.load_file(str(path)).items():
+        if arrays[name].dtype == BF16:
+            assert t.dtype == torch.bfloat16
+            assert np.array_equal(t.view(torch.int16).numpy().view(np.uint16), arrays[name].view(np.uint16)), name
+
+
+@needs_bf16
+def test_bfloat16_file_without_ml_dtypes_is_refused_by_name(tmp_path, monkeypatch):
+    _, opt = trained(CASES["adam-mixed-precision"], steps=1)
+    path = tmp_path / "mixed.safetensors"
+    adamcpp.save(opt.state_dict(), path)
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
+    with pytest.raises(ValueError, match=r"is BF16 \(bfloat16\), which needs the ml_dtypes package"):
+        adamcpp.load(path)
+
+
+@needs_bf16
+def test_bfloat16_values_round_trip_every_pattern(tmp_path):
+    patterns = np.arange(2**16, dtype=np.uint16).view(BF16)
+    sd = {"state": {0: {"step": 1, "exp_avg": patterns.copy()}}, "param_groups": [{"params": [0]}]}
+    adamcpp.save(sd, tmp_path / "all.safetensors")
+    back = adamcpp.load(tmp_path / "all.safetensors")["state"][0]["exp_avg"]
+    assert back.dtype == BF16 and back.view(np.uint16).tobytes() == patterns.view(np.uint16).tobytes()

@@ -625,6 +625,18 @@ BAD_HYPERS = [
     (dict(amsgrad="yes"), TypeError, ["amsgrad", "bool", "str"]),
     (dict(maximize=None), TypeError, ["maximize", "bool"]),
     (dict(maximize=1), TypeError, ["maximize", "bool", "int"]),
+    (dict(state_dtype="float16"), ValueError, ["state_dtype", "'float16' state is not offered", "underflow"]),
+    (dict(state_dtype="fp32"), ValueError, ["state_dtype", "'float32' or 'bfloat16'", "'fp32'"]),
+    (dict(state_dtype=None), ValueError, ["state_dtype", "'float32' or 'bfloat16'"]),
+    (dict(state_rounding="up"), ValueError, ["state_rounding", "'stochastic' or 'nearest'", "'up'"]),
+    (dict(param_rounding="stochastic"), ValueError, ["param_rounding", "needs master_weights=False"]),
+    (dict(param_rounding=1), ValueError, ["param_rounding", "'stochastic' or 'nearest'"]),
+    (dict(master_weights=1), TypeError, ["master_weights", "bool", "int"]),
+    (dict(master_weights="yes"), TypeError, ["master_weights", "bool", "str"]),
+    (dict(seed=-1), ValueError, ["seed", "[0, 2**64 - 1]", "-1"]),
+    (dict(seed=2**64), ValueError, ["seed", "[0, 2**64 - 1]"]),
+    (dict(seed=1.5), TypeError, ["seed", "int", "float"]),
+    (dict(seed=True), TypeError, ["seed", "int", "bool"]),
 ]
 HYPER_IDS = [f"{next(iter(kw))}={next(iter(kw.values()))!r}" for kw, _, _ in BAD_HYPERS]
 
@@ -766,6 +778,10 @@ FUNCTIONAL_BAD_HYPERS = [
     (dict(decoupled_weight_decay=0), TypeError, ["decoupled_weight_decay", "bool"]),
     (dict(grad_scale=NAN), ValueError, ["grad_scale", "finite"]),
     (dict(grad_scale="1"), TypeError, ["grad_scale", "real number"]),
+    (dict(state_dtype="float16"), ValueError, ["state_dtype", "not offered"]),
+    (dict(state_rounding="down"), ValueError, ["state_rounding", "'stochastic' or 'nearest'"]),
+    (dict(seed=-5), ValueError, ["seed", "2**64"]),
+    (dict(state_dtype="bfloat16"), TypeError, ["params[0]", "state_dtype='bfloat16' needs", "float64"]),
 ]
 
 
@@ -967,4 +983,226 @@ def test_nothing_written_for_nonfinite_raise_policy():
     snap = Snapshot(opt, params)
     with pytest.raises(FloatingPointError, match=r"grads\[49\]"):
         opt.step(grads)
+    snap.assert_unchanged()
+
+
+
+# ----------------------------------------------------------- mixed precision
+# The same scenario with 16-bit parameters and bfloat16 state: 50 tensors of
+# float16, bfloat16 and float32 in three groups (float32 state with master
+# copies; bfloat16 state with master copies; bfloat16 state without master,
+# rounded stochastically), a few good steps, then something wrong with the
+# 50th tensor only: refused with its label, and nothing anywhere changed.
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+
+
+def mixed_dtype_of(i: int) -> np.dtype:
+    return (F16, BF16, np.dtype(np.float32))[i % 3] if i < LAST else BF16
+
+
+def mixed_trained(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(shape_of(i)).astype(mixed_dtype_of(i)) for i in range(N)]
+    groups = [
+        {"params": params[:17]},
+        {"params": params[17:34], "state_dtype": "bfloat16"},
+        {"params": params[34:], "state_dtype": "bfloat16", "master_weights": False, "param_rounding": "stochastic",
+         "amsgrad": True},
+    ]
+    opt = Adam(groups, lr=1e-2, seed=7)
+    for s in range(GOOD_STEPS):
+        opt.step(mixed_grads(params, 100 + s))
+    return opt, params
+
+
+def mixed_grads(params: list, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    kinds = (np.float32, np.float64, F16, BF16)
+    return [rng.standard_normal(p.shape).astype(kinds[i % 4]) for i, p in enumerate(params)]
+
+
+def test_mixed_scenario_steps():
+    opt, params = mixed_trained()
+    assert all(s["step"] == GOOD_STEPS for s in opt.state)
+    assert opt.state[LAST]["exp_avg"].dtype == BF16 and "master_param" not in opt.state[LAST]
+    assert opt.state[0]["master_param"].dtype == np.float32
+
+
+def _set(name, maker):
+    def edit(opt, params):
+        opt.state[LAST][name] = maker(opt.state[LAST], params[LAST])
+    return edit
+
+
+MIXED_CASES = {
+    # bfloat16 state replaced by float32 state (the group says bfloat16)
+    "state_float32": (_set("exp_avg", lambda s, p: s["exp_avg"].astype(np.float32)), TypeError,
+                      ["exp_avg of params[49]", "expected dtype bfloat16 (state_dtype='bfloat16')", "float32"]),
+    "state_float16": (_set("exp_avg_sq", lambda s, p: s["exp_avg_sq"].astype(F16)), TypeError,
+                      ["exp_avg_sq of params[49]", "expected dtype bfloat16", "float16"]),
+    "vmax_readonly": (_set("max_exp_avg_sq", lambda s, p: readonly_like(s["max_exp_avg_sq"])), ValueError,
+                      ["max_exp_avg_sq of params[49]", "read-only"]),
+    "state_transposed": (_set("exp_avg", lambda s, p: np.zeros((3, 2), BF16).T), ValueError,
+                         ["exp_avg of params[49]", "C-contiguous"]),
+    "state_is_param": (_set("exp_avg", lambda s, p: p), ValueError,
+                       ["exp_avg of params[49]", "params[49]", "shares memory"]),
+    "grad_int": (None, TypeError, ["grads[49]", "expected dtype float16, bfloat16, float32 or float64", "int16"]),
+    "grad_shape": (None, ValueError, ["grads[49]", "expected shape (2, 3)", "(6,)"]),
+    "grad_is_state": (None, ValueError, ["grads[49]", "exp_avg_sq of params[49]", "shares memory"]),
+    "param_readonly": (lambda opt, params: setattr(params[LAST].flags, "writeable", False), ValueError,
+                       ["params[49]", "read-only"]),
+    "group_bf16_state_float64": (None, TypeError, ["params[49]", "state_dtype='bfloat16' needs a float32"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MIXED_CASES))
+def test_mixed_50th_tensor_bad_changes_nothing(case):
+    opt, params = mixed_trained()
+    edit, exc, fragments = MIXED_CASES[case]
+    grads = mixed_grads(params, 30)
+    if edit is not None:
+        edit(opt, params)
+    if case == "grad_int":
+        grads[LAST] = np.ones((2, 3), np.int16)
+    elif case == "grad_shape":
+        grads[LAST] = np.ones(6, BF16)
+    elif case == "grad_is_state":
+        grads[LAST] = opt.state[LAST]["exp_avg_sq"]
+    elif case == "group_bf16_state_float64":
+        opt.param_groups[-1]["params"][-1] = params[LAST] = np.zeros((2, 3))
+        grads[LAST] = np.ones((2, 3))
+    snap = Snapshot(opt, params)
+    check_raises(exc, fragments, lambda: opt.step(grads))
+    snap.assert_unchanged()
+    if case == "param_readonly":
+        params[LAST].flags.writeable = True
+
+
+MASTER_CASES = {
+    "master_bfloat16": (lambda s, p: s["master_param"].astype(BF16), TypeError,
+                        ["master_param of params[", "expected dtype float32 (a master copy is float32)", "bfloat16"]),
+    "master_float64": (lambda s, p: s["master_param"].astype(np.float64), TypeError,
+                       ["master_param of params[", "float32", "float64"]),
+    "master_shape": (lambda s, p: np.zeros(7, np.float32), ValueError, ["master_param of params[", "shape"]),
+    "master_readonly": (lambda s, p: readonly_like(s["master_param"]), ValueError,
+                        ["master_param of params[", "read-only"]),
+    "master_is_param_bytes": (lambda s, p: p.view(np.float16).view(np.uint16).view(np.float16).view(BF16)
+                              .reshape(-1)[: 0].astype(np.float32), ValueError, ["master_param of params[", "shape"]),
+    "master_f32_state_bf16": (lambda s, p: s["master_param"], None, []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MASTER_CASES))
+def test_bad_master_copy_changes_nothing(case):
+    """The last tensor with a master copy (group 1, tensor 33, bfloat16) gets a bad one."""
+    opt, params = mixed_trained()
+    i = 33
+    maker, exc, fragments = MASTER_CASES[case]
+    opt.state[i]["master_param"] = maker(opt.state[i], params[i])
+    if exc is None:
+        assert opt.step(mixed_grads(params, 31)) is True
+        return
+    snap = Snapshot(opt, params)
+    check_raises(exc, [*fragments, f"params[{i}]"], lambda: opt.step(mixed_grads(params, 31)))
+    snap.assert_unchanged()
+
+
+def test_master_aliasing_is_refused():
+    opt, params = mixed_trained()
+    opt.state[33]["master_param"] = opt.state[19]["master_param"]
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["master_param of params[33]", "master_param of params[19]", "shares memory"],
+                 lambda: opt.step(mixed_grads(params, 32)))
+    snap.assert_unchanged()
+
+
+def test_missing_master_copy_starts_at_the_parameter():
+    opt, params = mixed_trained()
+    del opt.state[19]["master_param"]
+    before = params[19].astype(np.float32)
+    assert opt.step(mixed_grads(params, 33)) is True
+    assert opt.state[19]["master_param"].dtype == np.float32
+    assert not np.array_equal(opt.state[19]["master_param"], before)  # it started from the parameter and moved
+
+
+def test_float32_state_of_a_16_bit_parameter_must_be_float32():
+    opt, params = mixed_trained()
+    opt.state[15]["exp_avg"] = opt.state[15]["exp_avg"].astype(BF16)  # group 0 keeps float32 state
+    snap = Snapshot(opt, params)
+    check_raises(TypeError, ["exp_avg of params[15]", "expected dtype float32 (the state of a 16-bit parameter"],
+                 lambda: opt.step(mixed_grads(params, 34)))
+    snap.assert_unchanged()
+
+
+def test_group_switched_to_bfloat16_state_refuses_float32_state():
+    """Switching a group's state_dtype does not convert its state: the next
+    step names the array and the dtype it needs (load_state_dict converts)."""
+    opt, params = mixed_trained()
+    opt.param_groups[0]["state_dtype"] = "bfloat16"
+    snap = Snapshot(opt, params)
+    check_raises(TypeError, ["exp_avg of params[0]", "bfloat16", "float32"], lambda: opt.step(mixed_grads(params, 35)))
+    snap.retake_groups()
+    snap.assert_unchanged()
+    opt.load_state_dict(opt.state_dict())  # converts every state array to the groups' dtypes
+    assert opt.state[0]["exp_avg"].dtype == BF16 and opt.step(mixed_grads(params, 35)) is True
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_sgd_refuses_16_bit_parameters(dtype):
+    check_raises(TypeError, ["params[0]", "expected dtype float32 or float64 (native byte order)", dtype.name],
+                 lambda: adamcpp.SGD([np.zeros(3, dtype)]))
+
+
+def test_bfloat16_state_of_float64_parameter_refused_at_construction():
+    check_raises(TypeError, ["params[1]", "state_dtype='bfloat16' needs a float32, float16 or bfloat16 parameter"],
+                 lambda: Adam([np.zeros(2, np.float32), np.zeros(2)], state_dtype="bfloat16"))
+
+
+def test_functional_master_params_errors_change_nothing():
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(4).astype(BF16), rng.standard_normal(4).astype(np.float32)]
+    ms = [np.zeros(4, np.float32) for _ in params]
+    vs = [np.zeros(4, np.float32) for _ in params]
+    masters = [params[0].astype(np.float32), None]
+    grads = [np.ones(4, BF16), np.ones(4, np.float32)]
+    everything = params + ms + vs + [masters[0]]
+    before = [a.copy() for a in everything]
+    cases = [
+        ([None, None], ValueError, ["master_params[0]", "needs a float32 master_param array"]),
+        ([masters[0].astype(np.float64), None], TypeError, ["master_params[0]", "float32", "float64"]),
+        ([masters[0], np.zeros(4, np.float32)], ValueError, ["master_params[1]", "expected None"]),
+        ([masters[0]], ValueError, ["master_params", "expected 2"]),
+    ]
+    for bad, exc, fragments in cases:
+        check_raises(exc, fragments, lambda: functional_adam(params, grads, ms, vs, step=1, lr=1e-2,
+                                                             master_params=bad))
+        assert all(same_bits(a, b) for a, b in zip(everything, before))
+    functional_adam(params, grads, ms, vs, step=1, lr=1e-2, master_params=masters)  # the good call works
+
+
+def test_load_state_dict_converts_and_checks_mixed_state():
+    opt, params = mixed_trained()
+    sd = opt.state_dict()
+    sd["state"][LAST]["exp_avg"] = sd["state"][LAST]["exp_avg"].astype(np.float32)  # converted to bfloat16
+    sd["state"][0]["master_param"] = np.zeros(7, np.float32)
+    snap = Snapshot(opt, params)
+    check_raises(ValueError, ["state_dict['state'][0]['master_param']", "expected shape"],
+                 lambda: opt.load_state_dict(sd))
+    snap.assert_unchanged()
+    del sd["state"][0]["master_param"]  # a missing master copy starts at the parameter
+    opt.load_state_dict(sd)
+    assert opt.state[LAST]["exp_avg"].dtype == BF16
+    assert np.array_equal(opt.state[0]["master_param"], params[0].astype(np.float32))
+
+
+def test_torch_bfloat16_tensor_in_a_state_dict_names_the_conversion():
+    torch = pytest.importorskip("torch")
+    opt, params = mixed_trained()
+    sd = opt.state_dict()
+    sd["state"][LAST]["exp_avg"] = torch.zeros((2, 3), dtype=torch.bfloat16)
+    snap = Snapshot(opt, params)
+    check_raises(TypeError, ["state_dict['state'][49]['exp_avg']", "t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)"],
+                 lambda: opt.load_state_dict(sd))
     snap.assert_unchanged()

@@ -610,3 +610,31 @@ def test_build_info_lists_the_precisions():
     assert info["param_dtypes"] == ["float16", "bfloat16", "float32", "float64"]
     assert info["state_dtypes"] == ["float32", "bfloat16"] and info["roundings"] == ["nearest", "stochastic"]
     assert info["bfloat16"] is True
+
+
+def test_import_and_float16_without_ml_dtypes():
+    """ml_dtypes is optional: without it adamcpp imports, float16 parameters
+    and gradients work, build_info says bfloat16 is unavailable, and bfloat16
+    state is refused with the install command."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['ml_dtypes'] = None\n"
+        "import numpy as np, adamcpp\n"
+        "assert 'ml_dtypes' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "assert adamcpp.build_info()['precisions']['bfloat16'] is False\n"
+        "p = np.ones(5, np.float16)\n"
+        "opt = adamcpp.Adam([p], lr=0.1)\n"
+        "assert opt.step([np.full(5, 0.5, np.float16)]) and (p < 1).all()\n"
+        "try:\n"
+        "    adamcpp.Adam([np.ones(2, np.float32)], state_dtype='bfloat16')\n"
+        "except ImportError as err:\n"
+        "    assert 'pip install ml_dtypes' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('bfloat16 state without ml_dtypes')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

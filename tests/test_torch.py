@@ -890,3 +890,80 @@ def test_sgd_max_grad_norm_matches_torch_clip(dtype, regime, grad_scale):
     opt_t = torch.optim.SGD(tparams, **hyper)
     maybe_clipped = _run_clipped("sgd", opt_a, params_a, opt_t, tparams, grads_seq, dtype, c, grad_scale)
     _check_clip_count(regime, maybe_clipped, 100)
+
+
+# ---------------------------------------------------------------------------
+# bfloat16: torch's fused CPU Adam on bfloat16 tensors, one step at a time
+# ---------------------------------------------------------------------------
+ml_dtypes = pytest.importorskip("ml_dtypes")
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _bf16_tensor(a: np.ndarray) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+
+
+def _bf16_array(t: Any) -> np.ndarray:
+    return t.detach().contiguous().view(torch.int16).numpy().view(_BF16).copy()
+
+
+def _bf16_ulp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bfloat16's ulp at the larger magnitude of a and b (float64)."""
+    m = np.maximum(np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64))).astype(np.float32).astype(_BF16)
+    return np.spacing(np.abs(m)).astype(np.float64)
+
+
+@pytest.mark.parametrize("cls_name, weight_decay", [("Adam", 0.0), ("AdamW", 0.1), ("Adam", 0.05)],
+                         ids=["adam", "adamw", "adam-l2"])
+def test_bf16_nearest_matches_torch_fused_one_step_at_a_time(cls_name, weight_decay):
+    """master_weights=False, state_dtype="bfloat16", rounding to nearest is
+    torch's fused CPU Adam on bfloat16 tensors: state in bfloat16, the step in
+    float32, every result rounded to nearest. The float32 arithmetic differs
+    (torch: lerp for exp_avg, an FMA in addcmul, two divisions; adamcpp:
+    beta1*m + (1-beta1)*g, the compact form's one division) by a few float32
+    roundings of the operands, d <= 16 u32 (|a| + |b|) for a result a + b
+    (u32 = 2**-24; 16 covers both sides' roundings of the products, sums,
+    sqrt and quotient), far below a bfloat16 ulp (2**16 float32 ulps) unless
+    the result cancels. The two roundings to nearest then pick the same
+    bfloat16 value or a neighbour: from the same state each element agrees
+    within 1 bfloat16 ulp of the larger result plus d. Whole trajectories drift
+    apart, hence one step at a time, each from torch's state."""
+    rng = np.random.default_rng(2026)
+    shapes = [(257,), (16, 33), (1,)]
+    params = [rng.standard_normal(s).astype(np.float32).astype(_BF16) for s in shapes]
+    cls = {"Adam": adamcpp.Adam, "AdamW": adamcpp.AdamW}[cls_name]
+    opt = cls(params, lr=1e-2, weight_decay=weight_decay, master_weights=False, state_dtype="bfloat16",
+              state_rounding="nearest")
+    leaves = [torch.nn.Parameter(_bf16_tensor(p)) for p in params]
+    tcls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[cls_name]
+    topt = tcls(leaves, lr=1e-2, weight_decay=weight_decay, fused=True)
+    u32 = 2.0**-24
+    for step in range(1, 31):
+        grads = [(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 1, s)).astype(np.float32).astype(_BF16)
+                 for s in shapes]
+        before = [(params[i].astype(np.float64), opt.state[i]["exp_avg"].astype(np.float64),
+                   opt.state[i]["exp_avg_sq"].astype(np.float64)) for i in range(len(shapes))]
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = _bf16_tensor(g)
+        topt.step()
+        opt.step(grads)
+        for i, leaf in enumerate(leaves):
+            ts = topt.state[leaf]
+            p0, m0, v0 = before[i]
+            g = grads[i].astype(np.float64) + weight_decay * p0 * (cls_name == "Adam")
+            theirs = {"param": _bf16_array(leaf), "exp_avg": _bf16_array(ts["exp_avg"]),
+                      "exp_avg_sq": _bf16_array(ts["exp_avg_sq"])}
+            p1 = theirs["param"].astype(np.float64)
+            operands = {"param": np.abs(p0) + np.abs(p1 - p0), "exp_avg": 0.9 * np.abs(m0) + 0.1 * np.abs(g),
+                        "exp_avg_sq": 0.999 * v0 + 0.001 * g * g}
+            for name, ours in (("param", params[i]), ("exp_avg", opt.state[i]["exp_avg"]),
+                               ("exp_avg_sq", opt.state[i]["exp_avg_sq"])):
+                diff = np.abs(ours.astype(np.float64) - theirs[name].astype(np.float64))
+                bound = _bf16_ulp(ours, theirs[name]) + 16 * u32 * operands[name]
+                bad = diff > bound
+                assert not bad.any(), (f"step {step}, {name} of params[{i}]: {int(bad.sum())} elements apart by more "
+                                       f"than the bound, e.g. {ours[bad][:3]} vs {theirs[name][bad][:3]}")
+            # the next step starts from torch's state on both sides
+            params[i][...] = theirs["param"]
+            opt.state[i]["exp_avg"][...] = theirs["exp_avg"]
+            opt.state[i]["exp_avg_sq"][...] = theirs["exp_avg_sq"]

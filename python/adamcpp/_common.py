@@ -99,9 +99,9 @@ def check_state_dtype(value: Any, where: str) -> int:
     """The native index of a state dtype name."""
     if value == "float16":
         raise ValueError(
-            f"{where}: 'float16' state is not offered: float16's smallest normal is 6.1e-5, so g**2 of a gradient "
-            "below about 2.4e-4 and eps=1e-8 flush to zero and the update divides by zero; use 'bfloat16' "
-            "(float32's range in 16 bits) or 'float32'"
+            f"{where}: 'float16' state is not offered: it underflows (g**2 below float16's smallest subnormal, "
+            "6e-8, i.e. |g| < 1.7e-4, and eps=1e-8 round to zero, so sqrt(v) + eps can be 0 and the update Inf or "
+            "NaN); use 'bfloat16' (float32's exponent range in 16 bits) or 'float32'"
         )
     if not isinstance(value, str) or value not in STATE_DTYPES:
         raise ValueError(f"{where}: expected 'float32' or 'bfloat16', got {value!r}")

@@ -25,9 +25,15 @@ def bfloat16() -> np.dtype:
 
 def bfloat16_available() -> bool:
     """Whether ml_dtypes can be imported (without importing it)."""
+    import sys
     from importlib.util import find_spec
 
-    return find_spec("ml_dtypes") is not None
+    if "ml_dtypes" in sys.modules:
+        return sys.modules["ml_dtypes"] is not None
+    try:
+        return find_spec("ml_dtypes") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def state_dtype(param_dtype: np.dtype, group: Mapping[str, Any]) -> np.dtype:

@@ -214,7 +214,7 @@ class _Encoder:
             raise TypeError(f"{where}: a masked array cannot be stored in a checkpoint (its mask would be lost)")
         if is_bfloat16(arr.dtype):
             code: Optional[str] = "BF16"
-            arr = np.ascontiguousarray(arr).view(np.uint16)
+            arr = np.asarray(arr, order="C").view(np.uint16)  # the 16-bit patterns (a 0-d array stays 0-d)
         else:
             code = _CODE_OF.get((arr.dtype.kind, arr.dtype.itemsize)) if arr.dtype.kind in "biuf" else None
         if code is None:

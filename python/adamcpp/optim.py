@@ -314,6 +314,8 @@ class Optimizer(abc.ABC):
         flat, group_of = self._layout()
         keys = self._keys if len(flat) == len(self._flat) else None
         self._check_new_params(flat, keys)
+        for i, (p, gi) in enumerate(zip(flat, group_of)):
+            self._check_layout(p, self.param_groups[gi], self._label(i, keys))
         by_id = {id(p): s for p, s in zip(self._flat, self.state)}
         present = {id(p) for p in flat}
         state = []
