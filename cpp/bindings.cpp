@@ -504,7 +504,10 @@ ArrayView probe_buffer(py::handle h, const char* what, DType dtype, const ArrayV
   if (!is_ndarray(h.ptr())) type_error(std::string(what) + ": expected a numpy.ndarray");
   const ArrayView a = raw_view(h.ptr());
   if (a.dtype != static_cast<int>(dtype)) {
-    type_error(std::string(what) + (dtype == DType::f32 ? ": expected float32" : ": expected float64"));
+    type_error(std::string(what) + ": expected " +
+               (dtype == DType::f32   ? "float32"
+                : dtype == DType::f64 ? "float64"
+                                      : "bfloat16"));
   }
   if (like != nullptr && a.numel != like->numel) value_error(std::string(what) + ": size mismatch");
   const int need = npy::NPY_ARRAY_C_CONTIGUOUS_ | npy::NPY_ARRAY_ALIGNED_ | npy::NPY_ARRAY_WRITEABLE_;
@@ -523,6 +526,29 @@ void ceiling_adam(py::handle param, py::handle grad, py::handle exp_avg, py::han
   active_probes().ceiling_adam(reinterpret_cast<float*>(p.data), reinterpret_cast<const float*>(g.data),
                                reinterpret_cast<float*>(m.data), reinterpret_cast<float*>(v.data), p.numel,
                                static_cast<float>(step_size), static_cast<float>(bias_correction2_sqrt), threads);
+}
+
+// The compact ceiling loop (probes.h): layout indexes FusedLayout; param and
+// grad are float32 (bf16_state) or bfloat16, exp_avg and exp_avg_sq bfloat16,
+// master a float32 array (bf16_master) or None.
+void ceiling_compact(int layout, int mode, py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq,
+                     py::handle master, double step_size, double inv_bias_correction2_sqrt, std::uint32_t key) {
+  if (layout < 0 || layout >= kFusedLayouts) value_error("layout: expected a FusedLayout index");
+  if (mode < 0 || mode > 2) value_error("mode: expected 0 (nearest), 1 (stochastic) or 2 (fixed bits)");
+  const DType pd = layout == static_cast<int>(FusedLayout::bf16_state) ? DType::f32 : DType::bf16;
+  const ArrayView p = probe_buffer(param, "param", pd, nullptr);
+  const ArrayView g = probe_buffer(grad, "grad", pd, &p);
+  const ArrayView m = probe_buffer(exp_avg, "exp_avg", DType::bf16, &p);
+  const ArrayView v = probe_buffer(exp_avg_sq, "exp_avg_sq", DType::bf16, &p);
+  float* master_data = nullptr;
+  if (layout == static_cast<int>(FusedLayout::bf16_master)) {
+    master_data = reinterpret_cast<float*>(probe_buffer(master, "master", DType::f32, &p).data);
+  }
+  const int threads = get_num_threads();
+  py::gil_scoped_release release;
+  active_probes().ceiling_compact(
+      layout, mode, p.data, g.data, reinterpret_cast<std::uint16_t*>(m.data), reinterpret_cast<std::uint16_t*>(v.data),
+      master_data, p.numel, static_cast<float>(step_size), static_cast<float>(inv_bias_correction2_sqrt), key, threads);
 }
 
 // A 16-bit array (float16 or bfloat16) for the conversion probes; returns its format.
@@ -619,6 +645,12 @@ PYBIND11_MODULE(_core, m) {
         "The simplest `omp parallel for simd` float32 Adam loop (benchmark ceiling).");
   m.def("triad", &triad, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("s"),
         "STREAM triad a = b + s * c over float64 arrays (memory-bandwidth probe).");
+  m.def("ceiling_compact", &ceiling_compact, py::arg("layout"), py::arg("mode"), py::arg("param"), py::arg("grad"),
+        py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("master"), py::arg("step_size"),
+        py::arg("inv_bias_correction2_sqrt"), py::arg("key"),
+        "The simplest `omp parallel for simd` loop of a compact layout (FUSED_LAYOUTS index) with adamcpp's "
+        "numerics for it (benchmark ceiling); mode 0 nearest, 1 stochastic, 2 stochastic with fixed bits.");
+  m.attr("FUSED_LAYOUTS") = py::make_tuple("bf16-state", "bf16-master", "bf16");
   m.def("narrow", &narrow, py::arg("src"), py::arg("dst"), py::arg("rounding"), py::arg("key"),
         "The kernels' float32 -> float16/bfloat16 conversion over an array (rounding: ROUNDINGS index; element k "
         "takes the generator's bits for index k under `key`).");

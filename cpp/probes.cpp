@@ -2,7 +2,11 @@
 // once per ISA target with the kernels' flags, in adamcpp::<ADAMCPP_ISA>, so a
 // ceiling is measured with the same instructions the kernels may use.
 #include "probes.h"
+
+#include <type_traits>
+
 #include "isa_unit.h"
+#include "kernels.h"
 
 namespace adamcpp {
 namespace ADAMCPP_ISA {
@@ -21,6 +25,79 @@ void ceiling_adam(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT g
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     param[i] = param[i] - (step_size * m) / (sqrt_of(v) / bias_correction2_sqrt + 1e-8f);
+  }
+}
+
+template <FusedLayout L, int Mode>
+void ceiling_compact_loop(void* param_ptr, const void* grad_ptr, std::uint16_t* ADAMCPP_RESTRICT exp_avg,
+                          std::uint16_t* ADAMCPP_RESTRICT exp_avg_sq, float* ADAMCPP_RESTRICT master, std::size_t n,
+                          float step_size, float inv_bias_correction2_sqrt, std::uint32_t key, int num_threads) {
+  using P = std::conditional_t<L == FusedLayout::bf16_state, float, std::uint16_t>;
+  P* ADAMCPP_RESTRICT param = static_cast<P*>(param_ptr);
+  const P* ADAMCPP_RESTRICT grad = static_cast<const P*>(grad_ptr);
+  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
+  (void)num_threads;
+  (void)master;
+  (void)key;
+#pragma omp parallel for simd schedule(static) num_threads(num_threads)
+  for (std::ptrdiff_t i = 0; i < count; ++i) {
+    float p;
+    float g;
+    if constexpr (L == FusedLayout::bf16_state) {
+      p = param[i];
+      g = grad[i];
+    } else {
+      p = L == FusedLayout::bf16_master ? master[i] : float_from_bf16(param[i]);
+      g = float_from_bf16(grad[i]);
+    }
+    const float m = 0.9f * float_from_bf16(exp_avg[i]) + 0.1f * g;
+    const float v = 0.999f * float_from_bf16(exp_avg_sq[i]) + 0.001f * g * g;
+    p = p - (step_size * m) / (sqrt_of(v) * inv_bias_correction2_sqrt + 1e-8f);
+    const std::uint32_t index = static_cast<std::uint32_t>(i);
+    const std::uint32_t r = Mode == 1 ? random_bits(index, key) : 0x80008000u;
+    exp_avg[i] = Mode == 0 ? bf16_nearest(m) : bf16_stochastic(m, r);
+    exp_avg_sq[i] = Mode == 0 ? bf16_nearest(v) : bf16_stochastic(v, r >> 16);
+    if constexpr (L == FusedLayout::bf16_state) {
+      param[i] = p;
+    } else if constexpr (L == FusedLayout::bf16_master) {
+      master[i] = p;
+      param[i] = bf16_nearest(p);
+    } else {
+      const std::uint32_t rp = Mode == 1 ? random_bits(index, ~key) : 0x8000u;
+      param[i] = Mode == 0 ? bf16_nearest(p) : bf16_stochastic(p, rp);
+    }
+  }
+}
+
+template <FusedLayout L>
+void ceiling_compact_layout(int mode, void* param, const void* grad, std::uint16_t* exp_avg, std::uint16_t* exp_avg_sq,
+                            float* master, std::size_t n, float step_size, float inv_bc2, std::uint32_t key,
+                            int threads) {
+  if (mode == 0) {
+    ceiling_compact_loop<L, 0>(param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2, key, threads);
+  } else if (mode == 1) {
+    ceiling_compact_loop<L, 1>(param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2, key, threads);
+  } else {
+    ceiling_compact_loop<L, 2>(param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2, key, threads);
+  }
+}
+
+void ceiling_compact(int layout, int mode, void* param, const void* grad, std::uint16_t* exp_avg,
+                     std::uint16_t* exp_avg_sq, float* master, std::size_t n, float step_size, float inv_bc2,
+                     std::uint32_t key, int threads) {
+  switch (static_cast<FusedLayout>(layout)) {
+    case FusedLayout::bf16_state:
+      ceiling_compact_layout<FusedLayout::bf16_state>(mode, param, grad, exp_avg, exp_avg_sq, master, n, step_size,
+                                                      inv_bc2, key, threads);
+      break;
+    case FusedLayout::bf16_master:
+      ceiling_compact_layout<FusedLayout::bf16_master>(mode, param, grad, exp_avg, exp_avg_sq, master, n, step_size,
+                                                       inv_bc2, key, threads);
+      break;
+    case FusedLayout::bf16:
+      ceiling_compact_layout<FusedLayout::bf16>(mode, param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2,
+                                                key, threads);
+      break;
   }
 }
 
@@ -63,7 +140,7 @@ void widen(const std::uint16_t* ADAMCPP_RESTRICT src, float* ADAMCPP_RESTRICT ds
 }  // namespace
 
 const ProbeTable& probe_table() {
-  static const ProbeTable table{ADAMCPP_STR(ADAMCPP_ISA), &ceiling_adam, &triad, &narrow, &widen};
+  static const ProbeTable table{ADAMCPP_STR(ADAMCPP_ISA), &ceiling_adam, &ceiling_compact, &triad, &narrow, &widen};
   return table;
 }
 

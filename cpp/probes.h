@@ -17,6 +17,17 @@ using CeilingAdamFn = void (*)(float* param, const float* grad, float* exp_avg, 
 // STREAM triad a[i] = b[i] + s * c[i], one `omp parallel for simd`.
 using TriadFn = void (*)(double* a, const double* b, const double* c, std::size_t n, double s, int num_threads);
 
+// The same simplest loop for a compact layout (FusedLayout of kernels.h:
+// bfloat16 state; float32 or bfloat16 parameter and gradient; a float32 master
+// copy for bf16_master), with adamcpp's numerics for that layout: the compact
+// arithmetic (one division) and bfloat16 rounding of the state (and of a
+// bfloat16 parameter without master) to nearest (mode 0), stochastically with
+// the generator under `key` (mode 1), or stochastically with fixed bits instead
+// of the generator (mode 2: the loop without the generator's cost).
+using CeilingCompactFn = void (*)(int layout, int mode, void* param, const void* grad, std::uint16_t* exp_avg,
+                                  std::uint16_t* exp_avg_sq, float* master, std::size_t n, float step_size,
+                                  float inv_bias_correction2_sqrt, std::uint32_t key, int num_threads);
+
 // The kernels' conversions over arrays, for the tests: float32 -> float16 or
 // bfloat16 (`format`), to nearest or stochastically with the generator under
 // `key` (element k takes random_bits(k, key)), and 16-bit -> float32.
@@ -27,6 +38,7 @@ using WidenFn = void (*)(const std::uint16_t* src, float* dst, std::size_t n, DT
 struct ProbeTable {
   const char* name;
   CeilingAdamFn ceiling_adam;
+  CeilingCompactFn ceiling_compact;
   TriadFn triad;
   NarrowFn narrow;
   WidenFn widen;

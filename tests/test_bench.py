@@ -154,6 +154,39 @@ def test_nonfinite_params_are_flagged(tmp_path, capsys, monkeypatch):
     assert "NONFINITE" in out and "non-finite" in err
 
 
+def test_precisions(tmp_path, capsys):
+    """--precision: each storage layout's bytes per element, its ceiling loop
+    and the generator's cost; the blocked path beside the fused one; torch
+    and NumPy skipped where they have no such layout; float64 stays fp32."""
+    pytest.importorskip("ml_dtypes")
+    status, report, out, _ = run(
+        ["--sizes", "100,3x1000", "--precision", "all", "--dtype", "all", "--variant", "adam,amsgrad",
+         "--contenders", "adamcpp,adamcpp-blocked,numpy,ceiling,ceiling-nogen"],
+        tmp_path, capsys,
+    )
+    assert status == 0
+    got = {(r["dtype"], r["variant"], r["precision"]): r["bytes_per_element"] for r in report["results"]}
+    assert got == {
+        ("float32", "adam", "fp32"): 28, ("float32", "amsgrad", "fp32"): 36,
+        ("float64", "adam", "fp32"): 56, ("float64", "amsgrad", "fp32"): 72,
+        ("float32", "adam", "bf16-state"): 20, ("float32", "amsgrad", "bf16-state"): 24,
+        ("float32", "adam", "bf16-master"): 20, ("float32", "amsgrad", "bf16-master"): 24,
+        ("float32", "adam", "bf16"): 14, ("float32", "amsgrad", "bf16"): 18,
+    }
+    for r in report["results"]:
+        entries = r["contenders"]
+        assert entries["adamcpp"]["available"] and entries["adamcpp"]["finite"]
+        compact = r["precision"] != "fp32"
+        assert entries["adamcpp-blocked"]["available"] is compact
+        assert entries["numpy"]["available"] is not compact
+        with_generator = compact and r["variant"] == "adam"
+        assert entries["ceiling-nogen"]["available"] is with_generator
+        assert (r["generator_ns_per_element"] is not None) is with_generator
+        if compact:
+            assert entries["adamcpp"]["bytes_per_element"] == r["bytes_per_element"]
+    assert "bf16-master" in out and "B/elem" in out and "the generator costs" in out
+
+
 @pytest.mark.parametrize("name", ["adamcpp", "numpy"])
 def test_timed_step_does_not_allocate_arrays(name):
     case = bench.Case(bench.Shape(2, 50_000), "float32", "amsgrad")
@@ -209,3 +242,44 @@ def test_python_dash_m_entry_point():
     for flag in ("--sizes", "--threads", "--dtype", "--variant", "--contenders", "--repeats", "--min-time",
                  "--quick", "--json", "--plot"):
         assert flag in done.stdout
+
+
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["bf16-state", "bf16-master", "bf16"])
+def test_compact_ceiling_has_the_numerics_of_adamcpp(layout):
+    """The ceiling loop of a bfloat16 precision computes what adamcpp computes
+    for that layout (default betas and eps, no weight decay): fed the same
+    scalars and key it gives the same bits (the parameter of the bf16 layout
+    takes other random bits: compared within one bfloat16 ulp)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import math
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from reference import rounding_key
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(layout)
+    n, t, lr, seed = 5000, 3, 1e-3, 17
+    pd = np.float32 if layout == 0 else bf16
+    p32 = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32).astype(pd)
+    m = (rng.standard_normal(n) * 0.1).astype(bf16)
+    v = (rng.random(n) * 0.01).astype(bf16)
+    a = [p32.astype(pd), g, m.copy(), v.copy(), p32.copy()]
+    b = [p32.astype(pd), g, m.copy(), v.copy(), p32.copy()]
+    bc1, bc2 = 1 - 0.9**t, 1 - 0.999**t
+    key = rounding_key(seed, t, 0) & 0xFFFFFFFF
+    adamcpp._core.ceiling_compact(layout, 1, a[0], a[1], a[2], a[3], a[4] if layout == 1 else None, lr / bc1,
+                          1 / math.sqrt(bc2), key)
+    options = {0: {}, 1: {"master_params": b[4]}, 2: {"param_rounding": "stochastic"}}[layout]
+    adamcpp.functional.adam(b[0], b[1], b[2], b[3], step=t, lr=lr, seed=seed, state_dtype="bfloat16", **options)
+    for k, name in ((2, "exp_avg"), (3, "exp_avg_sq"), (4, "master")):
+        if k == 4 and layout != 1:
+            continue
+        assert np.array_equal(a[k].view(np.uint16 if a[k].itemsize == 2 else np.uint32),
+                              b[k].view(np.uint16 if b[k].itemsize == 2 else np.uint32)), name
+    pa, pb = a[0].astype(np.float64), b[0].astype(np.float64)
+    if layout == 2:
+        assert (np.abs(pa - pb) <= np.spacing(np.abs(b[0])).astype(np.float64)).all()
+    else:
+        assert np.array_equal(pa, pb)

@@ -117,6 +117,25 @@ def ceiling_adam(
 def triad(a: np.ndarray, b: np.ndarray, c: np.ndarray, s: float) -> None:
     """STREAM triad a = b + s * c over float64 arrays."""
 
+FUSED_LAYOUTS: Tuple[str, ...]
+
+def ceiling_compact(
+    layout: int,
+    mode: int,
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    master: Optional[np.ndarray],
+    step_size: float,
+    inv_bias_correction2_sqrt: float,
+    key: int,
+) -> None:
+    """The simplest `omp parallel for simd` loop of a compact layout
+    (FUSED_LAYOUTS index) with adamcpp's numerics for it (benchmark ceiling):
+    mode 0 rounds to nearest, 1 stochastically, 2 stochastically with fixed
+    bits instead of the generator."""
+
 def narrow(src: np.ndarray, dst: np.ndarray, rounding: int, key: int) -> None:
     """The kernels' float32 -> float16/bfloat16 conversion (dst's dtype) over
     an array: rounding indexes ROUNDINGS; element k of a stochastic rounding

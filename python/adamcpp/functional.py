@@ -46,7 +46,7 @@ def adam(
     maximize: bool = False,
     eps_style: str = "torch",
     grad_scale: float = 1.0,
-    master_params: Optional[Sequence[Optional[np.ndarray]]] = None,
+    master_params: Optional[Union[np.ndarray, Sequence[Optional[np.ndarray]]]] = None,
     state_dtype: str = "float32",
     state_rounding: str = "stochastic",
     param_rounding: str = "nearest",

@@ -29,14 +29,16 @@ bandwidth probe), ``report`` (tables and the JSON report), ``plot`` and ``cli``
 
 from __future__ import annotations
 
-from .cases import DTYPES, VARIANTS, Case, Shape, parse_sizes, parse_threads
+from .cases import DTYPES, PRECISIONS, VARIANTS, Case, Precision, Shape, parse_sizes, parse_threads
 from .cli import build_parser, main
 from .contenders import (
     CONTENDERS,
     FACTORIES,
     REFERENCES,
+    AdamcppBlockedContender,
     AdamcppContender,
     CeilingContender,
+    CeilingNogenContender,
     Contender,
     DeepSpeedContender,
     NumpyContender,
@@ -50,14 +52,18 @@ __all__ = [
     "CONTENDERS",
     "DTYPES",
     "FACTORIES",
+    "PRECISIONS",
     "REFERENCES",
     "VARIANTS",
+    "AdamcppBlockedContender",
     "AdamcppContender",
     "Case",
     "CeilingContender",
+    "CeilingNogenContender",
     "Contender",
     "DeepSpeedContender",
     "NumpyContender",
+    "Precision",
     "Shape",
     "TorchForeachContender",
     "TorchFusedContender",

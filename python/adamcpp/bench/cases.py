@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,6 +23,56 @@ VARIANTS = {
     "amsgrad": (0.0, False, True),
 }
 DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A storage layout of --precision: the parameter's and gradient's dtypes,
+    the optimizer options, and the bytes one element moves (without amsgrad;
+    `amsgrad_bytes` more with it)."""
+
+    param: str  # "float32" (the --dtype), or "bfloat16"
+    grad: str
+    options: Tuple[Tuple[str, Any], ...]
+    bytes_per_element: Optional[int]  # None: 7 values of the --dtype
+    amsgrad_bytes: int
+    layout: Optional[int]  # index into adamcpp._core.FUSED_LAYOUTS (None: the float32/float64 loop)
+    description: str
+
+
+PRECISIONS: Dict[str, Precision] = {
+    "fp32": Precision("float32", "float32", (), None, 0, None, "parameters, gradients and state of --dtype"),
+    # read p, g (4 each), m, v (2 each); write p (4), m, v (2 each)
+    "bf16-state": Precision(
+        "float32",
+        "float32",
+        (("state_dtype", "bfloat16"),),
+        20,
+        4,
+        0,
+        "float32 parameters and gradients, bfloat16 state (stochastic rounding)",
+    ),
+    # read the master (4), g (2), m, v (2 each); write the master (4), p (2), m, v (2 each)
+    "bf16-master": Precision(
+        "bfloat16",
+        "bfloat16",
+        (("state_dtype", "bfloat16"),),
+        20,
+        4,
+        1,
+        "bfloat16 parameters and gradients, float32 master copy, bfloat16 state (stochastic rounding)",
+    ),
+    # read p, g, m, v; write p, m, v: 2 bytes each
+    "bf16": Precision(
+        "bfloat16",
+        "bfloat16",
+        (("state_dtype", "bfloat16"), ("master_weights", False), ("param_rounding", "stochastic")),
+        14,
+        4,
+        2,
+        "bfloat16 parameters, gradients and state, no master copy (stochastic rounding)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +96,7 @@ class Case:
     shape: Shape
     dtype: str
     variant: str
+    precision: str = "fp32"
 
     @property
     def itemsize(self) -> int:
@@ -56,9 +107,21 @@ class Case:
         return VARIANTS[self.variant][2]
 
     @property
+    def storage(self) -> Precision:
+        return PRECISIONS[self.precision]
+
+    @property
+    def label(self) -> str:
+        suffix = "" if self.precision == "fp32" else f" {self.precision}"
+        return f"{self.shape.label} {self.dtype} {self.variant}{suffix}"
+
+    @property
     def bytes_per_element(self) -> int:
-        # read p, g, m, v; write p, m, v (+ read and write max_exp_avg_sq)
-        return self.itemsize * (7 + (2 if self.amsgrad else 0))
+        # read p, g, m, v; write p, m, v (+ read and write max_exp_avg_sq); fewer bytes with 16-bit storage
+        p = self.storage
+        if p.bytes_per_element is None:
+            return self.itemsize * (7 + (2 if self.amsgrad else 0))
+        return p.bytes_per_element + (p.amsgrad_bytes if self.amsgrad else 0)
 
     @property
     def bytes_per_step(self) -> int:
@@ -66,8 +129,15 @@ class Case:
 
     @property
     def working_set_bytes(self) -> int:
-        # p, g, m, v: what the references are sized to
-        return 4 * self.itemsize * self.shape.elements
+        # p, g, m, v (and a master copy): what the references are sized to
+        p = self.storage
+        if p.bytes_per_element is None:
+            return 4 * self.itemsize * self.shape.elements
+        per = np.dtype("float32").itemsize * (1 if p.param == "float32" else 0) + 2 * 2
+        per += 4 if p.grad == "float32" else 2
+        per += 2 if p.param == "bfloat16" else 0
+        per += 4 if p.layout == 1 else 0
+        return per * self.shape.elements
 
 
 def _count_label(n: int) -> str:

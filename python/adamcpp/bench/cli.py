@@ -20,6 +20,7 @@ from .cases import (
     DTYPES,
     EPS,
     LR,
+    PRECISIONS,
     VARIANTS,
     Case,
     parse_choices,
@@ -39,7 +40,7 @@ from .report import (
     format_summary,
     write_json,
 )
-from .timing import ProgressBar, derive, run_case_threads
+from .timing import ProgressBar, derive, generator_cost, run_case_threads
 
 DEFAULT_SIZES = "1e3,1e4,1e5,1e6,1e7,5e7,200x4096,1000x256"
 QUICK_SIZES = "1e3,1e5,1e6,200x4096"
@@ -91,9 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="adam, adamw, amsgrad or all; default adam",
     )
     parser.add_argument(
+        "--precision",
+        type=lambda s: parse_choices(s, "--precision", tuple(PRECISIONS), {}),
+        default=["fp32"],
+        metavar="LIST",
+        help="storage layouts: fp32 (--dtype throughout), bf16-state (float32 params + bfloat16 state), "
+        "bf16-master (bfloat16 params + float32 master + bfloat16 state), bf16 (bfloat16 throughout), or all; "
+        "default fp32 (the 16-bit layouts use float32 compute and ignore --dtype float64)",
+    )
+    parser.add_argument(
         "--contenders",
         type=lambda s: parse_choices(
-            s, "--contenders", CONTENDERS, {"torch": ["torch-foreach", "torch-fused"], "stream": ["triad"]}
+            s,
+            "--contenders",
+            CONTENDERS,
+            {"torch": ["torch-foreach", "torch-fused"], "stream": ["triad"], "ceilings": ["ceiling", "ceiling-nogen"]},
         ),
         default=list(CONTENDERS),
         metavar="LIST",
@@ -177,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "threads": threads,
         "dtypes": list(args.dtype),
         "variants": list(args.variant),
+        "precisions": list(args.precision),
         "contenders": names,
         "repeats": repeats,
         "min_time_s": min_time,
@@ -189,7 +203,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = machine_info(env)
     print(format_header(machine, config, unavailable), flush=True)
 
-    cases = [Case(s, d, v) for s in sizes for d in args.dtype for v in args.variant]
+    cases = [
+        Case(s, d, v, p)
+        for s in sizes
+        for p in args.precision
+        for d in (args.dtype if p == "fp32" else ["float32"])
+        for v in args.variant
+    ]
+    cases = list(dict.fromkeys(cases))
     units = len(cases) * len(threads) + (len(threads) if stream_elements else 0)
     progress = ProgressBar(units, enabled=not args.no_progress)
     results: List[Dict[str, Any]] = []
@@ -206,13 +227,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             probes = bandwidth_probe(stream_elements, threads, repeats, min_time, progress)
         _print(format_bandwidth(probes))
         for case in cases:
-            label = f"{case.shape.label} {case.dtype} {case.variant}"
+            label = case.label
             need = estimate_bytes(case, runnable)
             avail_mem = meminfo("MemAvailable")
             if avail_mem is not None and need > 0.8 * avail_mem:
                 reason = f"needs about {format_bytes(need)}, only {format_bytes(avail_mem)} available"
                 skipped_cases.append(
-                    {"shape": case.shape.label, "dtype": case.dtype, "variant": case.variant, "reason": reason}
+                    {
+                        "shape": case.shape.label,
+                        "dtype": case.dtype,
+                        "variant": case.variant,
+                        "precision": case.precision,
+                        "reason": reason,
+                    }
                 )
                 _print(f"== {label}: skipped ({reason})")
                 progress.update(len(threads))
@@ -229,7 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     entries = run_case_threads(contenders, dict(skipped), t, repeats, min_time, progress)
                     ordered = {n: entries[n] for n in names if n in entries}
                     derive(case, ordered)
-                    case_results.append(case_result(case, t, ordered))
+                    result = case_result(case, t, ordered)
+                    result["generator_ns_per_element"] = generator_cost(ordered)
+                    case_results.append(result)
                     progress.update()
             finally:
                 # Numerics are not measured here, but nonsense is caught: every

@@ -10,23 +10,45 @@ import numpy as np
 import adamcpp
 from adamcpp import _core
 
-from .cases import BETAS, EPS, LR, VARIANTS, Case
+from .cases import BETAS, EPS, LR, PRECISIONS, VARIANTS, Case
 
-CONTENDERS = ("adamcpp", "numpy", "torch-foreach", "torch-fused", "deepspeed", "ceiling", "triad")
+CONTENDERS = (
+    "adamcpp",
+    "adamcpp-blocked",
+    "numpy",
+    "torch-foreach",
+    "torch-fused",
+    "deepspeed",
+    "ceiling",
+    "ceiling-nogen",
+    "triad",
+)
 REFERENCES = ("ceiling", "triad")
 DESCRIPTIONS = {
     "adamcpp": "adamcpp.Adam/AdamW: one opt.step(grads) call from Python",
+    "adamcpp-blocked": "adamcpp with the fused 16-bit loops off: arrays converted in L1-sized blocks (--precision)",
     "numpy": "in-place NumPy Adam loop over the tensors (out= ufuncs, preallocated scratch; NumPy is single-threaded)",
     "torch-foreach": "torch.optim.Adam(foreach=True) on torch.from_numpy views",
     "torch-fused": "torch.optim.Adam(fused=True) on torch.from_numpy views",
     "deepspeed": "DeepSpeedCPUAdam on torch.from_numpy views",
-    "ceiling": "simplest omp-parallel-for-simd float32 Adam loop, one buffer set of the same bytes",
+    "ceiling": "simplest omp-parallel-for-simd Adam loop of the precision's numerics, one buffer set of the same bytes",
+    "ceiling-nogen": "the ceiling loop of a bfloat16 precision with fixed rounding bits (no generator)",
     "triad": "STREAM triad a = b + s*c, float64, the same working-set bytes",
 }
 
 # Rough resident footprint of each contender in units of one parameter set
 # (elements x itemsize), used to refuse cases that would not fit in memory.
-_FOOTPRINT = {"adamcpp": 3, "numpy": 4, "torch-foreach": 5, "torch-fused": 3, "deepspeed": 3, "ceiling": 4, "triad": 4}
+_FOOTPRINT = {
+    "adamcpp": 3,
+    "adamcpp-blocked": 3,
+    "numpy": 4,
+    "torch-foreach": 5,
+    "torch-fused": 3,
+    "deepspeed": 3,
+    "ceiling": 4,
+    "ceiling-nogen": 4,
+    "triad": 4,
+}
 
 
 class Unavailable(Exception):
@@ -55,15 +77,36 @@ class Contender:
 
 class AdamcppContender(Contender):
     name = "adamcpp"
+    fused = True
 
     def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
         super().__init__(case)
+        if not self.fused and case.precision == "fp32":
+            raise Unavailable("the fp32 precision has no blocked path")
         self.params = [p.copy() for p in p0]
         weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
         cls = adamcpp.AdamW if decoupled else adamcpp.Adam
-        self.opt = cls(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad)
+        options = dict(case.storage.options)
+        self.opt = cls(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad, **options)
         opt_step = self.opt.step
-        self.step = lambda: opt_step(grads)
+        if self.fused:
+            self.step = lambda: opt_step(grads)
+        else:
+            set_fused = _core.set_fused_layouts
+
+            def blocked_step() -> None:
+                set_fused(False)
+                try:
+                    opt_step(grads)
+                finally:
+                    set_fused(True)
+
+            self.step = blocked_step
+
+
+class AdamcppBlockedContender(AdamcppContender):
+    name = "adamcpp-blocked"
+    fused = False
 
 
 class NumpyContender(Contender):
@@ -74,6 +117,8 @@ class NumpyContender(Contender):
 
     def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
         super().__init__(case)
+        if case.precision != "fp32":
+            raise Unavailable("NumPy has no bfloat16 arithmetic")
         self.params = [p.copy() for p in p0]
         self.grads = grads
         self.exp_avgs = [np.zeros_like(p) for p in p0]
@@ -118,12 +163,19 @@ class NumpyContender(Contender):
             np.add(p, tmp, out=p)
 
 
+def _torch_view(torch: Any, a: np.ndarray) -> Any:
+    """A tensor sharing memory with a NumPy array (bfloat16 through its 16-bit patterns)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _torch_views(torch: Any, params: List[np.ndarray], grads: List[np.ndarray]) -> List[Any]:
     """Leaf tensors sharing memory with the NumPy params, their .grad the NumPy grads."""
     tensors = []
     for p, g in zip(params, grads):
-        t = torch.from_numpy(p).requires_grad_(True)
-        t.grad = torch.from_numpy(g)
+        t = _torch_view(torch, p).requires_grad_(True)
+        t.grad = _torch_view(torch, g)
         tensors.append(t)
     return tensors
 
@@ -136,9 +188,13 @@ class TorchContender(Contender):
         torch = env.get("torch")
         if torch is None:
             raise Unavailable(env.get("torch_reason", "torch is not importable"))
+        if case.precision == "bf16-state":
+            raise Unavailable("torch.optim keeps its state in the parameters' dtype (no float32 params + bf16 state)")
         self.torch = torch
         self.params = [p.copy() for p in p0]
         tensors = _torch_views(torch, self.params, grads)
+        if case.precision != "fp32":
+            self.bytes = 14 * self.elements  # torch on bfloat16 tensors: p, g, m, v of 2 bytes (no master copy)
         weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
         cls = torch.optim.AdamW if decoupled else torch.optim.Adam
         mode = {"fused": True} if self.fused else {"foreach": True}
@@ -171,9 +227,13 @@ class DeepSpeedContender(Contender):
         weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
         if amsgrad:
             raise Unavailable("DeepSpeedCPUAdam has no amsgrad")
+        if case.precision not in ("fp32", "bf16"):
+            raise Unavailable("DeepSpeedCPUAdam keeps its state in float32 or in the parameters' dtype")
         self.torch = torch
         self.params = [p.copy() for p in p0]
         tensors = _torch_views(torch, self.params, grads)
+        if case.precision == "bf16":
+            self.bytes = 14 * self.elements
         self.opt = cpu_adam(
             tensors,
             lr=LR,
@@ -181,7 +241,7 @@ class DeepSpeedContender(Contender):
             eps=EPS,
             weight_decay=weight_decay,
             adamw_mode=decoupled,
-            fp32_optimizer_states=True,
+            fp32_optimizer_states=case.precision == "fp32",
         )
         self.step = self.opt.step
 
@@ -190,27 +250,62 @@ class DeepSpeedContender(Contender):
 
 
 class CeilingContender(Contender):
-    """adamcpp._core.ceiling_adam over one float32 buffer set holding the same
-    bytes as the case's p, g, m, v (so a float64 case gets 2N float32 elements)."""
+    """fp32: adamcpp._core.ceiling_adam over one float32 buffer set holding the
+    same bytes as the case's p, g, m, v (so a float64 case gets 2N float32
+    elements). A bfloat16 precision: adamcpp._core.ceiling_compact over one
+    buffer set of the case's layout and size, with the precision's numerics
+    (the compact arithmetic, stochastic rounding with the generator)."""
 
     name = "ceiling"
+    mode = 1  # ceiling_compact: stochastic rounding with the generator
 
     def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
         super().__init__(case)
-        n = case.shape.elements * case.itemsize // 4
-        rng = np.random.default_rng(1)
-        param = rng.standard_normal(n, dtype=np.float32)
-        grad = rng.standard_normal(n, dtype=np.float32)
-        exp_avg = np.zeros(n, dtype=np.float32)
-        exp_avg_sq = np.zeros(n, dtype=np.float32)
-        self.params = [param]
-        self.elements = n
-        self.bytes = 28 * n
         # The scalars of step 10 of the default Adam; any fixed values do.
         step_size = LR / (1.0 - BETAS[0] ** 10)
         bias_correction2_sqrt = math.sqrt(1.0 - BETAS[1] ** 10)
-        kernel = _core.ceiling_adam
-        self.step = lambda: kernel(param, grad, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt)
+        rng = np.random.default_rng(1)
+        layout = case.storage.layout
+        if layout is None:
+            if self.mode != 1:
+                raise Unavailable("the fp32 ceiling has no generator")
+            n = case.shape.elements * case.itemsize // 4
+            param = rng.standard_normal(n, dtype=np.float32)
+            grad = rng.standard_normal(n, dtype=np.float32)
+            exp_avg = np.zeros(n, dtype=np.float32)
+            exp_avg_sq = np.zeros(n, dtype=np.float32)
+            self.params = [param]
+            self.elements = n
+            self.bytes = 28 * n
+            ceiling_adam = _core.ceiling_adam
+            self.step = lambda: ceiling_adam(param, grad, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt)
+            return
+        if case.amsgrad:
+            raise Unavailable("the compact ceiling loop has no amsgrad")
+        bf16 = np.dtype(adamcpp._precision.bfloat16())
+        n = case.shape.elements
+        pd = np.dtype(np.float32) if case.storage.param == "float32" else bf16
+        p32 = rng.standard_normal(n, dtype=np.float32)
+        cparam = p32.astype(pd)
+        cgrad = rng.standard_normal(n, dtype=np.float32).astype(pd)
+        cexp_avg = np.zeros(n, dtype=bf16)
+        cexp_avg_sq = np.zeros(n, dtype=bf16)
+        master = p32 if layout == 1 else None
+        self.params = [cparam]
+        self.elements = n
+        self.bytes = case.storage.bytes_per_element * n if case.storage.bytes_per_element else 0
+        compact = _core.ceiling_compact
+        mode = self.mode
+        inv = 1.0 / bias_correction2_sqrt
+        self.step = lambda: compact(layout, mode, cparam, cgrad, cexp_avg, cexp_avg_sq, master, step_size, inv, 12345)
+
+
+class CeilingNogenContender(CeilingContender):
+    """The compact ceiling loop with fixed rounding bits: the difference to
+    `ceiling` is the generator's cost."""
+
+    name = "ceiling-nogen"
+    mode = 2
 
 
 class TriadContender(Contender):
@@ -237,11 +332,13 @@ class TriadContender(Contender):
 ContenderFactory = Callable[[Case, List[np.ndarray], List[np.ndarray], Dict[str, Any]], Contender]
 FACTORIES: Dict[str, ContenderFactory] = {
     "adamcpp": AdamcppContender,
+    "adamcpp-blocked": AdamcppBlockedContender,
     "numpy": NumpyContender,
     "torch-foreach": TorchForeachContender,
     "torch-fused": TorchFusedContender,
     "deepspeed": DeepSpeedContender,
     "ceiling": CeilingContender,
+    "ceiling-nogen": CeilingNogenContender,
     "triad": TriadContender,
 }
 
@@ -249,7 +346,7 @@ FACTORIES: Dict[str, ContenderFactory] = {
 def estimate_bytes(case: Case, names: Sequence[str]) -> int:
     """Memory the named contenders hold at once for `case`, roughly."""
     unit = case.shape.elements * case.itemsize
-    holders = ("adamcpp", "numpy", "torch-foreach", "torch-fused")
+    holders = ("adamcpp", "adamcpp-blocked", "numpy", "torch-foreach", "torch-fused")
     total = 2 * unit  # shared gradients + the initial parameters copied by each contender
     for name in names:
         total += (_FOOTPRINT[name] + (1 if case.amsgrad and name in holders else 0)) * unit
@@ -264,8 +361,15 @@ def allocate(
     rng = np.random.default_rng(seed)
     n, size = case.shape.n_tensors, case.shape.tensor_elements
     dtype = np.dtype(case.dtype)
+    storage = PRECISIONS[case.precision]
     p0 = [rng.standard_normal(size, dtype=dtype) for _ in range(n)]
     grads = [rng.standard_normal(size, dtype=dtype) for _ in range(n)]
+    if storage.layout is not None:
+        bf16 = adamcpp._precision.bfloat16()
+        if storage.param == "bfloat16":
+            p0 = [p.astype(bf16) for p in p0]
+        if storage.grad == "bfloat16":
+            grads = [g.astype(bf16) for g in grads]
     contenders: Dict[str, Contender] = {}
     skipped: Dict[str, str] = {}
     for name in names:

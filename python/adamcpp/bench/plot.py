@@ -16,19 +16,26 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
 
     results: List[Dict[str, Any]] = report["results"]
     names = [n for n in report["config"]["contenders"] if n not in REFERENCES]
-    panels_rows = list(dict.fromkeys((r["dtype"], r["variant"]) for r in results))
+    panels_rows = list(dict.fromkeys((r["dtype"], r["variant"], r.get("precision", "fp32")) for r in results))
     threads = list(dict.fromkeys(r["threads"] for r in results))
     if not panels_rows:
-        panels_rows, threads = [("float32", "adam")], threads or [1]
+        panels_rows, threads = [("float32", "adam", "fp32")], threads or [1]
     fig = Figure(figsize=(5.2 * len(threads), 3.8 * len(panels_rows)), layout="constrained")
     axes = fig.subplots(len(panels_rows), len(threads), squeeze=False)
     colors = {n: f"C{i}" for i, n in enumerate(CONTENDERS)}
     markers = ["s", "D", "^", "v", "P", "X"]
     multi_shapes = list(dict.fromkeys(r["shape"]["label"] for r in results if r["shape"]["n_tensors"] > 1))
-    for i, (dtype, variant) in enumerate(panels_rows):
+    for i, (dtype, variant, precision) in enumerate(panels_rows):
         for j, t in enumerate(threads):
             ax = axes[i][j]
-            rs = [r for r in results if r["dtype"] == dtype and r["variant"] == variant and r["threads"] == t]
+            rs = [
+                r
+                for r in results
+                if r["dtype"] == dtype
+                and r["variant"] == variant
+                and r.get("precision", "fp32") == precision
+                and r["threads"] == t
+            ]
             single = sorted((r for r in rs if r["shape"]["n_tensors"] == 1), key=lambda r: r["shape"]["elements"])
             xs = [r["shape"]["elements"] for r in single]
             band = []
@@ -74,7 +81,8 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("elements per step (total)")
             ax.set_ylabel("Melem/s")
-            ax.set_title(f"{dtype} {variant}, {t} thread{'s' if t > 1 else ''}", fontsize=10)
+            where = f"{dtype} {variant}" if precision == "fp32" else f"{precision} {variant}"
+            ax.set_title(f"{where}, {t} thread{'s' if t > 1 else ''}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)

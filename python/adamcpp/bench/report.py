@@ -79,7 +79,7 @@ def format_header(machine: Dict[str, Any], config: Dict[str, Any], available: Di
         f"method     warm-up, then samples of k back-to-back steps lasting >= {config['min_time_s']:g} s; "
         f"median of {config['repeats']} interleaved repetitions (min..max shown)",
         f"cases      sizes {', '.join(config['sizes'])}; dtype {', '.join(config['dtypes'])}; "
-        f"variant {', '.join(config['variants'])}",
+        f"variant {', '.join(config['variants'])}; precision {', '.join(config.get('precisions', ['fp32']))}",
     ]
     load = machine.get("load_average_at_start")
     if load and load[0] >= 0.5:
@@ -108,12 +108,24 @@ def format_case_table(result: Dict[str, Any], hide: Sequence[str] = ()) -> str:
     mu = _mu()
     shape = result["shape"]
     tensors = "1 tensor" if shape["n_tensors"] == 1 else f"{shape['n_tensors']} tensors x {shape['tensor_elements']:,}"
+    precision = result.get("precision", "fp32")
     title = (
         f"== {shape['label']}: {shape['elements']:,} elements ({tensors}), {result['dtype']}, {result['variant']}, "
-        f"{result['threads']} thread{'s' if result['threads'] > 1 else ''}  "
+        + ("" if precision == "fp32" else f"{precision}, ")
+        + f"{result['threads']} thread{'s' if result['threads'] > 1 else ''}  "
         f"[{result['bytes_per_element']} B/element, {format_bytes(result['bytes_per_step'])}/step]"
     )
-    head = ("contender", f"{mu}s/step", f"min..max {mu}s", "Melem/s", "GB/s", "%ceiling", "%triad", "adamcpp is")
+    head = (
+        "contender",
+        f"{mu}s/step",
+        f"min..max {mu}s",
+        "Melem/s",
+        "B/elem",
+        "GB/s",
+        "%ceiling",
+        "%triad",
+        "adamcpp is",
+    )
     rows = [head]
     notes = []
     for name, e in result["contenders"].items():
@@ -128,6 +140,7 @@ def format_case_table(result: Dict[str, Any], hide: Sequence[str] = ()) -> str:
                 _num(e["time_s"] * 1e6),
                 f"{_num(e['time_min_s'] * 1e6)}..{_num(e['time_max_s'] * 1e6)}",
                 _num(e["melem_per_s"]),
+                _num(e.get("bytes_per_element")),
                 _num(e["gb_per_s"]),
                 _pct(e.get("frac_ceiling")),
                 _pct(e.get("frac_triad")),
@@ -139,6 +152,9 @@ def format_case_table(result: Dict[str, Any], hide: Sequence[str] = ()) -> str:
     for r in rows:
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1])] + [r[-1]]
         lines.append("   " + "  ".join(cells))
+    cost = result.get("generator_ns_per_element")
+    if cost is not None:
+        notes.append(f"   the generator costs {cost:.3f} ns per element here (ceiling - ceiling-nogen)")
     return "\n".join(lines + notes)
 
 
@@ -148,9 +164,18 @@ def format_summary(results: List[Dict[str, Any]], names: Sequence[str]) -> str:
         for n in names
         if n != "adamcpp" and n not in REFERENCES and any(r["contenders"].get(n, {}).get("available") for r in results)
     ]
-    head = ["case", "dtype", "variant", "thr", "adamcpp Melem/s", "GB/s", "%ceiling", "%triad"] + [
-        f"vs {n}" for n in others
-    ]
+    head = [
+        "case",
+        "dtype",
+        "variant",
+        "precision",
+        "thr",
+        "B/elem",
+        "adamcpp Melem/s",
+        "GB/s",
+        "%ceiling",
+        "%triad",
+    ] + [f"vs {n}" for n in others]
     rows = [head]
     for r in results:
         a = r["contenders"].get("adamcpp", {})
@@ -160,7 +185,9 @@ def format_summary(results: List[Dict[str, Any]], names: Sequence[str]) -> str:
             r["shape"]["label"],
             r["dtype"],
             r["variant"],
+            r.get("precision", "fp32"),
             str(r["threads"]),
+            str(r["bytes_per_element"]),
             _num(a["melem_per_s"]),
             _num(a["gb_per_s"]),
             _pct(a.get("frac_ceiling")),
@@ -176,7 +203,7 @@ def format_summary(results: List[Dict[str, Any]], names: Sequence[str]) -> str:
     lines = ["== summary: adamcpp per case (vs X = X's time / adamcpp's time; > 1 means adamcpp is faster)"]
     for row in rows:
         lines.append(
-            "   " + "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            "   " + "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         )
     return "\n".join(lines)
 
@@ -192,6 +219,7 @@ def case_result(case: Case, threads: int, entries: Dict[str, Dict[str, Any]]) ->
         },
         "dtype": case.dtype,
         "variant": case.variant,
+        "precision": case.precision,
         "threads": threads,
         "bytes_per_element": case.bytes_per_element,
         "bytes_per_step": case.bytes_per_step,

@@ -161,6 +161,7 @@ def derive(case: Case, entries: Dict[str, Dict[str, Any]]) -> None:
         entry["time_max_s"] = entry["max_s"] * scale
         entry["gb_per_s"] = bandwidth / 1e9
         entry["melem_per_s"] = case.shape.elements / entry["time_s"] / 1e6
+        entry["bytes_per_element"] = entry["bytes_per_call"] / entry["elements_per_call"]
     for ref in REFERENCES:
         ref_entry = entries.get(ref, {})
         for entry in entries.values():
@@ -172,3 +173,13 @@ def derive(case: Case, entries: Dict[str, Dict[str, Any]]) -> None:
     for entry in entries.values():
         if entry.get("available"):
             entry["adamcpp_speedup"] = (entry["time_s"] / base["time_s"]) if base.get("available") else None
+
+
+def generator_cost(entries: Dict[str, Dict[str, Any]]) -> Any:
+    """Nanoseconds per element the stochastic-rounding generator adds to the
+    ceiling loop (ceiling minus ceiling-nogen, the same loop with fixed bits),
+    or None when either is missing."""
+    a, b = entries.get("ceiling", {}), entries.get("ceiling-nogen", {})
+    if not (a.get("available") and b.get("available")):
+        return None
+    return (a["median_s"] - b["median_s"]) / a["elements_per_call"] * 1e9
