@@ -18,6 +18,8 @@ standard MNIST arrays ``x_train, y_train, x_test, y_test``.
     python3 examples/train_mlp.py --optimizer sgd --schedule cosine --plot curves.png
     python3 examples/train_mlp.py --save run.safetensors      # a checkpoint after every epoch
     python3 examples/train_mlp.py --save run.safetensors --resume run.safetensors   # after a crash
+    python3 examples/train_mlp.py --precision bf16               # bfloat16 weights, gradients and state
+    python3 examples/train_mlp.py --compare-precision --seeds 3  # every precision from one init, per seed
 
 The pieces (``load_data``, ``MLP``, ``make_optimizer``, ``make_schedule``,
 ``train``, ``save_checkpoint``, ``load_checkpoint``) are importable: put this
@@ -49,6 +51,35 @@ import adamcpp
 from adamcpp import schedules
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+
+# --precision: how the parameters, gradients and Adam's state are stored. The
+# forward and backward passes compute in float32 either way (a bfloat16 weight
+# converts exactly); 16-bit gradients are the float32 ones rounded to nearest.
+#   name -> (parameter and gradient dtype, Adam options)
+PRECISIONS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "fp32": ("float32", {}),
+    "bf16-state": ("float32", {"state_dtype": "bfloat16"}),
+    "bf16-master": ("bfloat16", {"state_dtype": "bfloat16"}),
+    "bf16": ("bfloat16", {"state_dtype": "bfloat16", "master_weights": False, "param_rounding": "stochastic"}),
+}
+# --compare-precision adds the round-to-nearest variants of the compact layouts, for contrast.
+CONTRASTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "bf16-state-nearest": ("float32", {"state_dtype": "bfloat16", "state_rounding": "nearest"}),
+    "bf16-nearest": ("bfloat16", {"state_dtype": "bfloat16", "state_rounding": "nearest", "master_weights": False}),
+}
+ALL_PRECISIONS = {**PRECISIONS, **CONTRASTS}
+
+
+def precision_dtype(name: str) -> np.dtype:
+    """The parameters' and gradients' dtype of a precision (bfloat16 needs ml_dtypes)."""
+    kind = ALL_PRECISIONS[name][0]
+    if kind == "float32":
+        return np.dtype(np.float32)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise RuntimeError(f"--precision {name} needs ml_dtypes (pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 # Default learning rates, each the best mean final test accuracy (digits, 50 epochs,
 # constant rate, seeds 0-3) on a small grid: Adam/AdamW {3e-4, 1e-3, 3e-3} -> 1e-3
@@ -165,7 +196,8 @@ class MLP:
     (std sqrt(2 / fan_in)), biases zero. ``params`` and ``grads`` are dicts
     ``W1, b1, W2, b2, ...`` of C-contiguous arrays of ``dtype``; ``backward``
     writes into the preallocated ``grads`` arrays, and an optimizer updates
-    ``params`` in place.
+    ``params`` in place. With a 16-bit ``dtype`` (``astype``) the passes
+    compute in float32 and the gradients are rounded to ``dtype``.
     """
 
     def __init__(
@@ -183,11 +215,13 @@ class MLP:
         self.sizes = tuple(int(s) for s in sizes)
         self.dropout = float(dropout)
         self.dtype = np.dtype(dtype)
+        self.compute_dtype = np.dtype(np.float32) if self.dtype.itemsize == 2 else self.dtype
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         self.params: Dict[str, np.ndarray] = {}
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:]), start=1):
             std = math.sqrt(2.0 / fan_in)
-            self.params[f"W{i}"] = np.ascontiguousarray(rng.standard_normal((fan_in, fan_out)) * std, dtype=self.dtype)
+            w = np.ascontiguousarray(rng.standard_normal((fan_in, fan_out)) * std, dtype=self.compute_dtype)
+            self.params[f"W{i}"] = w.astype(self.dtype)
             self.params[f"b{i}"] = np.zeros(fan_out, dtype=self.dtype)
         self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cache: List[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = []
@@ -202,12 +236,23 @@ class MLP:
 
     def copy(self) -> MLP:
         """A model with the same architecture and a copy of these parameters."""
+        return self.astype(self.dtype)
+
+    def astype(self, dtype: Any) -> MLP:
+        """A model with the same architecture and these parameters in ``dtype``
+        (float32 -> bfloat16 rounds to nearest)."""
         other = MLP.__new__(MLP)
-        other.sizes, other.dropout, other.dtype = self.sizes, self.dropout, self.dtype
-        other.params = {k: v.copy() for k, v in self.params.items()}
-        other.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        other.sizes, other.dropout, other.dtype = self.sizes, self.dropout, np.dtype(dtype)
+        other.compute_dtype = np.dtype(np.float32) if other.dtype.itemsize == 2 else other.dtype
+        other.params = {k: v.astype(other.dtype) for k, v in self.params.items()}
+        other.grads = {k: np.zeros_like(v) for k, v in other.params.items()}
         other._cache = []
         return other
+
+    def _weight(self, key: str) -> np.ndarray:
+        """A parameter in the compute dtype (a view when it already is)."""
+        p = self.params[key]
+        return p if p.dtype == self.compute_dtype else p.astype(self.compute_dtype)
 
     def forward(self, x: np.ndarray, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         """Logits for a batch. ``train=True`` caches the activations for ``backward``
@@ -217,8 +262,8 @@ class MLP:
         self._cache = []
         a = x
         for i in range(1, self.n_layers + 1):
-            z = a @ self.params[f"W{i}"]
-            z += self.params[f"b{i}"]
+            z = a @ self._weight(f"W{i}")
+            z += self._weight(f"b{i}")
             if i == self.n_layers:
                 if train:
                     self._cache.append((a, z, None))
@@ -226,8 +271,9 @@ class MLP:
             h = np.maximum(z, 0)
             mask = None
             if train and rng is not None and self.dropout > 0.0:
-                keep = rng.random(h.shape, dtype=self.dtype) >= self.dtype.type(self.dropout)
-                mask = keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - self.dropout))
+                cd = self.compute_dtype
+                keep = rng.random(h.shape, dtype=cd) >= cd.type(self.dropout)
+                mask = keep.astype(cd) * cd.type(1.0 / (1.0 - self.dropout))
                 h *= mask
             if train:
                 self._cache.append((a, z, mask))
@@ -242,11 +288,15 @@ class MLP:
         delta = dlogits
         for i in range(self.n_layers, 0, -1):
             a_in, _, _ = self._cache[i - 1]
-            np.matmul(a_in.T, delta, out=self.grads[f"W{i}"])
-            np.sum(delta, axis=0, out=self.grads[f"b{i}"])
+            if self.dtype == self.compute_dtype:
+                np.matmul(a_in.T, delta, out=self.grads[f"W{i}"])
+                np.sum(delta, axis=0, out=self.grads[f"b{i}"])
+            else:  # computed in float32, stored rounded to the parameters' dtype
+                self.grads[f"W{i}"][...] = a_in.T @ delta
+                self.grads[f"b{i}"][...] = np.sum(delta, axis=0)
             if i == 1:
                 break
-            delta = delta @ self.params[f"W{i}"].T  # d loss / d (output of layer i-1, after dropout)
+            delta = delta @ self._weight(f"W{i}").T  # d loss / d (output of layer i-1, after dropout)
             _, z_prev, mask_prev = self._cache[i - 2]
             if mask_prev is not None:
                 delta *= mask_prev
@@ -303,14 +353,22 @@ def make_optimizer(
     *,
     weight_decay: Optional[float] = None,
     max_grad_norm: Optional[float] = None,
+    precision: str = "fp32",
+    seed: int = 0,
 ) -> adamcpp.Optimizer:
     """adam -> Adam, adamw -> AdamW, sgd -> SGD(lr), momentum -> SGD(lr, momentum=0.9).
 
     ``weight_decay=None`` keeps each optimizer's default (AdamW 1e-2, the others 0);
-    like torch and Keras, it then applies to every parameter.
+    like torch and Keras, it then applies to every parameter. ``precision``
+    (PRECISIONS, CONTRASTS) sets Adam's storage options; ``seed`` keys its
+    stochastic rounding.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+    if precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision: expected one of {tuple(ALL_PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and name not in ("adam", "adamw"):
+        raise ValueError(f"precision {precision}: mixed precision and compact state are Adam/AdamW options")
     if not optimizer_available(name):
         raise RuntimeError(
             f"--optimizer {name} needs adamcpp.SGD, which this adamcpp ({adamcpp.__version__}) does not provide; "
@@ -326,6 +384,8 @@ def make_optimizer(
                 f"which this adamcpp ({adamcpp.__version__}) does not provide"
             )
         kwargs["max_grad_norm"] = max_grad_norm
+    if precision != "fp32":
+        kwargs.update(ALL_PRECISIONS[precision][1], seed=seed)
     if name == "adam":
         return adamcpp.Adam(params, lr=lr, **kwargs)
     if name == "adamw":
@@ -592,6 +652,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare", action="store_true", help="train every optimizer from the same initialisation and tabulate"
     )
+    p.add_argument(
+        "--precision",
+        choices=tuple(ALL_PRECISIONS),
+        default="fp32",
+        help="storage: fp32; bf16-state (float32 weights, bfloat16 Adam state); bf16-master (bfloat16 weights and "
+        "gradients, float32 master copy, bfloat16 state); bf16 (bfloat16 everywhere, no master copy); stochastic "
+        "rounding unless a -nearest variant",
+    )
+    p.add_argument(
+        "--compare-precision",
+        action="store_true",
+        help="train every precision (and the round-to-nearest contrasts) from the same initialisation, for --seeds "
+        "seeds, and tabulate the final training loss",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds of --compare-precision (--seed, --seed + 1, ...)")
     p.add_argument("--plot", metavar="PNG", help="save loss and test-accuracy curves (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines; just the summary")
     p.add_argument(
@@ -611,6 +686,7 @@ def _run_config(args: argparse.Namespace, name: str, lr0: float, data: Dataset) 
     """The settings a resumed run must share with the saved one."""
     return {
         "optimizer": name,
+        "precision": args.precision,
         "lr": lr0,
         "schedule": args.schedule,
         "epochs": args.epochs,
@@ -648,6 +724,77 @@ def _on_epoch(
     return on_epoch
 
 
+def bytes_per_parameter(precision: str) -> int:
+    """What a parameter costs in memory with Adam: weight, gradient, m, v (and a master copy)."""
+    dtype, options = ALL_PRECISIONS[precision]
+    weight = 4 if dtype == "float32" else 2
+    state = 2 if options.get("state_dtype") == "bfloat16" else 4
+    master = 4 if dtype != "float32" and options.get("master_weights", True) else 0
+    return 2 * weight + 2 * state + master
+
+
+def compare_precisions(args: argparse.Namespace, data: Dataset, progress: bool) -> int:
+    """--compare-precision: Adam (or AdamW) in every precision and round-to-nearest
+    contrast, from the same initialisation (rounded to the precision's dtype),
+    batches and dropout masks, for each seed; prints the final training loss
+    (mean over the last epoch's batches) per seed and its mean against fp32."""
+    name = args.optimizer
+    steps_per_epoch = math.ceil(len(data.y_train) / args.batch_size)
+    lr0 = args.lr if args.lr is not None else DEFAULT_LR[name]
+    precisions = list(ALL_PRECISIONS)
+    seeds = [args.seed + k for k in range(args.seeds)]
+    results: Dict[str, List[History]] = {p: [] for p in precisions}
+    for seed in seeds:
+        init = MLP((data.n_features, 64, 128, data.n_classes), args.dropout, seed=seed)
+        for precision in precisions:
+            lr = make_schedule(args.schedule, lr0, epochs=args.epochs, steps_per_epoch=steps_per_epoch)
+            model = init.astype(precision_dtype(precision))
+            opt = make_optimizer(
+                name,
+                model.params,
+                lr,
+                weight_decay=args.weight_decay,
+                max_grad_norm=args.clip_norm,
+                precision=precision,
+                seed=seed,
+            )
+            try:
+                h = train(
+                    model, opt, data, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                    name=f"{precision} seed {seed}", progress=progress,
+                )
+            except FloatingPointError as exc:
+                print(f"{precision}, seed {seed}: diverged ({exc})", file=sys.stderr)
+                h = History(optimizer=name, lr=lr, train_loss=[math.nan], test_acc=[math.nan])
+            results[precision].append(h)
+            if not args.quiet:
+                print(f"  {precision:<19} seed {seed}: final training loss {h.train_loss[-1]:.5f}, "
+                      f"test acc {h.final_test_acc:.4f}", flush=True)
+    print()
+    print(
+        f"Precision comparison ({name}, lr {lr0:g}, {args.epochs} epochs, schedule {args.schedule}; the same "
+        "initialisation, batches and dropout masks per seed; final training loss = mean over the last epoch)"
+    )
+    header = (
+        f"{'precision':<19} {'B/param':>7} "
+        + " ".join(f"{'seed ' + str(sd):>11}" for sd in seeds)
+        + f" {'mean':>9} {'x fp32':>7} {'test acc':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = float(np.mean([h.train_loss[-1] for h in results["fp32"]]))
+    for precision in precisions:
+        losses = [h.train_loss[-1] for h in results[precision]]
+        mean = float(np.mean(losses))
+        acc = float(np.mean([h.final_test_acc for h in results[precision]]))
+        print(
+            f"{precision:<19} {bytes_per_parameter(precision):>7} "
+            + " ".join(f"{loss:>11.5f}" for loss in losses)
+            + f" {mean:>9.5f} {mean / base:>6.2f}x {acc:>9.4f}"
+        )
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -661,6 +808,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--lr: expected a finite number >= 0, got {args.lr}")
     if args.clip_norm is not None and not (math.isfinite(args.clip_norm) and args.clip_norm >= 0):
         parser.error(f"--clip-norm: expected a finite number >= 0, got {args.clip_norm}")
+    if args.compare and args.compare_precision:
+        parser.error("--compare and --compare-precision: choose one")
+    if args.compare_precision:
+        if args.save or args.resume:
+            parser.error("--save and --resume apply to one run, not to --compare-precision")
+        if args.seeds < 1:
+            parser.error("--seeds: expected an int >= 1")
+        if args.optimizer not in ("adam", "adamw"):
+            parser.error("--compare-precision compares Adam/AdamW's storage options: use --optimizer adam or adamw")
+    if args.precision != "fp32":
+        if args.optimizer not in ("adam", "adamw") or args.compare:
+            parser.error(f"--precision {args.precision} is an Adam/AdamW option (not with --compare or SGD)")
+        try:
+            precision_dtype(args.precision)
+        except RuntimeError as exc:
+            parser.error(str(exc))
     if args.compare:
         names = [n for n in OPTIMIZERS if optimizer_available(n)]
         skipped = [n for n in OPTIMIZERS if n not in names]
@@ -710,14 +873,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     info = adamcpp.build_info()
     print(f"adamcpp    {info['version']}, SIMD {info['simd']}, {adamcpp.get_num_threads()} thread(s)")
+    if args.compare_precision:
+        return compare_precisions(args, data, progress)
 
     histories: List[History] = []
     for name in names:
         lr0 = args.lr if args.lr is not None else DEFAULT_LR[name]
         lr = make_schedule(args.schedule, lr0, epochs=args.epochs, steps_per_epoch=steps_per_epoch)
-        model = init.copy()  # the same initialisation for every optimizer
+        model = init.astype(precision_dtype(args.precision))  # the same initialisation for every optimizer
         try:
-            opt = make_optimizer(name, model.params, lr, weight_decay=args.weight_decay, max_grad_norm=args.clip_norm)
+            opt = make_optimizer(
+                name,
+                model.params,
+                lr,
+                weight_decay=args.weight_decay,
+                max_grad_norm=args.clip_norm,
+                precision=args.precision,
+                seed=args.seed,
+            )
         except (TypeError, ValueError, RuntimeError) as exc:
             parser.error(f"{name}: {exc}")
         if not args.compare and not args.quiet:

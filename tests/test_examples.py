@@ -309,6 +309,49 @@ def test_cli_compare_table(digits, capsys):
         assert 0.5 < float(final) <= float(best) and 0 < float(step) < float(wall)
 
 
+@pytest.mark.parametrize("precision", list(T.ALL_PRECISIONS))
+def test_precisions_train_and_store_what_they_say(digits, precision):
+    """--precision: the parameters, gradients and Adam state have the
+    precision's dtypes, and a short run learns."""
+    pytest.importorskip("ml_dtypes")
+    dtype = T.precision_dtype(precision)
+    model = T.MLP((digits.n_features, 16, 10), 0.0, seed=1).astype(dtype)
+    opt = T.make_optimizer("adam", model.params, 3e-3, precision=precision, seed=1)
+    h = T.train(model, opt, digits, epochs=3, seed=1)
+    assert h.train_loss[-1] < 0.6 * h.train_loss[0]
+    options = T.ALL_PRECISIONS[precision][1]
+    state = opt.state[0]
+    assert model.params["W1"].dtype == dtype and model.grads["W1"].dtype == dtype
+    assert state["exp_avg"].dtype.name == ("bfloat16" if options.get("state_dtype") == "bfloat16" else "float32")
+    assert ("master_param" in state) == (dtype.itemsize == 2 and options.get("master_weights", True))
+    assert T.bytes_per_parameter(precision) == {"fp32": 16, "bf16-state": 12, "bf16-master": 12, "bf16": 8,
+                                                "bf16-state-nearest": 12, "bf16-nearest": 8}[precision]
+
+
+def test_cli_compare_precision_table(digits, capsys):
+    pytest.importorskip("ml_dtypes")
+    assert T.main(["--compare-precision", "--seeds", "2", "--epochs", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(\S+)\s+(\d+)\s+(\d\.\d{5})\s+(\d\.\d{5})\s+(\d\.\d{5})\s+(\d+\.\d\d)x\s+([01]\.\d{4})$", out, re.M)
+    assert [r[0] for r in rows] == list(T.ALL_PRECISIONS), out
+    assert rows[0][5] == "1.00"  # fp32 is the reference
+    for name, nbytes, l0, l1, mean, ratio, acc in rows:
+        assert int(nbytes) == T.bytes_per_parameter(name)
+        assert float(mean) == pytest.approx((float(l0) + float(l1)) / 2, abs=1e-5)
+
+
+def test_cli_precision_errors(capsys):
+    for argv, message in [
+        (["--precision", "bf16", "--optimizer", "sgd"], "Adam/AdamW option"),
+        (["--compare-precision", "--optimizer", "momentum"], "use --optimizer adam or adamw"),
+        (["--compare-precision", "--seeds", "0"], "--seeds"),
+        (["--compare-precision", "--compare"], "choose one"),
+    ]:
+        with pytest.raises(SystemExit):
+            T.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_cli_plot(digits, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "curves.png"
