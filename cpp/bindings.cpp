@@ -534,7 +534,7 @@ void ceiling_adam(py::handle param, py::handle grad, py::handle exp_avg, py::han
 void ceiling_compact(int layout, int mode, py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq,
                      py::handle master, double step_size, double inv_bias_correction2_sqrt, std::uint32_t key) {
   if (layout < 0 || layout >= kFusedLayouts) value_error("layout: expected a FusedLayout index");
-  if (mode < 0 || mode > 2) value_error("mode: expected 0 (nearest), 1 (stochastic) or 2 (fixed bits)");
+  if (mode != 1 && mode != 2) value_error("mode: expected 1 (stochastic) or 2 (fixed bits)");
   const DType pd = layout == static_cast<int>(FusedLayout::bf16_state) ? DType::f32 : DType::bf16;
   const ArrayView p = probe_buffer(param, "param", pd, nullptr);
   const ArrayView g = probe_buffer(grad, "grad", pd, &p);
@@ -649,7 +649,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("master"), py::arg("step_size"),
         py::arg("inv_bias_correction2_sqrt"), py::arg("key"),
         "The simplest `omp parallel for simd` loop of a compact layout (FUSED_LAYOUTS index) with adamcpp's "
-        "numerics for it (benchmark ceiling); mode 0 nearest, 1 stochastic, 2 stochastic with fixed bits.");
+        "numerics for it (benchmark ceiling); mode 1 stochastic rounding, 2 the same with fixed bits.");
   m.attr("FUSED_LAYOUTS") = py::make_tuple("bf16-state", "bf16-master", "bf16");
   m.def("narrow", &narrow, py::arg("src"), py::arg("dst"), py::arg("rounding"), py::arg("key"),
         "The kernels' float32 -> float16/bfloat16 conversion over an array (rounding: ROUNDINGS index; element k "

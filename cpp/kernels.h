@@ -61,7 +61,8 @@ constexpr int kEpsStyles = 2;
 constexpr int kMomentumModes = 3;
 
 // The 16-bit layouts with a fused loop of their own, all with bfloat16 state
-// rounded stochastically (the layouts adamcpp-bench's --precision names).
+// rounded stochastically, without amsgrad, in the "torch" epsilon style (the
+// layouts adamcpp-bench's --precision names).
 // Every other combination of parameter, gradient, state and rounding converts
 // in L1-sized blocks around the compute-type loop (same arithmetic, same bits).
 enum class FusedLayout : int {
@@ -77,8 +78,8 @@ struct KernelTable {
   const char* name;
   // Parameter, gradient and state all of the compute type: [compute][weight decay mode][amsgrad][eps style]
   AdamChunkFn adam[kComputeTypes][kWeightDecayModes][2][kEpsStyles];
-  // The fused 16-bit layouts (without amsgrad): [layout][weight decay mode][eps style]
-  AdamChunkFn adam_fused[kFusedLayouts][kWeightDecayModes][kEpsStyles];
+  // The fused 16-bit layouts: [layout][weight decay mode]
+  AdamChunkFn adam_fused[kFusedLayouts][kWeightDecayModes];
   // Any other Adam tensor: [compute]
   AdamChunkFn adam_blocked[kComputeTypes];
   // [compute][weight decay on][momentum mode][first]

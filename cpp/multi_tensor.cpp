@@ -168,15 +168,16 @@ inline AdamChunkFn adam_fn(const KernelTable& k, const AdamTensor& t, bool fused
   const int e = static_cast<int>(t.eps_style);
   const DType d = t.dtype;
   if (t.native) return k.adam[static_cast<int>(d)][wd][t.amsgrad ? 1 : 0][e];
-  if (fused && !t.amsgrad && t.state_dtype == DType::bf16 && t.state_rounding == Rounding::stochastic) {
+  if (fused && !t.amsgrad && t.eps_style == EpsStyle::torch && t.state_dtype == DType::bf16 &&
+      t.state_rounding == Rounding::stochastic) {
     if (d == DType::f32 && t.grad_dtype == DType::f32) {
-      return k.adam_fused[static_cast<int>(FusedLayout::bf16_state)][wd][e];
+      return k.adam_fused[static_cast<int>(FusedLayout::bf16_state)][wd];
     }
     if (d == DType::bf16 && t.grad_dtype == DType::bf16 && t.master_param != nullptr) {
-      return k.adam_fused[static_cast<int>(FusedLayout::bf16_master)][wd][e];
+      return k.adam_fused[static_cast<int>(FusedLayout::bf16_master)][wd];
     }
     if (d == DType::bf16 && t.grad_dtype == DType::bf16 && t.param_rounding == Rounding::stochastic) {
-      return k.adam_fused[static_cast<int>(FusedLayout::bf16)][wd][e];
+      return k.adam_fused[static_cast<int>(FusedLayout::bf16)][wd];
     }
   }
   return k.adam_blocked[compute_index(d)];

@@ -55,8 +55,8 @@ void ceiling_compact_loop(void* param_ptr, const void* grad_ptr, std::uint16_t* 
     p = p - (step_size * m) / (sqrt_of(v) * inv_bias_correction2_sqrt + 1e-8f);
     const std::uint32_t index = static_cast<std::uint32_t>(i);
     const std::uint32_t r = Mode == 1 ? random_bits(index, key) : 0x80008000u;
-    exp_avg[i] = Mode == 0 ? bf16_nearest(m) : bf16_stochastic(m, r);
-    exp_avg_sq[i] = Mode == 0 ? bf16_nearest(v) : bf16_stochastic(v, r >> 16);
+    exp_avg[i] = bf16_stochastic(m, r);
+    exp_avg_sq[i] = bf16_stochastic(v, r >> 16);
     if constexpr (L == FusedLayout::bf16_state) {
       param[i] = p;
     } else if constexpr (L == FusedLayout::bf16_master) {
@@ -64,7 +64,7 @@ void ceiling_compact_loop(void* param_ptr, const void* grad_ptr, std::uint16_t* 
       param[i] = bf16_nearest(p);
     } else {
       const std::uint32_t rp = Mode == 1 ? random_bits(index, ~key) : 0x8000u;
-      param[i] = Mode == 0 ? bf16_nearest(p) : bf16_stochastic(p, rp);
+      param[i] = bf16_stochastic(p, rp);
     }
   }
 }
@@ -73,9 +73,7 @@ template <FusedLayout L>
 void ceiling_compact_layout(int mode, void* param, const void* grad, std::uint16_t* exp_avg, std::uint16_t* exp_avg_sq,
                             float* master, std::size_t n, float step_size, float inv_bc2, std::uint32_t key,
                             int threads) {
-  if (mode == 0) {
-    ceiling_compact_loop<L, 0>(param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2, key, threads);
-  } else if (mode == 1) {
+  if (mode == 1) {
     ceiling_compact_loop<L, 1>(param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2, key, threads);
   } else {
     ceiling_compact_loop<L, 2>(param, grad, exp_avg, exp_avg_sq, master, n, step_size, inv_bc2, key, threads);

@@ -21,9 +21,9 @@ using TriadFn = void (*)(double* a, const double* b, const double* c, std::size_
 // bfloat16 state; float32 or bfloat16 parameter and gradient; a float32 master
 // copy for bf16_master), with adamcpp's numerics for that layout: the compact
 // arithmetic (one division) and bfloat16 rounding of the state (and of a
-// bfloat16 parameter without master) to nearest (mode 0), stochastically with
-// the generator under `key` (mode 1), or stochastically with fixed bits instead
-// of the generator (mode 2: the loop without the generator's cost).
+// bfloat16 parameter without master) stochastically with the generator under
+// `key` (mode 1), or with fixed bits instead of the generator (mode 2: the
+// loop without the generator's cost).
 using CeilingCompactFn = void (*)(int layout, int mode, void* param, const void* grad, std::uint16_t* exp_avg,
                                   std::uint16_t* exp_avg_sq, float* master, std::size_t n, float step_size,
                                   float inv_bias_correction2_sqrt, std::uint32_t key, int num_threads);

@@ -133,8 +133,8 @@ def ceiling_compact(
 ) -> None:
     """The simplest `omp parallel for simd` loop of a compact layout
     (FUSED_LAYOUTS index) with adamcpp's numerics for it (benchmark ceiling):
-    mode 0 rounds to nearest, 1 stochastically, 2 stochastically with fixed
-    bits instead of the generator."""
+    mode 1 rounds stochastically with the generator, 2 with fixed bits
+    instead of the generator."""
 
 def narrow(src: np.ndarray, dst: np.ndarray, rounding: int, key: int) -> None:
     """The kernels' float32 -> float16/bfloat16 conversion (dst's dtype) over
