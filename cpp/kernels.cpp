@@ -108,56 +108,58 @@ void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {
   constexpr bool state_random = S != compute_dtype<C>() && SR == Rounding::stochastic;
   constexpr bool param_random = !Master && P != compute_dtype<C>() && PR == Rounding::stochastic;
   const AdamScalars<C> s = adam_scalars<C>(t.scalars, t.grad_scale);
-  auto run = [&](std::size_t b, std::size_t e, std::uint32_t state_key, std::uint32_t param_key) {
+  storage_t<P>* ADAMCPP_RESTRICT param = static_cast<storage_t<P>*>(t.param);
+  const storage_t<G>* ADAMCPP_RESTRICT grad = static_cast<const storage_t<G>*>(t.grad);
+  storage_t<S>* ADAMCPP_RESTRICT exp_avg = static_cast<storage_t<S>*>(t.exp_avg);
+  storage_t<S>* ADAMCPP_RESTRICT exp_avg_sq = static_cast<storage_t<S>*>(t.exp_avg_sq);
+  storage_t<S>* ADAMCPP_RESTRICT max_exp_avg_sq = static_cast<storage_t<S>*>(t.max_exp_avg_sq);
+  float* ADAMCPP_RESTRICT master = static_cast<float*>(t.master_param);
+  // Element i; `index` is its index modulo 2^32 for the generator.
+  auto element = [&](std::size_t i, std::uint32_t index, std::uint32_t state_key, std::uint32_t param_key) {
+    (void)index;
     (void)state_key;
     (void)param_key;
-    // Runs of at most 2^31 elements with a 32-bit counter: the generator hashes
-    // the element's index modulo 2^32, and a 64-bit index costs shuffles in every vector.
-    constexpr std::size_t kMaxRun = std::size_t(1) << 31;
-    for (std::size_t b0 = b; b0 < e; b0 += kMaxRun) {
-      const auto count = static_cast<std::uint32_t>(e - b0 < kMaxRun ? e - b0 : kMaxRun);
-      const auto first = static_cast<std::uint32_t>(b0);
-      storage_t<P>* ADAMCPP_RESTRICT param = static_cast<storage_t<P>*>(t.param) + b0;
-      const storage_t<G>* ADAMCPP_RESTRICT grad = static_cast<const storage_t<G>*>(t.grad) + b0;
-      storage_t<S>* ADAMCPP_RESTRICT exp_avg = static_cast<storage_t<S>*>(t.exp_avg) + b0;
-      storage_t<S>* ADAMCPP_RESTRICT exp_avg_sq = static_cast<storage_t<S>*>(t.exp_avg_sq) + b0;
-      storage_t<S>* ADAMCPP_RESTRICT max_exp_avg_sq = nullptr;
-      if constexpr (Amsgrad) max_exp_avg_sq = static_cast<storage_t<S>*>(t.max_exp_avg_sq) + b0;
-      float* ADAMCPP_RESTRICT master = nullptr;
-      if constexpr (Master) master = static_cast<float*>(t.master_param) + b0;
-#pragma omp simd
-      for (std::uint32_t k = 0; k < count; ++k) {
-        C p;
-        if constexpr (Master) {
-          p = master[k];
-        } else {
-          p = load<C, P>(param[k]);
-        }
-        C m = load<C, S>(exp_avg[k]);
-        C v = load<C, S>(exp_avg_sq[k]);
-        C v_max = C(0);
-        if constexpr (Amsgrad) v_max = load<C, S>(max_exp_avg_sq[k]);
-        adam_element<C, WD, Amsgrad, Eps, Compact>(p, load<C, G>(grad[k]), m, v, &v_max, s);
-        std::uint32_t r = 0;
-        if constexpr (state_random) r = random_bits(first + k, state_key);
-        exp_avg[k] = store<S, SR>(m, r);
-        exp_avg_sq[k] = store<S, SR>(v, r >> 16);
-        if constexpr (Amsgrad) max_exp_avg_sq[k] = store<S, SR>(v_max, r >> 16);
-        if constexpr (Master) {
-          master[k] = p;
-          param[k] = store<P, Rounding::nearest>(p, 0);
-        } else if constexpr (param_random) {
-          param[k] = store<P, PR>(p, random_bits(first + k, param_key));
-        } else {
-          param[k] = store<P, PR>(p, 0);
-        }
-      }
+    C p;
+    if constexpr (Master) {
+      p = master[i];
+    } else {
+      p = load<C, P>(param[i]);
+    }
+    C m = load<C, S>(exp_avg[i]);
+    C v = load<C, S>(exp_avg_sq[i]);
+    C v_max = C(0);
+    if constexpr (Amsgrad) v_max = load<C, S>(max_exp_avg_sq[i]);
+    adam_element<C, WD, Amsgrad, Eps, Compact>(p, load<C, G>(grad[i]), m, v, &v_max, s);
+    std::uint32_t r = 0;
+    if constexpr (state_random) r = random_bits(index, state_key);
+    exp_avg[i] = store<S, SR>(m, r);
+    exp_avg_sq[i] = store<S, SR>(v, r >> 16);
+    if constexpr (Amsgrad) max_exp_avg_sq[i] = store<S, SR>(v_max, r >> 16);
+    if constexpr (Master) {
+      master[i] = p;
+      param[i] = store<P, Rounding::nearest>(p, 0);
+    } else if constexpr (param_random) {
+      param[i] = store<P, PR>(p, random_bits(index, param_key));
+    } else {
+      param[i] = store<P, PR>(p, 0);
     }
   };
   if constexpr (state_random || param_random) {
-    for_each_segment(t.rounding_key, begin, end, run);
+    // Runs of at most 2^31 elements counted by a 32-bit index: the generator
+    // hashes the index modulo 2^32, and a 64-bit one costs shuffles in every vector.
+    for_each_segment(t.rounding_key, begin, end,
+                     [&](std::size_t b, std::size_t e, std::uint32_t state_key, std::uint32_t param_key) {
+                       constexpr std::size_t kMaxRun = std::size_t(1) << 31;
+                       for (std::size_t b0 = b; b0 < e; b0 += kMaxRun) {
+                         const auto count = static_cast<std::uint32_t>(e - b0 < kMaxRun ? e - b0 : kMaxRun);
+                         const auto first = static_cast<std::uint32_t>(b0);
+#pragma omp simd
+                         for (std::uint32_t k = 0; k < count; ++k) element(b0 + k, first + k, state_key, param_key);
+                       }
+                     });
   } else {
-    run(begin, end, 0, 0);
+#pragma omp simd
+    for (std::size_t i = begin; i < end; ++i) element(i, 0, 0, 0);
   }
 }
 
