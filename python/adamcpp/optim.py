@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tupl
 
 import numpy as np
 
-from . import _core
+from . import _core, cuda
 from ._common import (
     check_float,
     check_grad_scale,
@@ -175,6 +175,7 @@ class Optimizer(abc.ABC):
     """
 
     _native: Callable[..., Tuple[bool, Optional[float]]]
+    _cuda_native = ""  # the name of the native entry for CUDA arrays (adamcpp.cuda)
     _patterns: Tuple[str, ...] = ()  # message label of each native array role
     # name -> required in a loaded state dict (optional entries start on demand)
     _array_state: ClassVar[Dict[str, bool]] = {}
@@ -193,7 +194,8 @@ class Optimizer(abc.ABC):
         self._start_runtime()
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
-        self.last_grad_norm: Optional[float] = None
+        self._last_grad_norm: Optional[float] = None
+        self._norm_pending = False
         self._hyper(defaults, "defaults")
         self.defaults: Dict[str, Any] = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
@@ -202,6 +204,7 @@ class Optimizer(abc.ABC):
         self._group_of: List[int] = []
         self._keys: Optional[Tuple[Any, ...]] = None
         groups, keys = _normalize_params(params)
+        self._cuda = self._device_for(groups, keys)
         for group in groups:
             self._add_group(group, keys)
         self._keys = keys
@@ -252,14 +255,28 @@ class Optimizer(abc.ABC):
             raise TypeError(f"param_groups[{gi}]['params']: expected a list of arrays, got a dict")
         return list(ps)
 
+    def _device_for(self, groups: List[Dict[str, Any]], keys: Optional[Tuple[Any, ...]]) -> Any:
+        """The CUDA side of an optimizer whose first parameter is a CUDA array (adamcpp.cuda), else None:
+        the first parameter decides where the optimizer runs."""
+        ps = groups[0]["params"] = self._group_params(groups[0]["params"], 0)  # an iterator is read once
+        if not ps or not cuda.is_cuda_array(ps[0]):
+            return None
+        return cuda.OptimizerDevice(ps[0], self._label(0, keys))
+
     def _check_new_params(self, flat: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
         """The rules for the parameters of flat positions start, start + 1, ...:
-        valid arrays, each appearing once in the whole optimizer."""
+        valid arrays (on the optimizer's device), each appearing once in the whole optimizer."""
         seen = {id(p) for p in flat[:start]}
+        first: Optional[Dict[str, Any]] = None
         for i in range(start, len(flat)):
             p = flat[i]
             label = self._label(i, keys)
-            check_param_array(p, label)
+            if self._cuda is None:
+                check_param_array(p, label)
+            else:
+                found = self._cuda.check_param(p, label)
+                first = first if first is not None else self._cuda.check_param(flat[0], self._label(0, keys))
+                cuda.same_device(found, first, label)
             if id(p) in seen:
                 raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
@@ -284,7 +301,7 @@ class Optimizer(abc.ABC):
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
-            self.state.append(ParamState(self._new_state(p, group)))
+            self.state.append(ParamState(self._fresh_state(p, group)))
         self._keys = None
 
     def _layout(self) -> Tuple[List[np.ndarray], List[int]]:
@@ -318,9 +335,9 @@ class Optimizer(abc.ABC):
             s = by_id.get(id(p))
             if s is None and i < len(self._flat):
                 old = self._flat[i]
-                if id(old) not in present and self._group_of[i] == gi and old.shape == p.shape and old.dtype == p.dtype:
+                if id(old) not in present and self._group_of[i] == gi and self._layout_of(old) == self._layout_of(p):
                     s = self.state[i]
-            state.append(s if s is not None else ParamState(self._new_state(p, self.param_groups[gi])))
+            state.append(s if s is not None else ParamState(self._fresh_state(p, self.param_groups[gi])))
         self._flat, self._group_of, self.state = flat, group_of, state
         self._keys = keys
 
@@ -373,7 +390,7 @@ class Optimizer(abc.ABC):
             return grads
         raise TypeError(f"grads: expected a list, tuple or dict of arrays, got {type(grads).__name__}")
 
-    def step(self, grads: GradsLike, *, grad_scale: float = 1.0) -> bool:
+    def step(self, grads: GradsLike, *, grad_scale: float = 1.0, stream: Any = None) -> bool:
         """Applies one update to every parameter in one native call.
 
         Returns True when the update was applied, False when `nonfinite="skip"`
@@ -382,7 +399,12 @@ class Optimizer(abc.ABC):
         same native call, gradients are scaled by min(1, max_grad_norm /
         (norm + 1e-6)) inside the kernel, and the norm is kept in
         `last_grad_norm`. Calls on one optimizer run one at a time.
+
+        `stream` (CUDA arrays only) is the CUDA stream the step is queued on:
+        None (the legacy default stream), an int handle or a stream object.
         """
+        if stream is not None and self._cuda is None:
+            raise TypeError("stream: only an optimizer of CUDA arrays takes a stream (its parameters are NumPy arrays)")
         self._enter()
         try:
             self._sync_structure()
@@ -391,8 +413,7 @@ class Optimizer(abc.ABC):
             grad_list = self._grads_list(grads)
             scale = check_grad_scale(grad_scale)
             hypers = self._group_hypers()
-            applied, norm = self._native(
-                self._state_cache,
+            args = (
                 self._flat,
                 grad_list,
                 self.state,
@@ -404,11 +425,39 @@ class Optimizer(abc.ABC):
                 self._patterns,
                 self._keys,
             )
+            pending = False
+            if self._cuda is None:
+                applied, norm = self._native(self._state_cache, *args)
+            else:
+                native = getattr(_core, self._cuda_native)
+                applied, norm, pending = native(self._state_cache, self._cuda.workspace, *args, stream)
+            if norm is not None:
+                self._last_grad_norm = norm
+                self._norm_pending = False
+            elif pending:
+                self._norm_pending = True
         finally:
             self._leave()
-        if norm is not None:
-            self.last_grad_norm = norm
         return bool(applied)
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The global gradient norm of the last step that clipped (section 2.5 of docs/api.md). On CUDA the
+        norm stays on the device until it is read here: reading it waits for that step."""
+        if self._norm_pending:
+            self._enter()
+            try:
+                if self._norm_pending and self._cuda is not None:
+                    self._last_grad_norm = self._cuda.pending_norm()
+                    self._norm_pending = False
+            finally:
+                self._leave()
+        return self._last_grad_norm
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: Optional[float]) -> None:
+        self._last_grad_norm = value
+        self._norm_pending = False
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -419,7 +468,7 @@ class Optimizer(abc.ABC):
             self._sync_structure()
             state = {}
             for i, s in enumerate(self.state):
-                state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.copy(v)) for k, v in s.items()}
+                state[i] = {k: self._export_value(k, v, i) for k, v in s.items()}
             groups = []
             index = 0
             for g in self.param_groups:
@@ -486,9 +535,15 @@ class Optimizer(abc.ABC):
             i = id_to_index[pid]
             new_state[i] = self._convert_state(entry, self._flat[i], f"state_dict['state'][{pid}]")
         states = [
-            ParamState(s if s is not None else self._new_state(self._flat[i], new_groups[self._group_of[i]]))
+            ParamState(s if s is not None else self._fresh_state(self._flat[i], new_groups[self._group_of[i]]))
             for i, s in enumerate(new_state)
         ]
+        if self._cuda is not None:  # everything validated: the arrays go to the device (nothing changes if that fails)
+            device = self._cuda
+            states = [
+                ParamState({k: device.upload(v) if isinstance(v, np.ndarray) else v for k, v in s.items()})
+                for s in states
+            ]
         # Everything validated: commit.
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
@@ -506,10 +561,11 @@ class Optimizer(abc.ABC):
             return value.item()
         return value
 
-    def _convert_state(self, entry: Any, p: np.ndarray, where: str) -> Dict[str, Any]:
+    def _convert_state(self, entry: Any, p: Any, where: str) -> Dict[str, Any]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: expected a dict")
         out: Dict[str, Any] = {"step": check_step_count(entry.get("step", 0), f"{where}['step']")}
+        shape, dtype = self._layout_of(p)
         for name, required in self._array_state.items():
             if entry.get(name) is None:
                 if required:
@@ -517,13 +573,41 @@ class Optimizer(abc.ABC):
                 if name in self._nullable_state:
                     out[name] = None
                 continue
-            arr = np.asarray(entry[name])
-            if arr.shape != p.shape:
-                raise ValueError(f"{where}['{name}']: expected shape {p.shape} like its parameter, got {arr.shape}")
+            value = entry[name]
+            arr = cuda.to_numpy(value, f"{where}['{name}']") if cuda.is_cuda_array(value) else np.asarray(value)
+            if arr.shape != shape:
+                raise ValueError(f"{where}['{name}']: expected shape {shape} like its parameter, got {arr.shape}")
             if arr.dtype.kind != "f":
                 raise TypeError(f"{where}['{name}']: expected a floating-point array, got dtype {arr.dtype}")
-            out[name] = np.array(arr, dtype=p.dtype, order="C", copy=True)
+            out[name] = np.array(arr, dtype=dtype, order="C", copy=True)
         return out
+
+    # ----------------------------------------------------------- the device
+    def _layout_of(self, p: Any) -> Tuple[Tuple[int, ...], Any]:
+        """A parameter's shape and dtype (read without CUDA for a device array)."""
+        if self._cuda is None or isinstance(p, np.ndarray):
+            return tuple(p.shape), p.dtype
+        return self._cuda.layout(p)
+
+    def _fresh_state(self, p: Any, group: Mapping[str, Any]) -> Dict[str, Any]:
+        """A new parameter's state. On CUDA the arrays start (on the device) at the first step that
+        needs them, so they are None until then."""
+        if self._cuda is None:
+            return self._new_state(p, group)
+        return {"step": 0, **{k: None for k, req in self._array_state.items() if req or k in self._nullable_state}}
+
+    def _export_value(self, key: str, v: Any, i: int) -> Any:
+        """A state value as state_dict() holds it: arrays as NumPy copies (an unstarted CUDA moment as
+        the zeros it starts from)."""
+        if isinstance(v, np.ndarray):
+            return v.copy()
+        if self._cuda is not None:
+            if v is None and self._array_state.get(key):
+                shape, dtype = self._layout_of(self._flat[i])
+                return np.zeros(shape, dtype)
+            if v is not None and cuda.is_cuda_array(v):
+                return cuda.to_numpy(v, f"state[{i}][{key!r}]")
+        return copy.copy(v)
 
     # --------------------------------------------------------------- subclass
     @abc.abstractmethod
@@ -543,17 +627,27 @@ class Optimizer(abc.ABC):
         self._enter()
         try:
             self._sync_structure()
+            if self._norm_pending and self._cuda is not None:  # a copy carries the number, not the device's copy
+                self._last_grad_norm = self._cuda.pending_norm()
+                self._norm_pending = False
             state = self.__dict__.copy()
         finally:
             self._leave()
-        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of"):
+        state["last_grad_norm"] = state.pop("_last_grad_norm")
+        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_cuda", "_norm_pending"):
             del state[key]
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        last_grad_norm = state.pop("last_grad_norm", None)
         self.__dict__.update(state)
         self._start_runtime()
         self._flat, self._group_of = self._layout()
+        self._cuda = None
+        if self._flat and cuda.is_cuda_array(self._flat[0]):
+            self._cuda = cuda.OptimizerDevice(self._flat[0], self._label(0, self._keys))
+        self.last_grad_norm = last_grad_norm
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -593,6 +687,7 @@ class Adam(Optimizer):
     """
 
     _native = _core.adam_step
+    _cuda_native = "cuda_adam_step"
     _patterns = _state_patterns(_core.ADAM_ROLES)
     _array_state: ClassVar[Dict[str, bool]] = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
 
@@ -678,6 +773,7 @@ class SGD(Optimizer):
     """
 
     _native = _core.sgd_step
+    _cuda_native = "cuda_sgd_step"
     _patterns = _state_patterns(_core.SGD_ROLES)
     _array_state: ClassVar[Dict[str, bool]] = {"momentum_buffer": False}
     _nullable_state = ("momentum_buffer",)
@@ -712,11 +808,12 @@ class SGD(Optimizer):
         return {"step": 0, "momentum_buffer": None}
 
 
-def global_norm(grads: GradsLike) -> float:
+def global_norm(grads: GradsLike, *, stream: Any = None) -> float:
     """The L2 norm of all gradients taken together (as torch's clip_grad_norm_
     computes it), in one multi-threaded native pass accumulating in float64.
     Gradients may be float32 or float64, read-only, of any shape; they must be
-    C-contiguous."""
+    C-contiguous. CUDA arrays are summed on their device, in the same order (one
+    reduction queued on `stream`, then a wait for its result)."""
     names: Optional[Tuple[Any, ...]] = None
     if isinstance(grads, Mapping):
         names = tuple(grads.keys())
@@ -725,4 +822,10 @@ def global_norm(grads: GradsLike) -> float:
         seq = [grads]
     else:
         seq = grads if isinstance(grads, (list, tuple)) else list(grads)
-    return _core.global_norm(seq, ("params[{}]", "grads[{}]"), names)
+    patterns = ("params[{}]", "grads[{}]")
+    if seq and cuda.is_cuda_array(seq[0]):
+        cuda.require_compiled(Optimizer._label(0, names).replace("params", "grads", 1))
+        return float(_core.cuda_global_norm(seq, patterns, names, stream))
+    if stream is not None:
+        raise TypeError("stream: only CUDA arrays take a stream (these gradients are NumPy arrays)")
+    return _core.global_norm(seq, patterns, names)
