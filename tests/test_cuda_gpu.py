@@ -437,3 +437,16 @@ def test_checkpoints_move_between_cpu_and_gpu():
         assert other.step([cuda.to_device(g) if on_gpu else g.copy() for g in grads])
         for k, p in enumerate(other._flat):
             assert_bitwise_equal(host(p) if on_gpu else p, pair.cpu._flat[k], "continued")
+
+
+@needs_torch
+def test_load_a_torch_cuda_state_dict():
+    p = torch.zeros(5, device="cuda", requires_grad=True)
+    opt_t = torch.optim.Adam([p], lr=0.01, fused=True)
+    p.grad = torch.ones(5, device="cuda")
+    opt_t.step()
+    sd = opt_t.state_dict()  # CUDA tensors, the fused step count included
+    mine = adamcpp.Adam([p.detach().clone()], lr=0.01)
+    mine.load_state_dict(sd)
+    assert mine.state[0]["step"] == 1
+    assert_bitwise_equal(host(mine.state[0]["exp_avg"]), sd["state"][0]["exp_avg"].cpu().numpy(), "exp_avg")

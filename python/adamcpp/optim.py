@@ -564,7 +564,10 @@ class Optimizer(abc.ABC):
     def _convert_state(self, entry: Any, p: Any, where: str) -> Dict[str, Any]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: expected a dict")
-        out: Dict[str, Any] = {"step": check_step_count(entry.get("step", 0), f"{where}['step']")}
+        step = entry.get("step", 0)
+        if cuda.is_cuda_array(step):  # torch's fused CUDA optimizers keep the count on the device
+            step = cuda.to_numpy(step, f"{where}['step']")
+        out: Dict[str, Any] = {"step": check_step_count(step, f"{where}['step']")}
         shape, dtype = self._layout_of(p)
         for name, required in self._array_state.items():
             if entry.get(name) is None:
