@@ -47,12 +47,12 @@ struct DeviceCall {
   struct Fresh {                    // state that starts at this step
     std::size_t tensor;
     int role;
-    void** slot;                  // the tensor's pointer to fill
-    const DeviceArrayView* like;  // its parameter (shape, dtype)
-    bool zero;                    // Adam moments start at zero; an SGD buffer starts as the gradient
+    void** slot;                      // the tensor's pointer to fill
+    std::vector<std::int64_t> shape;  // its parameter's
+    DType dtype;
+    bool zero;  // Adam moments start at zero; an SGD buffer starts as the gradient
   };
   std::vector<Fresh> fresh;
-  std::vector<DeviceArrayView> params;  // kept for the shapes of fresh state
 };
 
 // Checks one array, and records what the device side needs from it.
@@ -104,8 +104,7 @@ void prepare(DeviceCall& call, StreamId stream, const Labels& labels, StepScratc
   call.producers.erase(std::unique(call.producers.begin(), call.producers.end()), call.producers.end());
   for (StreamId producer : call.producers) stream_wait(call.device, stream, producer);
   for (const DeviceCall::Fresh& f : call.fresh) {
-    std::vector<std::int64_t> shape(f.like->dims, f.like->dims + f.like->ndim);
-    py::object array = new_device_array(call.device, shape, static_cast<DType>(f.like->dtype));
+    py::object array = new_device_array(call.device, f.shape, f.dtype);
     DeviceArray& buffer = device_array_of(array.ptr());
     if (f.zero) fill_zero(call.device, buffer.data(), buffer.nbytes(), stream);
     *f.slot = buffer.data();
@@ -119,7 +118,8 @@ void* take_state(DeviceCall& call, PyObject* entry, int role, std::size_t i, con
                  const DeviceArrayView& p, StreamId stream, StepScratch& sc, void** slot, bool zero, bool* is_new) {
   *is_new = entry == nullptr;
   if (entry == nullptr) {
-    call.fresh.push_back({i, role, slot, &p, zero});
+    call.fresh.push_back(
+        {i, role, slot, std::vector<std::int64_t>(p.dims, p.dims + p.ndim), static_cast<DType>(p.dtype), zero});
     return nullptr;
   }
   const DeviceArrayView a = view_array(entry, stream, sc, role, i, labels);
@@ -128,11 +128,10 @@ void* take_state(DeviceCall& call, PyObject* entry, int role, std::size_t i, con
   return a.data;
 }
 
-// The parameter and gradient of tensor i.
-const DeviceArrayView& take_param_grad(DeviceCall& call, PyObject* param, PyObject* grad, std::size_t i,
-                                       const Labels& labels, StreamId stream, StepScratch& sc, TensorRef& ref) {
-  call.params[i] = view_array(param, stream, sc, kParam, i, labels);
-  const DeviceArrayView& p = call.params[i];
+// The parameter and gradient of tensor i; `p` receives the parameter's view.
+void take_param_grad(DeviceCall& call, PyObject* param, PyObject* grad, std::size_t i, const Labels& labels,
+                     StreamId stream, StepScratch& sc, TensorRef& ref, DeviceArrayView& p) {
+  p = view_array(param, stream, sc, kParam, i, labels);
   take(call, p, kParam, i, labels, nullptr, true);
   const DeviceArrayView g = view_array(grad, stream, sc, kGrad, i, labels);
   take(call, g, kGrad, i, labels, &p, false);
@@ -142,7 +141,6 @@ const DeviceArrayView& take_param_grad(DeviceCall& call, PyObject* param, PyObje
   ref.dtype = static_cast<DType>(p.dtype);
   sc.written.push_back(interval_of(p, kParam, i));
   sc.read.push_back(interval_of(g, kGrad, i));
-  return p;
 }
 
 // Room for every object a call may hold (its lists, and a capsule or interface dict per array), so that the
@@ -183,7 +181,7 @@ py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle params_obj, py:
   cache.read(held + 2 * n, n, keys, 3);
 
   DeviceCall call;
-  call.params.resize(n);
+  DeviceArrayView p;  // the current tensor's parameter
   sc.adam.resize(n);
   sc.new_steps.resize(n);
   BiasCorrections bc;
@@ -191,7 +189,7 @@ py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle params_obj, py:
   for (std::size_t i = 0; i < n; ++i) {
     const AdamHyper& h = sc.adam_groups[static_cast<std::size_t>(sc.group_of[i])];
     AdamTensor& t = sc.adam[i];
-    const DeviceArrayView& p = take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t);
+    take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t, p);
     t.exp_avg = take_state(call, cache.entry(i, 0), kExpAvg, i, labels, p, stream, sc, &t.exp_avg, true, &is_new);
     t.exp_avg_sq =
         take_state(call, cache.entry(i, 1), kExpAvgSq, i, labels, p, stream, sc, &t.exp_avg_sq, true, &is_new);
@@ -234,13 +232,13 @@ py::tuple sgd_step(StateCache& cache, Workspace& ws, py::handle params_obj, py::
   cache.read(held + 2 * n, n, keys, 1);
 
   DeviceCall call;
-  call.params.resize(n);
+  DeviceArrayView p;  // the current tensor's parameter
   sc.sgd.resize(n);
   sc.new_steps.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
     const SgdHyper& h = sc.sgd_groups[static_cast<std::size_t>(sc.group_of[i])];
     SgdTensor& t = sc.sgd[i];
-    const DeviceArrayView& p = take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t);
+    take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t, p);
     set_sgd_step(t, h, grad_scale);
     t.momentum_buffer = nullptr;
     t.first = false;
@@ -303,13 +301,13 @@ void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp
   PyObject* const* held = sc.held.data();
 
   DeviceCall call;
-  call.params.resize(n);
+  DeviceArrayView p;  // the current tensor's parameter
   sc.adam.resize(n);
   BiasCorrections bc;
   bool is_new = false;
   for (std::size_t i = 0; i < n; ++i) {
     AdamTensor& t = sc.adam[i];
-    const DeviceArrayView& p = take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t);
+    take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t, p);
     t.exp_avg = take_state(call, held[2 * n + i], kExpAvg, i, labels, p, stream, sc, &t.exp_avg, true, &is_new);
     t.exp_avg_sq = take_state(call, held[3 * n + i], kExpAvgSq, i, labels, p, stream, sc, &t.exp_avg_sq, true, &is_new);
     t.max_exp_avg_sq = nullptr;

@@ -413,7 +413,10 @@ class Optimizer(abc.ABC):
             grad_list = self._grads_list(grads)
             scale = check_grad_scale(grad_scale)
             hypers = self._group_hypers()
-            args = (
+            if self._cuda is not None:
+                return self._step_on_device(grad_list, hypers, scale, nonfinite, max_norm, stream)
+            applied, norm = self._native(
+                self._state_cache,
                 self._flat,
                 grad_list,
                 self.state,
@@ -425,19 +428,38 @@ class Optimizer(abc.ABC):
                 self._patterns,
                 self._keys,
             )
-            pending = False
-            if self._cuda is None:
-                applied, norm = self._native(self._state_cache, *args)
-            else:
-                native = getattr(_core, self._cuda_native)
-                applied, norm, pending = native(self._state_cache, self._cuda.workspace, *args, stream)
-            if norm is not None:
-                self._last_grad_norm = norm
-                self._norm_pending = False
-            elif pending:
-                self._norm_pending = True
         finally:
             self._leave()
+        if norm is not None:
+            self._last_grad_norm = norm
+        return bool(applied)
+
+    def _step_on_device(
+        self, grad_list: Any, hypers: List[Hyper], scale: float, nonfinite: int, max_norm: float, stream: Any
+    ) -> bool:
+        """The native step of a CUDA optimizer (adamcpp.cuda); the lock is held."""
+        assert self._cuda is not None
+        native = getattr(_core, self._cuda_native)
+        applied, norm, pending = native(
+            self._state_cache,
+            self._cuda.workspace,
+            self._flat,
+            grad_list,
+            self.state,
+            self._group_of,
+            hypers,
+            scale,
+            nonfinite,
+            max_norm,
+            self._patterns,
+            self._keys,
+            stream,
+        )
+        if norm is not None:
+            self._last_grad_norm = norm
+            self._norm_pending = False
+        elif pending:
+            self._norm_pending = True
         return bool(applied)
 
     @property
