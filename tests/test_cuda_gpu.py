@@ -41,7 +41,7 @@ except ImportError:  # torch is optional
     TORCH_CUDA = False
 needs_torch = pytest.mark.skipif(not TORCH_CUDA, reason="needs torch with CUDA")
 
-SIZES = (0, 1, 3, 4, 5, 7, 8, 97, 1023, 4096, 8191, 8192, 8193, 16385, 70001)
+SIZES = (0, 1, 3, 4, 5, 7, 8, 97, 1023, 4095, 4096, 4097, 8191, 8192, 8193, 16385, 70001)
 DTYPES = [np.float32, np.float64]
 VARIANTS = [
     {"lr": 1e-2},

@@ -34,10 +34,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 
-# Sizes around every boundary: the 4-element vector groups, the 8192-element blocks and norm chunks.
-SIZES = (0, 1, 3, 4, 5, 7, 8, 97, 1023, 4096, 8191, 8192, 8193, 16385, 70001)
+# Sizes around every boundary: the 4-element vector groups, the 4096-element blocks, the 8192-element
+# norm chunks.
+SIZES = (0, 1, 3, 4, 5, 7, 8, 97, 1023, 4095, 4096, 4097, 8191, 8192, 8193, 16385, 70001)
 POLICIES = {"propagate": 0, "skip": 1, "raise": 2}
-BLOCK = 8192  # launch_plan.h: kBlockElements
 
 
 class EmuTensor(ctypes.Structure):
@@ -379,4 +379,3 @@ def test_the_norm_of_many_small_tensors_and_one_launch(emulator):
     run.cpu.step([g.copy() for g in grads])
     assert (out.uploads, out.update_launches, out.norm_launches) == (1, 1, 2)
     run.compare("1000 tensors")
-    assert BLOCK == 8192

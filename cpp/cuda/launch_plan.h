@@ -19,10 +19,12 @@ namespace cuda {
 
 // Threads of a block of the element kernels (update, non-finite check), the
 // elements each thread loads at once (16 bytes of float32: one vector load),
-// and the elements of one block: a block never spans two tensors.
+// and the elements of one block: a block never spans two tensors. Four vector
+// rounds per thread: blocks small enough that the last wave of a large tensor
+// leaves little of the device idle.
 constexpr unsigned kThreads = 256;
 constexpr unsigned kVector = 4;
-constexpr std::uint64_t kBlockElements = std::uint64_t(1) << 13;
+constexpr std::uint64_t kBlockElements = std::uint64_t(1) << 12;
 static_assert(kBlockElements % (kThreads * kVector) == 0, "a block is whole vector rounds");
 
 // The global norm sums exactly as the CPU does (multi_tensor.cpp): the
