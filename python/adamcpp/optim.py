@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tupl
 import numpy as np
 
 from . import _core
+from . import flat as _flat_storage
 from ._common import (
     check_float,
     check_grad_scale,
@@ -201,10 +202,16 @@ class Optimizer(abc.ABC):
         self._flat: List[np.ndarray] = []
         self._group_of: List[int] = []
         self._keys: Optional[Tuple[Any, ...]] = None
-        groups, keys = _normalize_params(params)
+        # Flat mode (docs/api.md, "Flat storage"): every parameter is a view handed out by one FlatParams.
+        self._fs: Optional[_flat_storage._FlatStorage] = None
+        groups, keys = _normalize_params(_flat_storage.unwrap(params))
+        source = _flat_storage.common_source(_loose_params(groups))
         for group in groups:
-            self._add_group(group, keys)
+            self._add_group(group, keys, with_state=source is None)
         self._keys = keys
+        if source is not None:
+            states = [self._new_state(p, self.param_groups[gi]) for p, gi in zip(self._flat, self._group_of)]
+            self._fs = _flat_storage._FlatStorage(self, source[0], source[1], states)
 
     def _start_runtime(self) -> None:
         """What an optimizer owns at run time and never copies: its native
@@ -235,6 +242,11 @@ class Optimizer(abc.ABC):
         self._enter()
         try:
             self._sync_structure()
+            if self._fs is not None:
+                raise ValueError(
+                    "add_param_group: a flat optimizer steps a fixed set of FlatParams views; "
+                    "build another optimizer for more parameters"
+                )
             self._add_group(param_group, None)
         finally:
             self._leave()
@@ -264,7 +276,9 @@ class Optimizer(abc.ABC):
                 raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
 
-    def _add_group(self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]]) -> None:
+    def _add_group(
+        self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]], with_state: bool = True
+    ) -> None:
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError("param_group: expected a dict with a 'params' entry")
         gi = len(self.param_groups)
@@ -284,7 +298,8 @@ class Optimizer(abc.ABC):
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
-            self.state.append(ParamState(self._new_state(p, group)))
+            if with_state:
+                self.state.append(ParamState(self._new_state(p, group)))
         self._keys = None
 
     def _layout(self) -> Tuple[List[np.ndarray], List[int]]:
@@ -305,7 +320,11 @@ class Optimizer(abc.ABC):
         stays with its array. An array new to the optimizer that takes the
         place of one that left (same position, group, shape and dtype: a
         parameter replaced by a copy, as after a reload) keeps that place's
-        state; any other new array gets fresh state."""
+        state; any other new array gets fresh state. A flat optimizer keeps its
+        parameters and follows a replaced `state` list (flat.py)."""
+        if self._fs is not None:
+            self._fs.check_structure()
+            return
         if _core.params_unchanged(self.param_groups, self._flat, self._group_of):
             return
         flat, group_of = self._layout()
@@ -385,6 +404,11 @@ class Optimizer(abc.ABC):
         """
         self._enter()
         try:
+            if self._fs is not None:
+                applied, norm = self._fs.step(grads, grad_scale)
+                if norm is not None:
+                    self.last_grad_norm = norm
+                return bool(applied)
             self._sync_structure()
             nonfinite = check_nonfinite(self.nonfinite)
             max_norm = check_max_grad_norm(self.max_grad_norm)
@@ -492,7 +516,10 @@ class Optimizer(abc.ABC):
         # Everything validated: commit.
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
-        self.state = states  # type: ignore[assignment]
+        if self._fs is not None:
+            self._fs.load(states)  # into new flat state buffers
+        else:
+            self.state = states  # type: ignore[assignment]
 
     @staticmethod
     def _convert_hyper(key: str, value: Any) -> Any:
@@ -544,15 +571,36 @@ class Optimizer(abc.ABC):
         try:
             self._sync_structure()
             state = self.__dict__.copy()
+            if self._fs is not None:
+                # A flat optimizer travels as its FlatParams (whose copy makes its
+                # views again), each parameter's index in it and plain state dicts;
+                # its copy lays the state out in new flat buffers.
+                state["_flat_copy"] = self._fs.export()
+                state["param_groups"] = [ParamGroup({**g, "params": len(g["params"])}) for g in self.param_groups]
+                del state["state"]
         finally:
             self._leave()
-        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of"):
-            del state[key]
+        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_fs"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        flat_copy = state.pop("_flat_copy", None)
         self.__dict__.update(state)
         self._start_runtime()
+        self._fs = None
+        if flat_copy is not None:
+            source, index, states = flat_copy
+            views = [source._param_views[j] for j in index]
+            start = 0
+            for g in self.param_groups:
+                count = g["params"]
+                g["params"] = views[start : start + count]
+                start += count
+            self.state = []
+            self._flat, self._group_of = self._layout()
+            self._fs = _flat_storage._FlatStorage(self, source, index, states)
+            return
         self._flat, self._group_of = self._layout()
 
     def __repr__(self) -> str:
@@ -565,6 +613,20 @@ class Optimizer(abc.ABC):
             lines.append(f"    params: {len(g['params'])} array(s)")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _loose_params(groups: List[Dict[str, Any]]) -> List[Any]:
+    """Every group's parameters in order, read without checking (the checks come after)."""
+    out: List[Any] = []
+    for g in groups:
+        ps = g.get("params")
+        if isinstance(ps, np.ndarray):
+            out.append(ps)
+        elif isinstance(ps, (list, tuple)):
+            out.extend(ps)
+        else:
+            return []  # anything else is checked, and refused or read once, by _add_group
+    return out
 
 
 def _group_label(where: str) -> Callable[[str], str]:
