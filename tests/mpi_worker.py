@@ -343,6 +343,25 @@ def scenario_errors(report: Report) -> None:
     zero_flat = ZeroRedundancyOptimizer(flat, adamcpp.SGD, lr=0.1)
     report["flat_other_grads"] = expect_error(lambda: zero_flat.step([np.ones_like(v) for v in values]))
     report["add_param_group"] = expect_error(lambda: zero_flat.add_param_group({"params": [np.zeros(2)]}))
+    # propagate with clipping: a NaN in the summed gradients makes the coefficient NaN, and every parameter
+    # becomes NaN, as in one process
+    params = [v.copy() for v in values]
+    ref_params = [v.copy() for v in values]
+    zero = ZeroRedundancyOptimizer(params, adamcpp.AdamW, lr=1e-2, max_grad_norm=1.0)
+    ref = adamcpp.AdamW(ref_params, lr=1e-2, max_grad_norm=1.0)
+    g = grads_of(0, RANK, shapes, [np.float32] * 3)
+    if RANK == SIZE - 1:
+        g[0][1, 1] = np.nan
+    total = summed(0, shapes, [np.float32] * 3)
+    total[0][1, 1] = np.nan
+    report["propagate_nan_clip"] = [
+        zero.step(g),
+        ref.step(total, grad_scale=1.0 / SIZE),
+        all(np.array_equal(np.isnan(a), np.isnan(b)) for a, b in zip(params, ref_params)),
+        all(bool(np.isnan(a).all()) for a in params),
+        zero.last_grad_norm != zero.last_grad_norm,
+        same_everywhere(params),
+    ]
 
 
 SAVE_SHAPES = [(40, 30), (9,), (CHUNK * 2 + 5,), (3, 3)]

@@ -177,6 +177,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(n, tmp_path):
         "the gradients written into its views), not other arrays",
     ]
     assert first["add_param_group"][0] == "ValueError"
+    assert first["propagate_nan_clip"] == [True, True, True, True, True, True]
 
 
 @pytest.mark.parametrize("saved, loaded", [(2, 3), (3, 1)])

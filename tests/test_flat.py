@@ -239,7 +239,7 @@ CASES = {
 )
 def test_flat_matches_list_bitwise(name, dtypes):
     cls, kwargs = CASES[name]
-    params, grads = problem(SHAPES + [(40,), (3, 3)], steps=5, dtypes=dtypes)
+    params, grads = problem([*SHAPES, (40,), (3, 3)], steps=5, dtypes=dtypes)
     flat, opt_flat, copies, opt_list = make_pair(cls, params, **kwargs)
     assert len(opt_flat._fs.segments) == len(dtypes)  # one range per dtype: one native tensor each
     run_both(flat, opt_flat, copies, opt_list, grads, grad_scale=0.75)
@@ -564,7 +564,7 @@ def test_gradients_must_be_the_flat_views():
 def test_parameters_are_fixed():
     flat = FlatParams([np.zeros(3, np.float32), np.zeros(2, np.float32)])
     opt = adamcpp.Adam(flat)
-    with pytest.raises(ValueError, match="^add_param_group: a flat optimizer steps a fixed set"):
+    with pytest.raises(ValueError, match=r"^add_param_group: a flat optimizer steps a fixed set"):
         opt.add_param_group({"params": [np.zeros(2)]})
     opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])  # the same views: fine
     assert opt.step(flat.grads)
@@ -799,8 +799,8 @@ class FlatAgainstList(RuleBasedStateMachine):
     group edits, loads and copies keeps a flat optimizer on the bits of a list
     optimizer that gets the same treatment."""
 
-    SIZES = [7, 3, 0, 5, PAR_MIN + 9, 2]
-    DTYPES = [np.float32, np.float32, np.float32, np.float64, np.float32, np.float64]
+    SIZES = (7, 3, 0, 5, PAR_MIN + 9, 2)
+    DTYPES = (np.float32, np.float32, np.float32, np.float64, np.float32, np.float64)
 
     @initialize(seed=st.integers(0, 2**16))
     def setup(self, seed):

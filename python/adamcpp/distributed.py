@@ -241,8 +241,12 @@ class ZeroRedundancyOptimizer:
         for buf, t in zip(flat.buffers, self._types):
             self.comm.Bcast([buf, t], root=0)
         self._shard_bounds()
-        # This rank's part of the summed gradients, one buffer per dtype.
-        self._recv = [_flat._aligned_zeros(hi - lo, dt) for (lo, hi), dt in zip(self.shard, flat.dtypes)]
+        # This rank's part of the summed gradients, one buffer per dtype (with one rank: the gradients themselves,
+        # which the step only reads; there is nothing to reduce or gather).
+        if self.world_size == 1:
+            self._recv = [g.view() for g in flat.grad_buffers]
+        else:
+            self._recv = [_flat._aligned_zeros(hi - lo, dt) for (lo, hi), dt in zip(self.shard, flat.dtypes)]
         if self._owns_flat:
             self._copy_out = [(p, v) for p, v in zip(self._params, flat._param_views)]
             self._copy_in = []
@@ -596,8 +600,9 @@ class ZeroRedundancyOptimizer:
             for g, j in zip(grad_list, self._index):
                 np.copyto(flat._grad_views[j], g, casting="no")
         t0 = time.perf_counter()
-        for b, (buf, t) in enumerate(zip(flat.grad_buffers, self._types)):
-            comm.Reduce_scatter([buf, t], [self._recv[b], t], recvcounts=self.counts[b], op=MPI.SUM)
+        if self.world_size > 1:
+            for b, (buf, t) in enumerate(zip(flat.grad_buffers, self._types)):
+                comm.Reduce_scatter([buf, t], [self._recv[b], t], recvcounts=self.counts[b], op=MPI.SUM)
         t1 = time.perf_counter()
         # The same decisions, from the same numbers, as a single-process step over the summed gradients with
         # grad_scale / N (multi_tensor.cpp, run_any_step); every rank reaches the same outcome.
@@ -631,18 +636,18 @@ class ZeroRedundancyOptimizer:
                 )
             return False
         apply_scale = step_scale * coef
+        run_grads = self._run_grads
         if math.isnan(apply_scale):
             # A NaN clipping coefficient makes every scaled gradient NaN (as in one process); a NaN
-            # grad_scale is refused by the step, so the summed gradients become NaN instead.
-            for r in self._recv:
-                r.fill(np.nan)
+            # grad_scale is refused by the step, so the step reads NaN gradients instead.
+            run_grads = [np.full(g.shape, np.nan, g.dtype) for g in run_grads]
             apply_scale = step_scale
         try:
             if self._owns_flat:
                 for src, dst in self._copy_in:
                     np.copyto(dst, src, casting="no")
             self._sync_local_groups(lrs)
-            self.optim.step(self._run_grads, grad_scale=apply_scale)
+            self.optim.step(run_grads, grad_scale=apply_scale)
         except BaseException as exc:  # after the ranks agreed: the replicas would diverge
             print(
                 f"adamcpp.distributed: rank {self.rank}: the local step failed after every rank agreed to apply it "
@@ -654,8 +659,9 @@ class ZeroRedundancyOptimizer:
             comm.Abort(1)
             raise
         t3 = time.perf_counter()
-        for b, (buf, t) in enumerate(zip(flat.buffers, self._types)):
-            comm.Allgatherv(MPI.IN_PLACE, [buf, self.counts[b], self.displs[b], t])
+        if self.world_size > 1:
+            for b, (buf, t) in enumerate(zip(flat.buffers, self._types)):
+                comm.Allgatherv(MPI.IN_PLACE, [buf, self.counts[b], self.displs[b], t])
         if self._owns_flat:
             self._refresh_params()
         t4 = time.perf_counter()

@@ -30,7 +30,9 @@ from ._common import (
 )
 from ._hyper import AdamHyper, SgdHyper, adam_hyper, sgd_hyper
 
-ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
+ParamsLike = Union[
+    Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]], _flat_storage.FlatParams
+]
 GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 LR = Union[float, Callable[[int], float]]
 Hyper = Union[AdamHyper, SgdHyper]

@@ -12,10 +12,11 @@ from adamcpp import _core
 
 from .cases import BETAS, EPS, LR, VARIANTS, Case
 
-CONTENDERS = ("adamcpp", "numpy", "torch-foreach", "torch-fused", "deepspeed", "ceiling", "triad")
+CONTENDERS = ("adamcpp", "adamcpp-flat", "numpy", "torch-foreach", "torch-fused", "deepspeed", "ceiling", "triad")
 REFERENCES = ("ceiling", "triad")
 DESCRIPTIONS = {
     "adamcpp": "adamcpp.Adam/AdamW: one opt.step(grads) call from Python",
+    "adamcpp-flat": "adamcpp.Adam/AdamW over a FlatParams: one opt.step(flat.grads) call from Python",
     "numpy": "in-place NumPy Adam loop over the tensors (out= ufuncs, preallocated scratch; NumPy is single-threaded)",
     "torch-foreach": "torch.optim.Adam(foreach=True) on torch.from_numpy views",
     "torch-fused": "torch.optim.Adam(fused=True) on torch.from_numpy views",
@@ -26,7 +27,16 @@ DESCRIPTIONS = {
 
 # Rough resident footprint of each contender in units of one parameter set
 # (elements x itemsize), used to refuse cases that would not fit in memory.
-_FOOTPRINT = {"adamcpp": 3, "numpy": 4, "torch-foreach": 5, "torch-fused": 3, "deepspeed": 3, "ceiling": 4, "triad": 4}
+_FOOTPRINT = {
+    "adamcpp": 3,
+    "adamcpp-flat": 4,  # its own copy of the gradients too
+    "numpy": 4,
+    "torch-foreach": 5,
+    "torch-fused": 3,
+    "deepspeed": 3,
+    "ceiling": 4,
+    "triad": 4,
+}
 
 
 class Unavailable(Exception):
@@ -64,6 +74,26 @@ class AdamcppContender(Contender):
         self.opt = cls(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad)
         opt_step = self.opt.step
         self.step = lambda: opt_step(grads)
+
+
+class AdamcppFlatContender(Contender):
+    """The same optimizer in flat mode: the parameters copied into one
+    FlatParams (one buffer per dtype), the gradients into its gradient buffer;
+    a step is one native call over one range per dtype."""
+
+    name = "adamcpp-flat"
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        flat = adamcpp.FlatParams(p0)
+        for view, g in zip(flat.grads, grads):
+            view[...] = g
+        self.params = list(flat.params)
+        weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
+        cls = adamcpp.AdamW if decoupled else adamcpp.Adam
+        self.opt = cls(flat, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad)
+        opt_step, flat_grads = self.opt.step, flat.grads
+        self.step = lambda: opt_step(flat_grads)
 
 
 class NumpyContender(Contender):
@@ -237,6 +267,7 @@ class TriadContender(Contender):
 ContenderFactory = Callable[[Case, List[np.ndarray], List[np.ndarray], Dict[str, Any]], Contender]
 FACTORIES: Dict[str, ContenderFactory] = {
     "adamcpp": AdamcppContender,
+    "adamcpp-flat": AdamcppFlatContender,
     "numpy": NumpyContender,
     "torch-foreach": TorchForeachContender,
     "torch-fused": TorchFusedContender,
@@ -249,7 +280,7 @@ FACTORIES: Dict[str, ContenderFactory] = {
 def estimate_bytes(case: Case, names: Sequence[str]) -> int:
     """Memory the named contenders hold at once for `case`, roughly."""
     unit = case.shape.elements * case.itemsize
-    holders = ("adamcpp", "numpy", "torch-foreach", "torch-fused")
+    holders = ("adamcpp", "adamcpp-flat", "numpy", "torch-foreach", "torch-fused")
     total = 2 * unit  # shared gradients + the initial parameters copied by each contender
     for name in names:
         total += (_FOOTPRINT[name] + (1 if case.amsgrad and name in holders else 0)) * unit
