@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Un
 import numpy as np
 
 from . import _core
-from ._common import MAX_STEP_COUNT, check_param_array, describe_number
+from ._common import (
+    MAX_STEP_COUNT,
+    NONFINITE_POLICIES,
+    check_grad_scale,
+    check_max_grad_norm,
+    check_nonfinite,
+    check_param_array,
+    describe_number,
+)
 
 if TYPE_CHECKING:
     from .optim import Optimizer
@@ -32,6 +40,9 @@ if TYPE_CHECKING:
 ALIGNMENT = 64
 
 ArraysLike = Union[Sequence[Any], Mapping[Any, Any]]
+
+_RAISE = NONFINITE_POLICIES["raise"]
+_SKIP = NONFINITE_POLICIES["skip"]
 
 # A parameter view or a gradient view -> the FlatParams that handed it out
 # (keyed by id; the FlatParams holds its views, so an id cannot be reused
@@ -629,11 +640,13 @@ class _FlatStorage:
         parameters is refused), and a replaced `opt.state` is taken in."""
         opt = self.opt
         groups = opt.param_groups
-        if (
-            groups is not self.groups_ref
-            or len(groups) != len(self.group_refs)
-            or any(g is not r or g.get("params") is not p for g, r, p in zip(groups, self.group_refs, self.params_refs))
-        ):
+        same = groups is self.groups_ref and len(groups) == len(self.group_refs)
+        if same:
+            for g, r, p in zip(groups, self.group_refs, self.params_refs):
+                if g is not r or g.get("params") is not p:
+                    same = False
+                    break
+        if not same:
             self._check_same_params(groups)
             self._adopt_groups_from(groups)
         if opt.state is not self.facades:
@@ -694,8 +707,6 @@ class _FlatStorage:
     def step(self, grads: Any, grad_scale: float) -> Tuple[bool, Optional[float]]:
         """One step over the ranges, in one native call; the same checks, in
         the same order, and the same results as a list optimizer's step."""
-        from ._common import NONFINITE_POLICIES, check_grad_scale, check_max_grad_norm, check_nonfinite
-
         opt = self.opt
         self.check_structure()
         nonfinite = check_nonfinite(opt.nonfinite)
@@ -705,10 +716,9 @@ class _FlatStorage:
         hypers = opt._group_hypers()  # may run schedules, which may edit the state: normalize after
         if self.dirty:
             self.normalize()
-        raise_code = NONFINITE_POLICIES["raise"]
         # "raise" runs as "skip" here, so that the message can name the first
         # parameter (not the range) whose gradient is not finite.
-        native_policy = NONFINITE_POLICIES["skip"] if nonfinite == raise_code else nonfinite
+        native_policy = _SKIP if nonfinite == _RAISE else nonfinite
         applied, norm = opt._native(
             opt._state_cache,
             self.seg_params,
@@ -723,7 +733,7 @@ class _FlatStorage:
             self.seg_names,
             self.norm_grads if max_norm >= 0.0 else None,
         )
-        if not applied and nonfinite == raise_code:
+        if not applied and nonfinite == _RAISE:
             raise FloatingPointError(self._nonfinite_message(scale, max_norm, norm))
         return applied, norm
 
