@@ -245,6 +245,19 @@ py::tuple run_and_report(std::vector<Tensor>& tensors, const StepPolicy& policy,
 
 // ------------------------------------------------------------------- entries
 
+// An optimizer step's lists: params (its length is the tensor count), grads
+// and the state dicts, each of n entries. Every entry is held for the call
+// before any Python code can run: held[0..n) params, held[n..2n) grads,
+// held[2n..3n) state dicts. Returns n.
+std::size_t hold_step_lists(py::handle params_obj, py::handle grads_obj, py::handle states_obj, StepScratch& sc) {
+  PyObject* params = as_params(params_obj);
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
+  PyObject* grads = as_sequence(grads_obj, "grads", n, "gradients");
+  PyObject* states = as_sequence(states_obj, "state", n, "");
+  for (PyObject* seq : {params, grads, states}) hold_all(seq, n, sc);
+  return n;
+}
+
 // One Adam step of an optimizer over every tensor. The state comes from the
 // optimizer's state dicts ("step", "exp_avg", "exp_avg_sq" and, with amsgrad,
 // "max_exp_avg_sq", which starts at zero when absent) and is updated there on
@@ -256,14 +269,7 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
   StateCache::Lease lease(cache);
   StepScratch& sc = lease.scratch();
   StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
-  PyObject* params = as_params(params_obj);
-  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
-  PyObject* grads = as_sequence(grads_obj, "grads", n, "gradients");
-  PyObject* states = as_sequence(states_obj, "state", n, "");
-  // Everything the step uses is held before any Python code can run.
-  hold_all(params, n, sc);
-  hold_all(grads, n, sc);
-  hold_all(states, n, sc);
+  const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
   parse_groups(groups_obj, group_of_obj, n, sc.adam_groups, sc.group_of, adam_hyper);
   PyObject* const* held = sc.held.data();
   PyObject* const* keys = state_keys().adam;
@@ -302,13 +308,7 @@ py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_ob
   StateCache::Lease lease(cache);
   StepScratch& sc = lease.scratch();
   StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
-  PyObject* params = as_params(params_obj);
-  const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
-  PyObject* grads = as_sequence(grads_obj, "grads", n, "gradients");
-  PyObject* states = as_sequence(states_obj, "state", n, "");
-  hold_all(params, n, sc);
-  hold_all(grads, n, sc);
-  hold_all(states, n, sc);
+  const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
   parse_groups(groups_obj, group_of_obj, n, sc.sgd_groups, sc.group_of, sgd_hyper);
   PyObject* const* held = sc.held.data();
   PyObject* const* keys = state_keys().sgd;

@@ -2,21 +2,7 @@
 // once per ISA target with the kernels' flags, in adamcpp::<ADAMCPP_ISA>, so a
 // ceiling is measured with the same instructions the kernels may use.
 #include "probes.h"
-
-#ifndef ADAMCPP_ISA
-#error "ADAMCPP_ISA must name the ISA target of this translation unit"
-#endif
-#define ADAMCPP_MATH_NS ADAMCPP_ISA
-#include "optim_math.h"
-
-#define ADAMCPP_STR2(x) #x
-#define ADAMCPP_STR(x) ADAMCPP_STR2(x)
-
-#if defined(_MSC_VER)
-#define ADAMCPP_RESTRICT __restrict
-#else
-#define ADAMCPP_RESTRICT __restrict__
-#endif
+#include "isa_unit.h"
 
 namespace adamcpp {
 namespace ADAMCPP_ISA {

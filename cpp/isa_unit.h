@@ -1,0 +1,20 @@
+// adamcpp: the preamble of a translation unit compiled once per ISA target
+// (kernels.cpp, probes.cpp): CMake defines ADAMCPP_ISA and the -march flags,
+// and the shared element math lands in the namespace adamcpp::<ADAMCPP_ISA>.
+// Include it before anything that includes optim_math.h, and only from such units.
+#pragma once
+
+#ifndef ADAMCPP_ISA
+#error "ADAMCPP_ISA must name the ISA target of this translation unit"
+#endif
+#define ADAMCPP_MATH_NS ADAMCPP_ISA
+#include "optim_math.h"
+
+#define ADAMCPP_STR2(x) #x
+#define ADAMCPP_STR(x) ADAMCPP_STR2(x)
+
+#if defined(_MSC_VER)
+#define ADAMCPP_RESTRICT __restrict
+#else
+#define ADAMCPP_RESTRICT __restrict__
+#endif
