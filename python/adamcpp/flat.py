@@ -409,8 +409,8 @@ class FlatParamState(MutableMapping):
 class _FlatStorage:
     """The flat mode of one optimizer: its ranges, their state dicts, the
     per-parameter mappings of `opt.state` and the lists the native step takes.
-    Every method runs with the optimizer's call lock held (or from code a
-    running call on this thread runs)."""
+    Steps, loads and edits run with the optimizer's call lock held (or from
+    code that a running call on this thread runs); reads take no lock."""
 
     def __init__(self, opt: Optimizer, flat: FlatParams, indices: List[int], states: Sequence[Mapping[str, Any]]):
         from .optim import ParamState
