@@ -19,7 +19,9 @@ out. Per step, the optimizer records (opt.timings):
     all_gather       the updated parameters, gathered in place on every rank
 
 Steps are separated by a barrier; the median over the timed steps of the
-slowest rank is reported. Latency: the median of 8-byte all-reduces.
+slowest rank is reported, beside one all-reduce of the same gradients (what
+replicated data parallelism sends instead). Latency: the median of 8-byte
+all-reduces.
 Bandwidth: the reduce-scatter's bytes over its time less the latency terms,
 at the largest N that fits on the cores. On more ranks than cores the ranks
 share cores (times then include waiting to be scheduled).
@@ -88,6 +90,15 @@ def worker(args: argparse.Namespace) -> None:
             total = time.perf_counter() - t
             rows.append({"step": total, **zero.timings})
         state_bytes = sum(v.nbytes for s in zero.optim.state for v in s.values() if isinstance(v, np.ndarray))
+        # for comparison: one all-reduce of the same gradients (what replicated data parallelism sends)
+        summed = np.empty_like(flat.grad_buffers[0])
+        reduce_times = []
+        for _ in range(max(3, args.steps // 2)):
+            comm.Barrier()
+            t = time.perf_counter()
+            comm.Allreduce(flat.grad_buffers[0], summed, op=MPI.SUM)
+            reduce_times.append(time.perf_counter() - t)
+        del summed
         lo, hi = zero.shard[0]
         # the same step without MPI: a single-process flat optimizer over the same elements
         alone = None
@@ -108,6 +119,7 @@ def worker(args: argparse.Namespace) -> None:
                 "state_bytes": state_bytes,
                 "medians_s": {k: statistics.median(r[k] for r in rows) for k in rows[0]},
                 "single_process_step_s": alone,
+                "allreduce_s": statistics.median(reduce_times),
             }
         )
         del zero, flat
@@ -166,6 +178,7 @@ def summarize(runs: Dict[int, List[Dict[str, Any]]], cores: int) -> Dict[str, An
                     "state_bytes_per_rank": max(c["state_bytes"] for c in per_rank),
                     "shard_elements": [c["shard_elements"] for c in per_rank],
                     "single_process_step_s": case["single_process_step_s"],
+                    "allreduce_s": max(c["allreduce_s"] for c in per_rank),
                 }
             )
     latency = {n: max(r["allreduce_8B_s"] for r in ranks) for n, ranks in runs.items() if n > 1}
@@ -219,7 +232,7 @@ def report(summary: Dict[str, Any], projection: List[Dict[str, Any]], cores: int
         "Adam, float32, one FlatParams, opt.step(flat.grads); medians of the slowest rank, ms",
         "",
         f"{'elements':>10} {'N':>3} {'step':>9} {'red-scat':>9} {'agree':>8} {'local':>9} {'all-gath':>9} "
-        f"{'sent MB/rank':>13} {'state MB/rank':>14} {'1 process':>10}",
+        f"{'sent MB/rank':>13} {'state MB/rank':>14} {'1 process':>10} {'all-reduce':>11}",
     ]
     for t in summary["table"]:
         s = t["times_s"]
@@ -228,7 +241,8 @@ def report(summary: Dict[str, Any], projection: List[Dict[str, Any]], cores: int
             f"{t['elements']:>10,} {t['ranks']:>3} {ms(s['step']):>9} {ms(s['reduce_scatter']):>9} "
             f"{ms(s['agreement']):>8} {ms(s['local_step']):>9} {ms(s['all_gather']):>9} "
             f"{mb(t['sent_bytes_per_rank']):>13} {mb(t['state_bytes_per_rank']):>14} "
-            f"{(ms(alone) if alone else '-'):>10}" + ("   (ranks share cores)" if t["ranks"] > cores else "")
+            f"{(ms(alone) if alone else '-'):>10} {ms(t['allreduce_s']):>11}"
+            + ("   (ranks share cores)" if t["ranks"] > cores else "")
         )
     lat = ", ".join(f"N={n}: {1e6 * v:.1f} us" for n, v in sorted(summary["allreduce_8B_s"].items()))
     lines += ["", f"8-byte all-reduce: {lat}"]

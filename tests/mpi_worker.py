@@ -29,7 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 import adamcpp
-from adamcpp.distributed import ZeroRedundancyOptimizer
+from adamcpp.distributed import ZeroRedundancyOptimizer, padding
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -137,6 +137,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "dict-groups": dict(cls="AdamW", kwargs=dict(lr=1e-2), groups=True),
     "flat-mixed": dict(cls="Adam", kwargs=dict(lr=1e-2, amsgrad=True), flat=True, dtypes=[np.float32, np.float64]),
     "flat-clip": dict(cls="Adam", kwargs=dict(lr=1e-2, max_grad_norm=2.0), flat=True),
+    "flat-padded-sgd": dict(cls="SGD", kwargs=dict(lr=0.05, momentum=0.9, max_grad_norm=2.0), flat=True, padded=True),
 }
 
 
@@ -147,7 +148,7 @@ def build(config: Dict[str, Any], values: List[np.ndarray]):
     cls = getattr(adamcpp, config["cls"])
     kwargs = config["kwargs"]
     if config.get("flat"):
-        flat = adamcpp.FlatParams([v.copy() for v in values])
+        flat = adamcpp.FlatParams([v.copy() for v in values], pad_to=padding(SIZE) if config.get("padded") else 1)
         zero = ZeroRedundancyOptimizer(flat, cls, **kwargs)
 
         def to_zero(grads):
@@ -249,6 +250,7 @@ def scenario_exact(report: Report) -> None:
             sum(v.nbytes for s in ref.state for v in s.values() if isinstance(v, np.ndarray)),
         ]
         check["shard"] = [[hi - lo, b.size, b.itemsize] for (lo, hi), b in zip(zero.shard, zero.flat.buffers)]
+        check["equal_shards"] = zero.equal_shards
         report[name] = check
 
 

@@ -84,7 +84,7 @@ def test_bitwise_equal_to_the_single_process_optimizer(n, tmp_path):
     both. Each rank holds 1/N of the state (chunk-aligned shards)."""
     reports = run_scenario(n, "exact", tmp_path)
     names = list(reports[0])
-    assert len(names) == 8
+    assert len(names) == 9
     for name in names:
         per_rank = [rep[name] for rep in reports]
         for r, check in enumerate(per_rank):
@@ -96,6 +96,8 @@ def test_bitwise_equal_to_the_single_process_optimizer(n, tmp_path):
                 assert step["norm"][0] == step["norm"][1], where
             assert check["after_resume"], f"{name}, rank {r}"
             assert check["stale_state_dict"][0] == "RuntimeError"
+        # arrays and padded FlatParams: equal shards (the block collectives); other FlatParams: v-collectives
+        assert per_rank[0]["equal_shards"] is (n == 1 or not name.startswith("flat") or "padded" in name), name
         to = per_rank[n - 1]
         assert to["state_dict"] == "", f"{name}: {to['state_dict']}"
         assert to["resumed"], name
@@ -208,6 +210,15 @@ def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, tmp_path):
         assert rep["whole_loaded"] is True
         assert rep["foreign_shards"][0] == "ValueError"
     assert reports[0]["state_dict"] == ""
+
+
+def test_padding():
+    from adamcpp.distributed import padding
+
+    assert padding(1) == 8192 and padding(3) == 3 * 8192
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="world_size: expected an int >= 1"):
+            padding(bad)
 
 
 def test_consolidate_shards_refuses_foreign_input(tmp_path):

@@ -189,6 +189,17 @@ def test_flatparams_refuses(arrays, exc, message):
     assert str(info.value) == message
 
 
+def test_flatparams_padding():
+    flat = FlatParams([np.ones(5, np.float32), np.ones(3)], pad_to=16)
+    assert [b.size for b in flat.buffers] == [5, 3] and flat.pad_to == 16
+    assert [b.size for b in flat._padded] == [16, 16] and [b.size for b in flat._grad_padded] == [16, 16]
+    assert (flat._padded[0][5:] == 0).all() and np.shares_memory(flat.buffers[0], flat._padded[0])
+    assert pickle.loads(pickle.dumps(flat)).pad_to == 16
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"^pad_to: expected an int >= 1"):
+            FlatParams([np.ones(2)], pad_to=bad)
+
+
 def test_flatparams_copies_any_layout_in():
     base = np.arange(24, dtype=np.float64).reshape(4, 6)
     flat = FlatParams([base.T, base[::2], np.asarray(base, order="F")])

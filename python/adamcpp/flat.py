@@ -122,9 +122,11 @@ class FlatParams:
     views of the buffers in the same form (a tuple for a list, a read-only
     dict for a dict), ``.grads`` matching views of a zero-initialised gradient
     buffer. Parameters of one dtype lie in their order, back to back.
+    ``pad_to``: each buffer's memory extends, with zeros, to a multiple of this
+    many elements (for a ZeroRedundancyOptimizer: its equal shards need it).
     """
 
-    def __init__(self, arrays: ArraysLike, *, dtype: Any = None):
+    def __init__(self, arrays: ArraysLike, *, dtype: Any = None, pad_to: int = 1):
         if isinstance(arrays, np.ndarray):
             raise TypeError("arrays: expected a list or dict of arrays (or shapes), got a single ndarray (wrap it)")
         if isinstance(arrays, Mapping):
@@ -137,6 +139,8 @@ class FlatParams:
             entries = list(arrays)
         if not entries:
             raise ValueError("arrays: FlatParams got no arrays")
+        if isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or pad_to < 1:
+            raise ValueError(f"pad_to: expected an int >= 1, got {pad_to!r}")
         shape_dtype = np.dtype(np.float32 if dtype is None else dtype)
         labels = [f"arrays[{k!r}]" for k in keys] if keys is not None else [f"arrays[{i}]" for i in range(len(entries))]
         shapes: List[Tuple[int, ...]] = []
@@ -150,19 +154,24 @@ class FlatParams:
                 dtypes.append(shape_dtype)
         for dt, label in zip(dtypes, labels):
             check_param_array(np.empty(0, dt), label)  # the parameter rules decide which dtypes are allowed
-        self._build(keys, shapes, dtypes)
+        self._build(keys, shapes, dtypes, int(pad_to))
         for view, entry in zip(self._param_views, entries):
             if isinstance(entry, np.ndarray):
                 np.copyto(view, entry, casting="no")
 
     @classmethod
-    def _from_layout(cls, keys: Optional[Tuple[Any, ...]], shapes: List[Tuple[int, ...]], dtypes: List[Any]) -> Any:
+    def _from_layout(
+        cls, keys: Optional[Tuple[Any, ...]], shapes: List[Tuple[int, ...]], dtypes: List[Any], pad_to: int = 1
+    ) -> Any:
         flat = cls.__new__(cls)
-        flat._build(keys, [tuple(s) for s in shapes], [np.dtype(d) for d in dtypes])
+        flat._build(keys, [tuple(s) for s in shapes], [np.dtype(d) for d in dtypes], pad_to)
         return flat
 
-    def _build(self, keys: Optional[Tuple[Any, ...]], shapes: List[Tuple[int, ...]], dtypes: List[np.dtype]) -> None:
+    def _build(
+        self, keys: Optional[Tuple[Any, ...]], shapes: List[Tuple[int, ...]], dtypes: List[np.dtype], pad_to: int
+    ) -> None:
         self._keys = keys
+        self.pad_to = pad_to
         self._shapes = shapes
         self.dtypes: Tuple[np.dtype, ...] = tuple(dict.fromkeys(dtypes))
         used = [0] * len(self.dtypes)
@@ -173,8 +182,12 @@ class FlatParams:
             size = int(np.prod(shape, dtype=np.int64)) if shape else 1
             self._slots.append((b, used[b], size))
             used[b] += size
-        self.buffers: Tuple[np.ndarray, ...] = tuple(_aligned_zeros(n, dt) for n, dt in zip(used, self.dtypes))
-        self.grad_buffers: Tuple[np.ndarray, ...] = tuple(_aligned_zeros(n, dt) for n, dt in zip(used, self.dtypes))
+        # The whole memory of each buffer (padding included) and the parameters' part of it.
+        padded = [-(-n // pad_to) * pad_to for n in used]
+        self._padded = tuple(_aligned_zeros(n, dt) for n, dt in zip(padded, self.dtypes))
+        self._grad_padded = tuple(_aligned_zeros(n, dt) for n, dt in zip(padded, self.dtypes))
+        self.buffers: Tuple[np.ndarray, ...] = tuple(b[:n] for b, n in zip(self._padded, used))
+        self.grad_buffers: Tuple[np.ndarray, ...] = tuple(b[:n] for b, n in zip(self._grad_padded, used))
         self._param_views = [self.buffers[b][o : o + n].reshape(s) for (b, o, n), s in zip(self._slots, shapes)]
         self._grad_views = [self.grad_buffers[b][o : o + n].reshape(s) for (b, o, n), s in zip(self._slots, shapes)]
         self._param_index = {id(v): i for i, v in enumerate(self._param_views)}
@@ -237,11 +250,13 @@ class FlatParams:
         # The layout and the buffers; the views are made again from them, so a
         # copy's views share its buffers (copying the views would unshare them).
         dtypes = [self.dtypes[b].str for b, _, _ in self._slots]
-        return (_restore_flat, (self._keys, self._shapes, dtypes, self.buffers, self.grad_buffers))
+        return (_restore_flat, (self._keys, self._shapes, dtypes, self.buffers, self.grad_buffers, self.pad_to))
 
 
-def _restore_flat(keys: Any, shapes: Any, dtypes: List[str], buffers: Any, grad_buffers: Any) -> FlatParams:
-    flat: FlatParams = FlatParams._from_layout(keys, shapes, dtypes)
+def _restore_flat(
+    keys: Any, shapes: Any, dtypes: List[str], buffers: Any, grad_buffers: Any, pad_to: int = 1
+) -> FlatParams:
+    flat: FlatParams = FlatParams._from_layout(keys, shapes, dtypes, pad_to)
     for dst, src in zip((*flat.buffers, *flat.grad_buffers), (*buffers, *grad_buffers)):
         np.copyto(dst, src, casting="no")
     return flat
