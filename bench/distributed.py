@@ -9,9 +9,9 @@ latency and bandwidth measured in the same run.
 
 The script launches itself under `mpiexec -n N` for each N (one OpenMP thread
 per rank: `OMP_NUM_THREADS=1`), so it needs the mpi extra (pip install
-'adamcpp[mpi]'). Each rank holds one FlatParams of N parameters' worth of
-float32 (one tensor) and steps Adam with `opt.step(flat.grads)`: no copy in or
-out. Per step, the optimizer records (opt.timings):
+`adamcpp[mpi]`). Each rank holds one FlatParams of the case's float32
+parameters (one tensor), padded to padding(N) so that the shards are equal, and
+steps Adam with `opt.step(flat.grads)`: no copy in or out. Per step, the optimizer records (opt.timings):
 
     reduce_scatter   the sum of the gradients, each rank receiving its shard
     agreement        the decisions every rank must share (none here beyond the all-reduce before the step)
@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import adamcpp
-    from adamcpp.distributed import ZeroRedundancyOptimizer
+    from adamcpp.distributed import ZeroRedundancyOptimizer, padding
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     result["allreduce_8B_s"] = statistics.median(lat[20:])
     for n in args.sizes:
         rng = np.random.default_rng(0)
-        flat = adamcpp.FlatParams([rng.standard_normal(n, dtype=np.float32)])
+        flat = adamcpp.FlatParams([rng.standard_normal(n, dtype=np.float32)], pad_to=padding(size))
         flat.grads[0][:] = rng.standard_normal(n, dtype=np.float32)
         zero = ZeroRedundancyOptimizer(flat, adamcpp.Adam, comm=comm, lr=1e-3)
         for _ in range(args.warmup):
