@@ -9,9 +9,10 @@ latency and bandwidth measured in the same run.
 
 The script launches itself under `mpiexec -n N` for each N (one OpenMP thread
 per rank: `OMP_NUM_THREADS=1`), so it needs the mpi extra (pip install
-`adamcpp[mpi]`). Each rank holds one FlatParams of the case's float32
-parameters (one tensor), padded to padding(N) so that the shards are equal, and
-steps Adam with `opt.step(flat.grads)`: no copy in or out. Per step, the optimizer records (opt.timings):
+'adamcpp[mpi]'). Each rank holds one FlatParams of the case's float32
+parameters (one tensor), padded to padding(N) so that the shards are equal,
+and steps Adam with `opt.step(flat.grads)`: no copy in or out. Per step, the
+optimizer records (opt.timings):
 
     reduce_scatter   the sum of the gradients, each rank receiving its shard
     agreement        the decisions every rank must share (none here beyond the all-reduce before the step)
