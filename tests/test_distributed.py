@@ -212,6 +212,14 @@ def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, tmp_path):
     assert reports[0]["state_dict"] == ""
 
 
+def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
+    import adamcpp.distributed as dist
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `from mpi4py import MPI` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'adamcpp\[mpi\]'"):
+        dist.ZeroRedundancyOptimizer([np.zeros(3, np.float32)], adamcpp.Adam)
+
+
 def test_padding():
     from adamcpp.distributed import padding
 
