@@ -16,6 +16,7 @@
 #include "dispatch.h"
 #include "multi_tensor.h"
 #include "state_cache.h"
+#include "step_args.h"
 #include "step_scalars.h"
 
 namespace py = pybind11;
@@ -39,11 +40,9 @@ py::tuple names_tuple(const char* const (&names)[N]) {
   return t;
 }
 
-// Interned state dict keys, in role order after param and grad.
-struct StateKeys {
-  PyObject* adam[3];
-  PyObject* sgd[1];
-};
+}  // namespace
+
+// ------------------------------------------- shared with the CUDA entries (step_args.h)
 
 const StateKeys& state_keys() {
   static const StateKeys* keys = [] {
@@ -157,6 +156,18 @@ void parse_groups(py::handle groups_obj, py::handle group_of_obj, std::size_t n,
   }
 }
 
+void parse_adam_groups(py::handle groups, py::handle group_of, std::size_t n, std::vector<AdamHyper>& out,
+                       std::vector<int>& group_of_out) {
+  parse_groups(groups, group_of, n, out, group_of_out, adam_hyper);
+}
+
+void parse_sgd_groups(py::handle groups, py::handle group_of, std::size_t n, std::vector<SgdHyper>& out,
+                      std::vector<int>& group_of_out) {
+  parse_groups(groups, group_of, n, out, group_of_out, sgd_hyper);
+}
+
+namespace {
+
 // ------------------------------------------------------------------ tensors
 
 // Checks tensor i's parameter and gradient and fills the common fields.
@@ -243,6 +254,8 @@ py::tuple run_and_report(std::vector<Tensor>& tensors, const StepPolicy& policy,
   return py::make_tuple(true, norm);
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------- entries
 
 // An optimizer step's lists: params (its length is the tensor count), grads
@@ -257,6 +270,8 @@ std::size_t hold_step_lists(py::handle params_obj, py::handle grads_obj, py::han
   for (PyObject* seq : {params, grads, states}) hold_all(seq, n, sc);
   return n;
 }
+
+namespace {
 
 // One Adam step of an optimizer over every tensor. The state comes from the
 // optimizer's state dicts ("step", "exp_avg", "exp_avg_sq" and, with amsgrad,
@@ -527,6 +542,11 @@ void triad(py::handle a, py::handle b, py::handle c, double s) {
 }
 
 }  // namespace
+
+#ifdef ADAMCPP_WITH_CUDA
+void register_cuda(py::module_& m);
+#endif
+
 }  // namespace adamcpp
 
 PYBIND11_MODULE(_core, m) {
@@ -588,4 +608,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("compiler") = ADAMCPP_COMPILER;
   m.attr("chunk_elements") = kChunkElements;
   m.attr("parallel_min_elements") = kParallelMinElements;
+#ifdef ADAMCPP_WITH_CUDA
+  register_cuda(m);  // the CUDA unit's entries (cuda/cuda_bindings.cpp)
+#endif
 }

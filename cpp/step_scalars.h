@@ -4,11 +4,17 @@
 // Plain C++ with no Python, usable from a CUDA unit's host code.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "kernels.h"
+
+// The functions here that a CUDA kernel calls too.
+#if defined(__CUDACC__)
+#define ADAMCPP_HOST_DEVICE __host__ __device__
+#else
+#define ADAMCPP_HOST_DEVICE
+#endif
 
 namespace adamcpp {
 
@@ -98,10 +104,11 @@ inline void set_sgd_step(SgdTensor& t, const SgdHyper& h, double grad_scale) {
 
 // Clipping by the global norm: max_norm / (norm + 1e-6), capped at 1. A NaN
 // norm gives a NaN coefficient (every gradient becomes NaN), as a clip by
-// norm does when a gradient is not finite.
-inline double clip_coefficient(double max_norm, double norm) {
+// norm does when a gradient is not finite. Written with comparisons only, so
+// the CUDA unit's kernels compute it with this same definition.
+ADAMCPP_HOST_DEVICE inline double clip_coefficient(double max_norm, double norm) {
   const double ratio = max_norm / (norm + 1e-6);
-  return std::isnan(ratio) ? ratio : std::min(1.0, ratio);
+  return ratio != ratio ? ratio : (ratio < 1.0 ? ratio : 1.0);
 }
 
 }  // namespace adamcpp

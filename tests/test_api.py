@@ -811,7 +811,10 @@ def test_build_info_keys_and_types():
     assert isinstance(info["simd_targets"], list) and info["simd_targets"]
     assert all(isinstance(t, str) for t in info["simd_targets"])
     assert isinstance(info["simd"], str) and info["simd"] in info["simd_targets"]
-    assert isinstance(info["cuda"], bool)
+    cuda = info["cuda"]  # a dict since the CUDA unit (docs/api.md, section 6)
+    assert isinstance(cuda, dict) and isinstance(cuda["compiled"], bool) and isinstance(cuda["available"], bool)
+    assert cuda["available"] == adamcpp.cuda_available()
+    assert (cuda["reason"] is None) == cuda["available"]
     if "simd_supported" in info:
         assert set(info["simd_supported"]) <= set(info["simd_targets"])
         assert info["simd"] in info["simd_supported"]

@@ -231,3 +231,58 @@ def test_python_dash_m_entry_point():
     for flag in ("--sizes", "--threads", "--dtype", "--variant", "--contenders", "--repeats", "--min-time",
                  "--quick", "--json", "--plot"):
         assert flag in done.stdout
+
+
+# ------------------------------------------------------------ --device cuda
+def test_cuda_device_needs_a_usable_gpu(capsys):
+    if adamcpp.cuda_available():
+        pytest.skip("a usable GPU is here: bench/gpu_check.sh runs the CUDA sweep")
+    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    assert "--device cuda needs a usable CUDA device: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cuda", "--contenders", "numpy"])  # a CPU contender
+    assert exc.value.code == 2
+
+
+def test_cuda_sweep_plumbing_with_stand_ins(tmp_path, capsys, monkeypatch):
+    """The --device cuda sweep (timing, derived figures, the table, the targets, the JSON) driven by stand-ins
+    for the device contenders: plumbing only; bench/gpu_check.sh runs it for real."""
+    from adamcpp.bench import gpu
+
+    class StandIn(gpu.GpuContender):
+        def __init__(self, case, p0, g0, env, speed=1.0):
+            super().__init__(case)
+            params = [p.copy() for p in p0]
+            opt = adamcpp.Adam(params)
+            self.step = lambda: opt.step(g0)
+
+    class Copy(gpu.GpuContender):
+        def __init__(self, case, p0, g0, env):
+            super().__init__(case)
+            a = np.zeros(max(1, case.bytes_per_step // 8), np.float32)
+            b = np.ones_like(a)
+            self.bytes = 2 * a.nbytes
+            self.step = lambda: np.copyto(a, b)
+
+    monkeypatch.setattr(adamcpp, "cuda_available", lambda: True)
+    monkeypatch.setattr(gpu, "synchronize", lambda: None)
+    monkeypatch.setattr(gpu, "FACTORIES", {"adamcpp": StandIn, "torch-fused": StandIn, "copy": Copy})
+    path = tmp_path / "gpu.json"
+    args = ["--device", "cuda", "--sizes", "1e7,1000x256", "--contenders", "adamcpp,torch-fused,copy",
+            "--repeats", "1", "--min-time", "0.001", "--json", str(path)]
+    monkeypatch.setattr(gpu.cuda, "info", lambda: {"devices": [{"name": "stand-in", "compute_capability": "9.0",
+                                                              "memory_bytes": 2**40}], "driver_version": None,
+                                                 "runtime_version": "13.0", "toolkit": "13.0",
+                                                 "architectures": ["sm_90"], "available": True, "reason": None})
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["config"]["device"] == "cuda" and report["machine"]["gpu"]["name"] == "stand-in"
+    assert [r["shape"]["label"] for r in report["results"]] == ["1000x256", "1e7"]
+    for r in report["results"]:
+        c = r["contenders"]
+        assert c["adamcpp"]["adamcpp_speedup"] == 1.0 and c["copy"]["frac_copy"] == 1.0
+        assert c["adamcpp"]["host_us_per_tensor"] == pytest.approx(c["adamcpp"]["host_s"] * 1e6 / r["shape"]["n_tensors"])
+        assert all(e["finite"] for e in c.values())
+    assert "== targets" in out and "copy bandwidth (target >= 0.9)" in out and "us of host time per tensor" in out
+    assert any("update launch(es) per step" in line for line in report["targets"])

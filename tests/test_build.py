@@ -1,7 +1,7 @@
-"""The build without OpenMP: the package must still compile (kernels still
-vectorised through `-fopenmp-simd`) and run single-threaded, with results
-bitwise identical to the OpenMP build (the chunk split never changes an
-element's arithmetic)."""
+"""The build without OpenMP (and without the CUDA unit, ADAMCPP_CUDA=OFF): the
+package must still compile (kernels still vectorised through `-fopenmp-simd`)
+and run single-threaded, with results bitwise identical to the OpenMP build
+(the chunk split never changes an element's arithmetic)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ opt = adamcpp.AdamW(params, lr=1e-2, amsgrad=True)
 for _ in range(5):
     assert opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in params])
 np.save(sys.argv[2], np.concatenate(params))
-print(info["openmp"], adamcpp.get_num_threads(), info["simd"])
+print(info["openmp"], adamcpp.get_num_threads(), info["simd"], info["cuda"]["compiled"], adamcpp.cuda_available())
 """
 
 
@@ -52,7 +52,7 @@ def test_builds_and_runs_without_openmp(tmp_path):
     build = tmp_path / "build"
     configure = [
         "cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-        "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON", "-DADAMCPP_CUDA=OFF", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         f"-DPython_EXECUTABLE={sys.executable}", "-DSKBUILD_PROJECT_VERSION=0.0.0",
     ]
     if shutil.which("ninja"):
@@ -69,7 +69,8 @@ def test_builds_and_runs_without_openmp(tmp_path):
         [sys.executable, "-c", SCRIPT, str(tmp_path / "pkg"), str(out)],
         check=True, capture_output=True, text=True, env=env,
     )
-    openmp, threads, simd = result.stdout.split()
+    openmp, threads, simd, cuda_compiled, cuda_available = result.stdout.split()
     assert openmp == "False" and threads == "1"
+    assert cuda_compiled == cuda_available == "False"  # ADAMCPP_CUDA=OFF: the CPU-only build
     assert simd == adamcpp.build_info()["simd"]
     np.testing.assert_array_equal(np.load(out).view(np.uint32), _reference().view(np.uint32))

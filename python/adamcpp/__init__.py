@@ -10,7 +10,7 @@ from __future__ import annotations
 import os as _os
 from typing import Any, Dict
 
-from . import _core, checkpoint, functional, schedules
+from . import _core, checkpoint, cuda, functional, schedules
 from ._common import describe_number as _describe_number
 from .checkpoint import load, save
 from .flat import FlatParams
@@ -44,6 +44,12 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(n)
 
 
+def cuda_available() -> bool:
+    """Whether CUDA arrays can be stepped here (the CUDA unit is compiled, a driver answers and a visible
+    device can run its code); build_info()["cuda"]["reason"] says why not."""
+    return cuda.available()
+
+
 def build_info() -> Dict[str, Any]:
     """What was compiled and what was chosen at run time."""
     targets = list(_core.compiled_targets())
@@ -53,7 +59,7 @@ def build_info() -> Dict[str, Any]:
         "simd_targets": targets,
         "simd_supported": [t for t in targets if _core.target_supported(t)],
         "simd": _core.simd(),
-        "cuda": False,
+        "cuda": cuda.info(),
         "compiler": _core.compiler,
         "num_threads": _core.get_num_threads(),
         "chunk_elements": int(_core.chunk_elements),
@@ -76,5 +82,7 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "build_info",
+    "cuda",
+    "cuda_available",
     "__version__",
 ]

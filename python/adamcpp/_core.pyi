@@ -5,7 +5,7 @@ layer: every array is validated before any buffer is written, and the update of
 all tensors runs in one call with the GIL released.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -135,3 +135,120 @@ def select_simd(name: str) -> None: ...
 def simd() -> str: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
+
+# ---------------------------------------------------------------------------
+# The CUDA unit (cpp/cuda/): present only in a build with it (adamcpp.cuda.COMPILED).
+# docs/api.md, "The native contract", describes these entries.
+
+class DeviceArray:
+    """adamcpp's device buffer: one C-contiguous float32/float64 allocation on a CUDA device, exported through
+    DLPack and the CUDA array interface (made by adamcpp.cuda.zeros / empty / to_device)."""
+
+    @property
+    def shape(self) -> Tuple[int, ...]: ...
+    @property
+    def dtype(self) -> np.dtype: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def ndim(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]: ...
+    def numpy(self) -> np.ndarray: ...
+    def copy(self) -> DeviceArray: ...
+    def __deepcopy__(self, memo: Any) -> DeviceArray: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Optional[int] = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
+class CudaWorkspace:
+    """An optimizer's CUDA resources (upload slots), made on demand."""
+
+    def __init__(self) -> None: ...
+    def pending_norm(self) -> float:
+        """The global norm of the last step that left it on the device (waits for that step)."""
+
+def cuda_adam_step(
+    cache: StateCache,
+    workspace: CudaWorkspace,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    states: Sequence[dict],
+    group_of: Sequence[int],
+    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, int]],
+    grad_scale: float,
+    nonfinite: int,
+    max_grad_norm: float,
+    patterns: _Patterns,
+    names: Optional[Sequence[object]],
+    stream: Any,
+) -> Tuple[bool, Optional[float], bool]:
+    """adam_step on CUDA arrays; returns (applied, grad_norm or None, norm_pending)."""
+
+def cuda_sgd_step(
+    cache: StateCache,
+    workspace: CudaWorkspace,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    states: Sequence[dict],
+    group_of: Sequence[int],
+    groups: Sequence[Tuple[float, float, float, float, bool, bool]],
+    grad_scale: float,
+    nonfinite: int,
+    max_grad_norm: float,
+    patterns: _Patterns,
+    names: Optional[Sequence[object]],
+    stream: Any,
+) -> Tuple[bool, Optional[float], bool]:
+    """sgd_step on CUDA arrays; returns (applied, grad_norm or None, norm_pending)."""
+
+def cuda_adam_functional(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    exp_avgs: Sequence[Any],
+    exp_avg_sqs: Sequence[Any],
+    max_exp_avg_sqs: Optional[Sequence[Any]],
+    steps: Sequence[int],
+    hyper: Tuple[float, float, float, float, float, bool, bool, bool, int],
+    grad_scale: float,
+    patterns: _Patterns,
+    stream: Any,
+) -> None:
+    """adam_functional on CUDA arrays."""
+
+def cuda_global_norm(
+    grads: Sequence[Any], patterns: _Patterns, names: Optional[Sequence[object]], stream: Any
+) -> float:
+    """global_norm of CUDA arrays (one device reduction in the CPU's order; waits for it)."""
+
+def cuda_info() -> Dict[str, Any]:
+    """What the CUDA probe found: compiled, toolkit, architectures, versions, devices, available, reason."""
+
+def cuda_launch_counts() -> Dict[str, int]:
+    """Kernel launches and table uploads since the process started, by kind."""
+
+def cuda_synchronize(device: int) -> None: ...
+def cuda_copy(dst: DeviceArray, src: DeviceArray) -> None: ...
+def cuda_inspect(array: Any, stream: Any = None) -> Dict[str, Any]:
+    """How the CUDA entries read an array (no CUDA call)."""
+
+def cuda_check_param(array: Any, label: str) -> Dict[str, Any]:
+    """The parameter rules for one device array; returns what cuda_inspect returns."""
+
+def cuda_pointer_device(ptr: int) -> int: ...
+def cuda_to_host(array: Any, label: str) -> np.ndarray: ...
+def cuda_empty(shape: Any, dtype: Any, device: int) -> DeviceArray: ...
+def cuda_zeros(shape: Any, dtype: Any, device: int) -> DeviceArray: ...
+def cuda_from_host(host: np.ndarray, device: int) -> DeviceArray: ...

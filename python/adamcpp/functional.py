@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, cuda
 from ._common import check_bool, check_grad_scale
 from ._hyper import adam_hyper
 
@@ -16,13 +16,17 @@ ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 _PATTERNS = tuple(f"{role}s[{{}}]" for role in _core.ADAM_ROLES)
 
 
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or cuda.is_cuda_array(x)
+
+
 def _as_list(x: Any, name: str, single: bool) -> List[Any]:
     if single:
-        if not isinstance(x, np.ndarray):
+        if not _is_array(x):
             raise TypeError(f"{name}: params is a single array, so {name} must be one too, got {type(x).__name__}")
         return [x]
-    if isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: params is a list, so {name} must be a list of arrays too, got a single ndarray")
+    if _is_array(x):
+        raise TypeError(f"{name}: params is a list, so {name} must be a list of arrays too, got a single array")
     if not isinstance(x, (list, tuple)):
         raise TypeError(f"{name}: expected a list or tuple of arrays, got {type(x).__name__}")
     return list(x)
@@ -46,14 +50,16 @@ def adam(
     maximize: bool = False,
     eps_style: str = "torch",
     grad_scale: float = 1.0,
+    stream: Any = None,
 ) -> None:
     """Applies Adam step number `step` (1-based) in place to every tensor.
 
     Each array argument is one array or a list of arrays (one per tensor).
     `step` is an int or a list of ints, one per tensor. Nothing is incremented.
-    Every argument is validated before any buffer is written.
+    Every argument is validated before any buffer is written. CUDA arrays are
+    updated on their device, queued on `stream` (None: the legacy default stream).
     """
-    single = isinstance(params, np.ndarray)
+    single = _is_array(params)
     ps = _as_list(params, "params", single)
     gs = _as_list(grads, "grads", single)
     ms = _as_list(exp_avgs, "exp_avgs", single)
@@ -81,4 +87,10 @@ def adam(
         eps_style=eps_style,
     )
     hyper = adam_hyper(values, str)
+    if ps and cuda.is_cuda_array(ps[0]):
+        cuda.require_compiled("params[0]")
+        _core.cuda_adam_functional(ps, gs, ms, vs, vmaxs, steps, hyper, check_grad_scale(grad_scale), _PATTERNS, stream)
+        return
+    if stream is not None:
+        raise TypeError("stream: only CUDA arrays take a stream (these parameters are NumPy arrays)")
     _core.adam_functional(ps, gs, ms, vs, vmaxs, steps, hyper, check_grad_scale(grad_scale), _PATTERNS)

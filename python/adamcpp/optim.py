@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tupl
 
 import numpy as np
 
-from . import _core
+from . import _core, cuda
 from . import flat as _flat_storage
 from ._common import (
     check_float,
@@ -178,6 +178,7 @@ class Optimizer(abc.ABC):
     """
 
     _native: Callable[..., Tuple[bool, Optional[float]]]
+    _cuda_native = ""  # the name of the native entry for CUDA arrays (adamcpp.cuda)
     _patterns: Tuple[str, ...] = ()  # message label of each native array role
     # name -> required in a loaded state dict (optional entries start on demand)
     _array_state: ClassVar[Dict[str, bool]] = {}
@@ -196,7 +197,8 @@ class Optimizer(abc.ABC):
         self._start_runtime()
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
-        self.last_grad_norm: Optional[float] = None
+        self._last_grad_norm: Optional[float] = None
+        self._norm_pending = False
         self._hyper(defaults, "defaults")
         self.defaults: Dict[str, Any] = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
@@ -207,7 +209,8 @@ class Optimizer(abc.ABC):
         # Flat mode (docs/api.md, "Flat storage"): every parameter is a view handed out by one FlatParams.
         self._fs: Optional[_flat_storage._FlatStorage] = None
         groups, keys = _normalize_params(_flat_storage.unwrap(params))
-        source = _flat_storage.common_source(_loose_params(groups))
+        self._cuda = self._device_for(groups, keys)
+        source = _flat_storage.common_source(_loose_params(groups)) if self._cuda is None else None
         for group in groups:
             self._add_group(group, keys, with_state=source is None)
         self._keys = keys
@@ -266,14 +269,28 @@ class Optimizer(abc.ABC):
             raise TypeError(f"param_groups[{gi}]['params']: expected a list of arrays, got a dict")
         return list(ps)
 
+    def _device_for(self, groups: List[Dict[str, Any]], keys: Optional[Tuple[Any, ...]]) -> Any:
+        """The CUDA side of an optimizer whose first parameter is a CUDA array (adamcpp.cuda), else None:
+        the first parameter decides where the optimizer runs."""
+        ps = groups[0]["params"] = self._group_params(groups[0]["params"], 0)  # an iterator is read once
+        if not ps or not cuda.is_cuda_array(ps[0]):
+            return None
+        return cuda.OptimizerDevice(ps[0], self._label(0, keys))
+
     def _check_new_params(self, flat: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
         """The rules for the parameters of flat positions start, start + 1, ...:
-        valid arrays, each appearing once in the whole optimizer."""
+        valid arrays (on the optimizer's device), each appearing once in the whole optimizer."""
         seen = {id(p) for p in flat[:start]}
+        first: Optional[Dict[str, Any]] = None
         for i in range(start, len(flat)):
             p = flat[i]
             label = self._label(i, keys)
-            check_param_array(p, label)
+            if self._cuda is None:
+                check_param_array(p, label)
+            else:
+                found = self._cuda.check_param(p, label)
+                first = first if first is not None else self._cuda.check_param(flat[0], self._label(0, keys))
+                cuda.same_device(found, first, label)
             if id(p) in seen:
                 raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
@@ -301,7 +318,7 @@ class Optimizer(abc.ABC):
             self._flat.append(p)
             self._group_of.append(gi)
             if with_state:
-                self.state.append(ParamState(self._new_state(p, group)))
+                self.state.append(ParamState(self._fresh_state(p, group)))
         self._keys = None
 
     def _layout(self) -> Tuple[List[np.ndarray], List[int]]:
@@ -339,9 +356,9 @@ class Optimizer(abc.ABC):
             s = by_id.get(id(p))
             if s is None and i < len(self._flat):
                 old = self._flat[i]
-                if id(old) not in present and self._group_of[i] == gi and old.shape == p.shape and old.dtype == p.dtype:
+                if id(old) not in present and self._group_of[i] == gi and self._layout_of(old) == self._layout_of(p):
                     s = self.state[i]
-            state.append(s if s is not None else ParamState(self._new_state(p, self.param_groups[gi])))
+            state.append(s if s is not None else ParamState(self._fresh_state(p, self.param_groups[gi])))
         self._flat, self._group_of, self.state = flat, group_of, state
         self._keys = keys
 
@@ -394,7 +411,7 @@ class Optimizer(abc.ABC):
             return grads
         raise TypeError(f"grads: expected a list, tuple or dict of arrays, got {type(grads).__name__}")
 
-    def step(self, grads: GradsLike, *, grad_scale: float = 1.0) -> bool:
+    def step(self, grads: GradsLike, *, grad_scale: float = 1.0, stream: Any = None) -> bool:
         """Applies one update to every parameter in one native call.
 
         Returns True when the update was applied, False when `nonfinite="skip"`
@@ -403,7 +420,12 @@ class Optimizer(abc.ABC):
         same native call, gradients are scaled by min(1, max_grad_norm /
         (norm + 1e-6)) inside the kernel, and the norm is kept in
         `last_grad_norm`. Calls on one optimizer run one at a time.
+
+        `stream` (CUDA arrays only) is the CUDA stream the step is queued on:
+        None (the legacy default stream), an int handle or a stream object.
         """
+        if stream is not None and self._cuda is None:
+            raise TypeError("stream: only an optimizer of CUDA arrays takes a stream (its parameters are NumPy arrays)")
         self._enter()
         try:
             if self._fs is not None:
@@ -417,6 +439,8 @@ class Optimizer(abc.ABC):
             grad_list = self._grads_list(grads)
             scale = check_grad_scale(grad_scale)
             hypers = self._group_hypers()
+            if self._cuda is not None:
+                return self._step_on_device(grad_list, hypers, scale, nonfinite, max_norm, stream)
             applied, norm = self._native(
                 self._state_cache,
                 self._flat,
@@ -433,8 +457,55 @@ class Optimizer(abc.ABC):
         finally:
             self._leave()
         if norm is not None:
-            self.last_grad_norm = norm
+            self._last_grad_norm = norm
         return bool(applied)
+
+    def _step_on_device(
+        self, grad_list: Any, hypers: List[Hyper], scale: float, nonfinite: int, max_norm: float, stream: Any
+    ) -> bool:
+        """The native step of a CUDA optimizer (adamcpp.cuda); the lock is held."""
+        assert self._cuda is not None
+        native = getattr(_core, self._cuda_native)
+        applied, norm, pending = native(
+            self._state_cache,
+            self._cuda.workspace,
+            self._flat,
+            grad_list,
+            self.state,
+            self._group_of,
+            hypers,
+            scale,
+            nonfinite,
+            max_norm,
+            self._patterns,
+            self._keys,
+            stream,
+        )
+        if norm is not None:
+            self._last_grad_norm = norm
+            self._norm_pending = False
+        elif pending:
+            self._norm_pending = True
+        return bool(applied)
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The global gradient norm of the last step that clipped (section 2.5 of docs/api.md). On CUDA the
+        norm stays on the device until it is read here: reading it waits for that step."""
+        if self._norm_pending:
+            self._enter()
+            try:
+                if self._norm_pending and self._cuda is not None:
+                    self._last_grad_norm = self._cuda.pending_norm()
+                    self._norm_pending = False
+            finally:
+                self._leave()
+        return self._last_grad_norm
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: Optional[float]) -> None:
+        self._last_grad_norm = value
+        self._norm_pending = False
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -445,7 +516,7 @@ class Optimizer(abc.ABC):
             self._sync_structure()
             state = {}
             for i, s in enumerate(self.state):
-                state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.copy(v)) for k, v in s.items()}
+                state[i] = {k: self._export_value(k, v, i) for k, v in s.items()}
             groups = []
             index = 0
             for g in self.param_groups:
@@ -512,9 +583,15 @@ class Optimizer(abc.ABC):
             i = id_to_index[pid]
             new_state[i] = self._convert_state(entry, self._flat[i], f"state_dict['state'][{pid}]")
         states = [
-            ParamState(s if s is not None else self._new_state(self._flat[i], new_groups[self._group_of[i]]))
+            ParamState(s if s is not None else self._fresh_state(self._flat[i], new_groups[self._group_of[i]]))
             for i, s in enumerate(new_state)
         ]
+        if self._cuda is not None:  # everything validated: the arrays go to the device (nothing changes if that fails)
+            device = self._cuda
+            states = [
+                ParamState({k: device.upload(v) if isinstance(v, np.ndarray) else v for k, v in s.items()})
+                for s in states
+            ]
         # Everything validated: commit.
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
@@ -535,10 +612,14 @@ class Optimizer(abc.ABC):
             return value.item()
         return value
 
-    def _convert_state(self, entry: Any, p: np.ndarray, where: str) -> Dict[str, Any]:
+    def _convert_state(self, entry: Any, p: Any, where: str) -> Dict[str, Any]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: expected a dict")
-        out: Dict[str, Any] = {"step": check_step_count(entry.get("step", 0), f"{where}['step']")}
+        step = entry.get("step", 0)
+        if cuda.is_cuda_array(step):  # torch's fused CUDA optimizers keep the count on the device
+            step = cuda.to_numpy(step, f"{where}['step']")
+        out: Dict[str, Any] = {"step": check_step_count(step, f"{where}['step']")}
+        shape, dtype = self._layout_of(p)
         for name, required in self._array_state.items():
             if entry.get(name) is None:
                 if required:
@@ -546,13 +627,41 @@ class Optimizer(abc.ABC):
                 if name in self._nullable_state:
                     out[name] = None
                 continue
-            arr = np.asarray(entry[name])
-            if arr.shape != p.shape:
-                raise ValueError(f"{where}['{name}']: expected shape {p.shape} like its parameter, got {arr.shape}")
+            value = entry[name]
+            arr = cuda.to_numpy(value, f"{where}['{name}']") if cuda.is_cuda_array(value) else np.asarray(value)
+            if arr.shape != shape:
+                raise ValueError(f"{where}['{name}']: expected shape {shape} like its parameter, got {arr.shape}")
             if arr.dtype.kind != "f":
                 raise TypeError(f"{where}['{name}']: expected a floating-point array, got dtype {arr.dtype}")
-            out[name] = np.array(arr, dtype=p.dtype, order="C", copy=True)
+            out[name] = np.array(arr, dtype=dtype, order="C", copy=True)
         return out
+
+    # ----------------------------------------------------------- the device
+    def _layout_of(self, p: Any) -> Tuple[Tuple[int, ...], Any]:
+        """A parameter's shape and dtype (read without CUDA for a device array)."""
+        if self._cuda is None or isinstance(p, np.ndarray):
+            return tuple(p.shape), p.dtype
+        return self._cuda.layout(p)
+
+    def _fresh_state(self, p: Any, group: Mapping[str, Any]) -> Dict[str, Any]:
+        """A new parameter's state. On CUDA the arrays start (on the device) at the first step that
+        needs them, so they are None until then."""
+        if self._cuda is None:
+            return self._new_state(p, group)
+        return {"step": 0, **{k: None for k, req in self._array_state.items() if req or k in self._nullable_state}}
+
+    def _export_value(self, key: str, v: Any, i: int) -> Any:
+        """A state value as state_dict() holds it: arrays as NumPy copies (an unstarted CUDA moment as
+        the zeros it starts from)."""
+        if isinstance(v, np.ndarray):
+            return v.copy()
+        if self._cuda is not None:
+            if v is None and self._array_state.get(key):
+                shape, dtype = self._layout_of(self._flat[i])
+                return np.zeros(shape, dtype)
+            if v is not None and cuda.is_cuda_array(v):
+                return cuda.to_numpy(v, f"state[{i}][{key!r}]")
+        return copy.copy(v)
 
     # --------------------------------------------------------------- subclass
     @abc.abstractmethod
@@ -572,6 +681,9 @@ class Optimizer(abc.ABC):
         self._enter()
         try:
             self._sync_structure()
+            if self._norm_pending and self._cuda is not None:  # a copy carries the number, not the device's copy
+                self._last_grad_norm = self._cuda.pending_norm()
+                self._norm_pending = False
             state = self.__dict__.copy()
             if self._fs is not None:
                 # A flat optimizer travels as its FlatParams (whose copy makes its
@@ -582,15 +694,19 @@ class Optimizer(abc.ABC):
                 del state["state"]
         finally:
             self._leave()
-        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_fs"):
+        state["last_grad_norm"] = state.pop("_last_grad_norm")
+        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_cuda", "_norm_pending", "_fs"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        last_grad_norm = state.pop("last_grad_norm", None)
         flat_copy = state.pop("_flat_copy", None)
         self.__dict__.update(state)
         self._start_runtime()
         self._fs = None
+        self._cuda = None
         if flat_copy is not None:
             source, index, states = flat_copy
             views = [source._param_views[j] for j in index]
@@ -602,8 +718,11 @@ class Optimizer(abc.ABC):
             self.state = []
             self._flat, self._group_of = self._layout()
             self._fs = _flat_storage._FlatStorage(self, source, index, states)
-            return
-        self._flat, self._group_of = self._layout()
+        else:
+            self._flat, self._group_of = self._layout()
+            if self._flat and cuda.is_cuda_array(self._flat[0]):
+                self._cuda = cuda.OptimizerDevice(self._flat[0], self._label(0, self._keys))
+        self.last_grad_norm = last_grad_norm
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -657,6 +776,7 @@ class Adam(Optimizer):
     """
 
     _native = _core.adam_step
+    _cuda_native = "cuda_adam_step"
     _patterns = _state_patterns(_core.ADAM_ROLES)
     _array_state: ClassVar[Dict[str, bool]] = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": False}
 
@@ -742,6 +862,7 @@ class SGD(Optimizer):
     """
 
     _native = _core.sgd_step
+    _cuda_native = "cuda_sgd_step"
     _patterns = _state_patterns(_core.SGD_ROLES)
     _array_state: ClassVar[Dict[str, bool]] = {"momentum_buffer": False}
     _nullable_state = ("momentum_buffer",)
@@ -776,11 +897,12 @@ class SGD(Optimizer):
         return {"step": 0, "momentum_buffer": None}
 
 
-def global_norm(grads: GradsLike) -> float:
+def global_norm(grads: GradsLike, *, stream: Any = None) -> float:
     """The L2 norm of all gradients taken together (as torch's clip_grad_norm_
     computes it), in one multi-threaded native pass accumulating in float64.
     Gradients may be float32 or float64, read-only, of any shape; they must be
-    C-contiguous."""
+    C-contiguous. CUDA arrays are summed on their device, in the same order (one
+    reduction queued on `stream`, then a wait for its result)."""
     names: Optional[Tuple[Any, ...]] = None
     if isinstance(grads, Mapping):
         names = tuple(grads.keys())
@@ -789,4 +911,10 @@ def global_norm(grads: GradsLike) -> float:
         seq = [grads]
     else:
         seq = grads if isinstance(grads, (list, tuple)) else list(grads)
-    return _core.global_norm(seq, ("params[{}]", "grads[{}]"), names)
+    patterns = ("params[{}]", "grads[{}]")
+    if seq and cuda.is_cuda_array(seq[0]):
+        cuda.require_compiled(Optimizer._label(0, names).replace("params", "grads", 1))
+        return float(_core.cuda_global_norm(seq, patterns, names, stream))
+    if stream is not None:
+        raise TypeError("stream: only CUDA arrays take a stream (these gradients are NumPy arrays)")
+    return _core.global_norm(seq, patterns, names)

@@ -27,6 +27,8 @@ from .cases import (
     parse_threads,
 )
 from .contenders import CONTENDERS, allocate, estimate_bytes
+from .gpu import CUDA_CONTENDERS
+from .gpu import run as run_gpu
 from .machine import bandwidth_probe, load_average, load_optional, machine_info, meminfo, unavailable_reasons
 from .plot import write_plot
 from .report import (
@@ -92,13 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--contenders",
-        type=lambda s: parse_choices(
-            s, "--contenders", CONTENDERS, {"torch": ["torch-foreach", "torch-fused"], "stream": ["triad"]}
-        ),
-        default=list(CONTENDERS),
+        default=None,
         metavar="LIST",
-        help=f"comma list from {', '.join(CONTENDERS)} ('torch' = both torch modes); default all "
-        "(those not installed are reported and skipped)",
+        help=f"comma list from {', '.join(CONTENDERS)} ('torch' = both torch modes; with --device cuda from "
+        f"{', '.join(CUDA_CONTENDERS)}); default all (those not installed are reported and skipped)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): the CPU sweep; cuda: one Adam step on CUDA device 0 beside torch on CUDA and the "
+        "device's copy bandwidth (needs adamcpp.cuda_available())",
     )
     parser.add_argument(
         "--repeats",
@@ -138,9 +144,25 @@ def _print(text: str, file: Optional[IO[str]] = None) -> None:
         print(text, file=file, flush=True)
 
 
+def _contenders(parser: argparse.ArgumentParser, text: Optional[str], device: str) -> List[str]:
+    """The --contenders list for the device (all by default); an unknown name is a usage error."""
+    choices = CUDA_CONTENDERS if device == "cuda" else CONTENDERS
+    if text is None:
+        return list(choices)
+    try:
+        return parse_choices(
+            text, "--contenders", choices, {"torch": ["torch-foreach", "torch-fused"], "stream": ["triad"]}
+        )
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.contenders = _contenders(parser, args.contenders, args.device)
+    if args.device == "cuda":
+        return run_gpu(args, parser)
     sizes = args.sizes if args.sizes is not None else parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     threads = args.threads if args.threads is not None else parse_threads("1,all")
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)

@@ -1,0 +1,499 @@
+// adamcpp: reading device array arguments (DeviceArray, DLPack, the CUDA array
+// interface) and the rules they obey, with the CPU path's wording.
+#include "device_arrays.h"
+
+#include <stdexcept>
+
+#include "device_buffer.h"
+#include "dlpack_abi.h"
+
+namespace adamcpp {
+namespace cuda {
+namespace {
+
+struct Names {
+  PyObject* dlpack;
+  PyObject* dlpack_device;
+  PyObject* interface;
+  PyObject* stream;
+  PyObject* max_version;
+  PyObject* shape;
+  PyObject* typestr;
+  PyObject* data;
+  PyObject* strides;
+  PyObject* mask;
+  PyObject* version;
+};
+
+const Names& names() {
+  static const Names* n = [] {
+    auto* k = new Names();  // lives as long as the interpreter
+    k->dlpack = PyUnicode_InternFromString("__dlpack__");
+    k->dlpack_device = PyUnicode_InternFromString("__dlpack_device__");
+    k->interface = PyUnicode_InternFromString("__cuda_array_interface__");
+    k->stream = PyUnicode_InternFromString("stream");
+    k->max_version = PyUnicode_InternFromString("max_version");
+    k->shape = PyUnicode_InternFromString("shape");
+    k->typestr = PyUnicode_InternFromString("typestr");
+    k->data = PyUnicode_InternFromString("data");
+    k->strides = PyUnicode_InternFromString("strides");
+    k->mask = PyUnicode_InternFromString("mask");
+    k->version = PyUnicode_InternFromString("version");
+    return k;
+  }();
+  return *n;
+}
+
+// An attribute, or null when there is none (any other error propagates).
+py::object attr_or_null(PyObject* o, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(o, name);
+  if (v == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+    PyErr_Clear();
+    return py::object();
+  }
+  return py::reinterpret_steal<py::object>(v);
+}
+
+const char* device_type_name(int type) {
+  switch (type) {
+    case dlpack::kCPU:
+      return "the CPU";
+    case dlpack::kCUDAHost:
+      return "pinned host memory (kDLCUDAHost)";
+    case dlpack::kOpenCL:
+      return "an OpenCL device";
+    case dlpack::kVulkan:
+      return "a Vulkan device";
+    case dlpack::kMetal:
+      return "a Metal device";
+    case dlpack::kROCM:
+      return "a ROCm device";
+    case dlpack::kROCMHost:
+      return "pinned ROCm host memory";
+    case dlpack::kOneAPI:
+      return "a oneAPI device";
+    default:
+      return nullptr;
+  }
+}
+
+std::string dlpack_dtype_name(const dlpack::DataType& t) {
+  std::string name;
+  switch (t.code) {
+    case dlpack::kFloat:
+      name = "float" + std::to_string(t.bits);
+      break;
+    case dlpack::kBfloat:
+      name = "bfloat" + std::to_string(t.bits);
+      break;
+    case dlpack::kInt:
+      name = "int" + std::to_string(t.bits);
+      break;
+    case dlpack::kUInt:
+      name = "uint" + std::to_string(t.bits);
+      break;
+    case dlpack::kComplex:
+      name = "complex" + std::to_string(t.bits);
+      break;
+    case dlpack::kBool:
+      name = "bool";
+      break;
+    default:
+      name = "DLPack type code " + std::to_string(t.code) + " of " + std::to_string(t.bits) + " bits";
+  }
+  if (t.lanes != 1) name += "x" + std::to_string(t.lanes);
+  return name;
+}
+
+// A CUDA array interface typestr ("<f4") as NumPy names it, or as given.
+std::string interface_dtype_name(const std::string& typestr) {
+  if (typestr.size() >= 3 && (typestr[0] == '<' || typestr[0] == '=' || typestr[0] == '|')) {
+    const char kind = typestr[1];
+    const std::string bytes = typestr.substr(2);
+    const int bits = std::atoi(bytes.c_str()) * 8;
+    if (kind == 'f') return "float" + std::to_string(bits);
+    if (kind == 'i') return "int" + std::to_string(bits);
+    if (kind == 'u') return "uint" + std::to_string(bits);
+    if (kind == 'c') return "complex" + std::to_string(bits);
+    if (kind == 'b' && bytes == "1") return "bool";
+  }
+  return typestr;
+}
+
+// Row-major compactness; a dimension of size 1 may have any stride, and an empty array is compact.
+bool compact(const std::int64_t* dims, const std::int64_t* strides, int ndim, std::int64_t unit) {
+  if (strides == nullptr) return true;
+  for (int d = 0; d < ndim; ++d) {
+    if (dims[d] == 0) return true;
+  }
+  std::int64_t expected = unit;
+  for (int d = ndim - 1; d >= 0; --d) {
+    if (dims[d] != 1 && strides[d] != expected) return false;
+    expected *= dims[d];
+  }
+  return true;
+}
+
+void set_dims(DeviceArrayView& v, const std::int64_t* dims, int ndim, const std::string& what) {
+  if (ndim < 0 || ndim > kMaxDims) {
+    throw py::value_error(what + ": arrays of " + std::to_string(ndim) + " dimensions are not supported (at most " +
+                          std::to_string(kMaxDims) + ")");
+  }
+  v.ndim = ndim;
+  std::uint64_t n = 1;
+  for (int d = 0; d < ndim; ++d) {
+    if (dims[d] < 0) throw py::value_error(what + ": the producer reported a negative dimension");
+    v.dims[d] = dims[d];
+    n *= static_cast<std::uint64_t>(dims[d]);
+  }
+  v.numel = n;
+}
+
+void set_float_dtype(DeviceArrayView& v, bool is_f32, bool is_f64, std::size_t itemsize, std::string name) {
+  v.itemsize = itemsize;
+  if (is_f32) {
+    v.dtype = static_cast<int>(DType::f32);
+  } else if (is_f64) {
+    v.dtype = static_cast<int>(DType::f64);
+  } else {
+    v.dtype = -1;
+    v.dtype_name = std::move(name);
+  }
+}
+
+void finish(DeviceArrayView& v) {
+  if (v.itemsize > 0) v.aligned = reinterpret_cast<std::uintptr_t>(v.data) % v.itemsize == 0;
+}
+
+// --------------------------------------------------------------- DeviceArray
+
+void read_buffer(DeviceArrayView& v) {
+  const DeviceArray& a = device_array_of(v.obj);
+  v.source = Source::buffer;
+  v.on_cuda = true;
+  v.device_type = dlpack::kCUDA;
+  v.device = a.device();
+  v.data = static_cast<char*>(a.data());
+  set_dims(v, a.shape().data(), static_cast<int>(a.shape().size()), "DeviceArray");
+  set_float_dtype(v, a.dtype() == DType::f32, a.dtype() == DType::f64, a.itemsize(), "");
+  finish(v);
+}
+
+// -------------------------------------------------------------------- DLPack
+
+// Calls __dlpack__ with the handshake: the stream, and the newest capsule version adamcpp reads; a producer
+// that predates `max_version` is asked again without it.
+py::object call_dlpack(const py::object& method, StreamId stream) {
+  const Names& k = names();
+  py::dict kwargs;
+  PyDict_SetItem(kwargs.ptr(), k.stream, py::int_(stream).ptr());
+  PyDict_SetItem(kwargs.ptr(), k.max_version, py::make_tuple(dlpack::kMajor, dlpack::kMinor).ptr());
+  PyObject* capsule = PyObject_Call(method.ptr(), py::tuple().ptr(), kwargs.ptr());
+  if (capsule == nullptr && PyErr_ExceptionMatches(PyExc_TypeError)) {
+    PyErr_Clear();
+    PyDict_DelItem(kwargs.ptr(), k.max_version);
+    capsule = PyObject_Call(method.ptr(), py::tuple().ptr(), kwargs.ptr());
+  }
+  if (capsule == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(capsule);
+}
+
+void read_dltensor(DeviceArrayView& v, const dlpack::Tensor& t, const std::string& what) {
+  v.on_cuda = t.device.device_type == dlpack::kCUDA || t.device.device_type == dlpack::kCUDAManaged;
+  v.device_type = t.device.device_type;
+  v.device = v.on_cuda ? t.device.device_id : -1;
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  if (t.ndim > 0 && t.shape == nullptr) throw py::value_error(what + ": the DLPack tensor has no shape");
+  set_dims(v, t.shape, t.ndim, what);
+  const bool f = t.dtype.code == dlpack::kFloat && t.dtype.lanes == 1;
+  set_float_dtype(v, f && t.dtype.bits == 32, f && t.dtype.bits == 64,
+                  static_cast<std::size_t>((t.dtype.bits * t.dtype.lanes + 7) / 8), dlpack_dtype_name(t.dtype));
+  v.contiguous = compact(v.dims, t.strides, v.ndim, 1);
+  finish(v);
+}
+
+// Reads a DLPack capsule (held by the caller for as long as the memory is used).
+void read_capsule(DeviceArrayView& v, PyObject* capsule, const std::string& what) {
+  if (PyCapsule_IsValid(capsule, dlpack::kCapsuleVersioned)) {
+    auto* m = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleVersioned));
+    if (m == nullptr) throw py::error_already_set();
+    if (m->version.major != dlpack::kMajor) {
+      throw py::value_error(what + ": DLPack " + std::to_string(m->version.major) + "." +
+                            std::to_string(m->version.minor) + " is not supported (adamcpp reads 1.x)");
+    }
+    read_dltensor(v, m->dl_tensor, what);
+    v.readonly = (m->flags & dlpack::kFlagReadOnly) != 0;
+    return;
+  }
+  if (PyCapsule_IsValid(capsule, dlpack::kCapsule)) {
+    auto* m = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsule));
+    if (m == nullptr) throw py::error_already_set();
+    read_dltensor(v, m->dl_tensor, what);  // an unversioned capsule cannot say it is read-only
+    return;
+  }
+  if (PyCapsule_CheckExact(capsule)) {
+    const char* name = PyCapsule_GetName(capsule);
+    throw py::value_error(what + ": __dlpack__ returned a capsule named '" + std::string(name ? name : "") +
+                          "', not a fresh DLPack capsule");
+  }
+  throw py::type_error(what + ": __dlpack__ returned " + type_name(capsule) + ", not a DLPack capsule");
+}
+
+// ------------------------------------------------------ CUDA array interface
+
+std::int64_t as_int64(PyObject* o, const std::string& what) {
+  const long long x = PyLong_AsLongLong(o);
+  if (x == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(what + ": expected an integer in the CUDA array interface");
+  }
+  return x;
+}
+
+PyObject* interface_item(PyObject* d, PyObject* key) {
+  PyObject* v = PyDict_GetItemWithError(d, key);
+  if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+void read_interface(DeviceArrayView& v, PyObject* d, const std::string& what) {
+  const Names& k = names();
+  const std::string where = what + ": __cuda_array_interface__";
+  if (!PyDict_Check(d)) throw py::type_error(where + " is " + type_name(d) + ", not a dict");
+  PyObject* shape = interface_item(d, k.shape);
+  PyObject* typestr = interface_item(d, k.typestr);
+  PyObject* data = interface_item(d, k.data);
+  if (shape == nullptr || typestr == nullptr || data == nullptr) {
+    throw py::value_error(where + " lacks 'shape', 'typestr' or 'data'");
+  }
+  if (!PyTuple_Check(shape)) throw py::value_error(where + "['shape'] is not a tuple");
+  if (!PyUnicode_Check(typestr)) throw py::value_error(where + "['typestr'] is not a str");
+  if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) {
+    throw py::value_error(where + "['data'] is not a (pointer, read-only) tuple");
+  }
+  PyObject* mask = interface_item(d, k.mask);
+  if (mask != nullptr && mask != Py_None)
+    throw py::value_error(where + " has a mask (masked arrays are not supported)");
+
+  v.source = Source::interface;
+  v.on_cuda = true;
+  v.device_type = dlpack::kCUDA;
+  v.device = -1;  // only CUDA can tell (cudaPointerGetAttributes), once the arguments are valid
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
+  if (ndim > kMaxDims) throw py::value_error(what + ": arrays of more than 32 dimensions are not supported");
+  std::int64_t dims[kMaxDims];
+  for (Py_ssize_t n = 0; n < ndim; ++n) dims[n] = as_int64(PyTuple_GET_ITEM(shape, n), where + "['shape']");
+  set_dims(v, dims, static_cast<int>(ndim), what);
+
+  const std::string ts = py::reinterpret_borrow<py::str>(typestr).cast<std::string>();
+  const bool native = ts.size() == 3 && (ts[0] == '<' || ts[0] == '=');
+  const std::size_t itemsize = ts.size() >= 3 ? static_cast<std::size_t>(std::atoi(ts.c_str() + 2)) : 0;
+  set_float_dtype(v, native && ts.substr(1) == "f4", native && ts.substr(1) == "f8", itemsize,
+                  interface_dtype_name(ts));
+
+  PyObject* pointer = PyTuple_GET_ITEM(data, 0);
+  v.data = static_cast<char*>(PyLong_AsVoidPtr(pointer));
+  if (v.data == nullptr && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(where + "['data'][0] is not a pointer");
+  }
+  const int readonly = PyObject_IsTrue(PyTuple_GET_ITEM(data, 1));
+  if (readonly < 0) throw py::error_already_set();
+  v.readonly = readonly != 0;
+
+  PyObject* strides = interface_item(d, k.strides);
+  if (strides != nullptr && strides != Py_None) {
+    if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != ndim) {
+      throw py::value_error(where + "['strides'] does not match the shape");
+    }
+    std::int64_t st[kMaxDims];
+    for (Py_ssize_t n = 0; n < ndim; ++n) st[n] = as_int64(PyTuple_GET_ITEM(strides, n), where + "['strides']");
+    v.contiguous = compact(v.dims, st, v.ndim, static_cast<std::int64_t>(itemsize));
+  }
+  PyObject* stream = interface_item(d, k.stream);
+  if (stream != nullptr && stream != Py_None) {
+    const std::int64_t s = as_int64(stream, where + "['stream']");
+    if (s == 0) throw py::value_error(where + "['stream'] is 0, which the interface does not allow");
+    v.interface_stream = static_cast<StreamId>(s);
+  }
+  finish(v);
+}
+
+std::string shape_str(const std::int64_t* dims, int nd) {
+  std::string s = "(";
+  for (int d = 0; d < nd; ++d) {
+    s += std::to_string(dims[d]);
+    s += d + 1 < nd ? ", " : (nd == 1 ? "," : "");
+  }
+  return s + ")";
+}
+
+std::string dtype_str(const DeviceArrayView& a) {
+  if (a.dtype == static_cast<int>(DType::f32)) return "float32";
+  if (a.dtype == static_cast<int>(DType::f64)) return "float64";
+  return a.dtype_name;
+}
+
+// What a non-CUDA argument is, for a message.
+std::string what_it_is(const DeviceArrayView& a) {
+  if (is_ndarray(a.obj)) return "a numpy.ndarray (host memory)";
+  if (a.source == Source::none && a.device_type == 0) return type_name(a.obj);
+  const char* where = device_type_name(a.device_type);
+  const std::string place = where ? where : "DLPack device type " + std::to_string(a.device_type);
+  return "a " + type_name(a.obj) + " on " + place;
+}
+
+}  // namespace
+
+DeviceArrayView view_array(PyObject* o, StreamId stream, StepScratch& sc, int role, std::size_t i,
+                           const Labels& labels) {
+  DeviceArrayView v;
+  v.obj = o;
+  if (is_device_array(o)) {
+    read_buffer(v);
+    return v;
+  }
+  const Names& k = names();
+  std::string failure;    // why DLPack did not work, if it was tried
+  int dlpack_index = -1;  // the CUDA device __dlpack_device__ named, if it did
+  py::object device_fn = attr_or_null(o, k.dlpack_device);
+  py::object dlpack_fn = device_fn ? attr_or_null(o, k.dlpack) : py::object();
+  if (device_fn && dlpack_fn) {
+    const py::object dev = py::reinterpret_steal<py::object>(PyObject_CallNoArgs(device_fn.ptr()));
+    if (!dev) throw py::error_already_set();
+    if (!PyTuple_Check(dev.ptr()) || PyTuple_GET_SIZE(dev.ptr()) != 2) {
+      throw py::value_error(labels(role, i) + ": __dlpack_device__ did not return a (type, index) tuple");
+    }
+    v.device_type = static_cast<int>(as_int64(PyTuple_GET_ITEM(dev.ptr(), 0), labels(role, i)));
+    const int index = static_cast<int>(as_int64(PyTuple_GET_ITEM(dev.ptr(), 1), labels(role, i)));
+    v.source = Source::dlpack;
+    if (v.device_type != dlpack::kCUDA && v.device_type != dlpack::kCUDAManaged) return v;  // refused by the rules
+    v.device = index;
+    dlpack_index = index;
+    try {
+      py::object capsule = call_dlpack(dlpack_fn, stream);
+      sc.hold(capsule.ptr());  // the producer's memory stays alive until the call ends
+      read_capsule(v, capsule.ptr(), labels(role, i));
+      return v;
+    } catch (py::error_already_set& err) {
+      failure =
+          py::str(err.type().attr("__name__")).cast<std::string>() + ": " + py::str(err.value()).cast<std::string>();
+      v = DeviceArrayView();
+      v.obj = o;
+    }
+  }
+  py::object interface;
+  try {
+    interface = attr_or_null(o, k.interface);
+  } catch (py::error_already_set&) {
+    if (failure.empty()) throw;  // after a failed DLPack export, that failure is the one to report
+  }
+  if (interface) {
+    sc.hold(interface.ptr());  // its strings and tuples stay alive with it
+    read_interface(v, interface.ptr(), labels(role, i));
+    // torch refuses DLPack for a tensor off its current device; the interface fallback still knows where it is.
+    if (dlpack_index >= 0) v.device = dlpack_index;
+    return v;
+  }
+  if (!failure.empty()) {
+    throw py::value_error(labels(role, i) + ": its DLPack export failed (" + failure +
+                          "); pass an array that exports its memory (for a torch parameter: p.detach())");
+  }
+  return v;  // not an array: refused by the rules
+}
+
+void check_device_array(const DeviceArrayView& a, int role, std::size_t i, const Labels& labels,
+                        const DeviceArrayView* like, bool need_write) {
+  if (!a.on_cuda) {
+    if (a.source == Source::none && a.device_type == 0 && !is_ndarray(a.obj)) {
+      type_error(labels(role, i) +
+                 ": expected a CUDA array (an object with __dlpack__ or __cuda_array_interface__), got " +
+                 type_name(a.obj));
+    }
+    type_error(labels(role, i) + ": expected a CUDA array, got " + what_it_is(a));
+  }
+  if (like != nullptr && like->device >= 0 && a.device >= 0 && a.device != like->device) {
+    device_error(a, role, i, labels, like->device, labels(kParam, i));
+  }
+  if (like == nullptr) {
+    if (a.dtype < 0) {
+      type_error(labels(role, i) + ": expected dtype float32 or float64 (native byte order), got " + dtype_str(a));
+    }
+  } else {
+    if (a.dtype != like->dtype) {
+      type_error(labels(role, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) + ", got " +
+                 dtype_str(a));
+    }
+    bool same_shape = a.ndim == like->ndim;
+    for (int d = 0; same_shape && d < a.ndim; ++d) same_shape = a.dims[d] == like->dims[d];
+    if (!same_shape) {
+      value_error(labels(role, i) + ": expected shape " + shape_str(like->dims, like->ndim) + " like " +
+                  labels(kParam, i) + ", got " + shape_str(a.dims, a.ndim));
+    }
+  }
+  if (!a.contiguous) {
+    value_error(labels(role, i) +
+                ": expected a C-contiguous array, got a non-contiguous view (adamcpp updates buffers in "
+                "place and never copies; pass a contiguous array)");
+  }
+  if (!a.aligned) value_error(labels(role, i) + ": expected an aligned array, got a misaligned buffer");
+  if (need_write && a.readonly) value_error(labels(role, i) + ": expected a writeable array, got a read-only one");
+}
+
+void device_error(const DeviceArrayView& a, int role, std::size_t i, const Labels& labels, int device,
+                  const std::string& first) {
+  value_error(labels(role, i) + ": expected an array on cuda:" + std::to_string(device) + " like " + first +
+              " (one device per call), got one on cuda:" + std::to_string(a.device));
+}
+
+StreamId parse_stream(py::handle stream) {
+  PyObject* s = stream.ptr();
+  py::object value;
+  if (s == Py_None) return kLegacyStream;
+  if (PyLong_Check(s) && !PyBool_Check(s)) {
+    value = py::reinterpret_borrow<py::object>(stream);
+  } else if (py::object proto = attr_or_null(s, py::str("__cuda_stream__").ptr())) {
+    py::object pair = proto();
+    if (!PyTuple_Check(pair.ptr()) || PyTuple_GET_SIZE(pair.ptr()) != 2) {
+      throw py::value_error("stream: __cuda_stream__() did not return a (version, handle) tuple");
+    }
+    value = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(pair.ptr(), 1));
+  } else if (py::object handle = attr_or_null(s, py::str("cuda_stream").ptr())) {
+    value = handle;  // torch.cuda.Stream
+  } else if (py::object ptr = attr_or_null(s, py::str("ptr").ptr())) {
+    value = ptr;  // cupy.cuda.Stream
+  } else {
+    throw py::type_error(
+        "stream: expected None, an int (a cudaStream_t handle) or a CUDA stream object (torch.cuda.Stream, "
+        "cupy.cuda.Stream, anything with __cuda_stream__), got " +
+        type_name(s));
+  }
+  if (!PyLong_Check(value.ptr())) throw py::type_error("stream: the stream's handle is not an int");
+  const long long h = PyLong_AsLongLong(value.ptr());
+  if (h == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (h < 0) throw py::value_error("stream: expected a CUDA stream handle >= 0, got " + std::to_string(h));
+  return h == 0 ? kLegacyStream : static_cast<StreamId>(h);
+}
+
+py::dict describe_view(const DeviceArrayView& a) {
+  static const char* const kSources[] = {"none", "DeviceArray", "DLPack", "CUDA array interface"};
+  py::dict d;
+  d["source"] = kSources[static_cast<int>(a.source)];
+  d["on_cuda"] = a.on_cuda;
+  d["device_type"] = a.device_type;
+  d["device"] = a.device;
+  d["ptr"] = py::int_(reinterpret_cast<std::uintptr_t>(a.data));
+  py::tuple shape(static_cast<std::size_t>(a.ndim));
+  for (int k = 0; k < a.ndim; ++k) shape[static_cast<std::size_t>(k)] = py::int_(a.dims[k]);
+  d["shape"] = shape;
+  d["dtype"] = dtype_str(a);
+  d["readonly"] = a.readonly;
+  d["contiguous"] = a.contiguous;
+  d["aligned"] = a.aligned;
+  d["stream"] = a.interface_stream != 0 ? py::object(py::int_(a.interface_stream)) : py::object(py::none());
+  return d;
+}
+
+}  // namespace cuda
+}  // namespace adamcpp

@@ -1,0 +1,47 @@
+// adamcpp: the argument parsing that every step entry shares (bindings.cpp
+// defines it; the CUDA entries in cuda/cuda_bindings.cpp use it too): the
+// lists a step holds, the step policy, the groups' hyperparameter tuples and
+// the interned state dict keys.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+#include <vector>
+
+#include "multi_tensor.h"
+#include "state_cache.h"
+#include "step_scalars.h"
+
+namespace adamcpp {
+
+namespace py = pybind11;
+
+// Interned state dict keys, in role order after param and grad.
+struct StateKeys {
+  PyObject* adam[3];
+  PyObject* sgd[1];
+};
+const StateKeys& state_keys();
+
+// A list or tuple of exactly n entries (checked, borrowed); `entries` names them in the message.
+PyObject* as_sequence(py::handle o, const char* what, std::size_t n, const char* entries);
+PyObject* item(PyObject* seq, std::size_t i);
+// Holds every entry of `seq` for the call; returns the index of the first.
+std::size_t hold_all(PyObject* seq, std::size_t n, StepScratch& sc);
+// The parameter list: its length is the call's tensor count.
+PyObject* as_params(py::handle o);
+// An optimizer step's lists, held: held[0..n) params, held[n..2n) grads, held[2n..3n) state dicts. Returns n.
+std::size_t hold_step_lists(py::handle params_obj, py::handle grads_obj, py::handle states_obj, StepScratch& sc);
+
+StepPolicy step_policy(double grad_scale, int nonfinite, double max_grad_norm);
+
+AdamHyper adam_hyper(PyObject* o);
+SgdHyper sgd_hyper(PyObject* o);
+// The groups' hyperparameters (one named tuple each) and the group of each tensor.
+void parse_adam_groups(py::handle groups, py::handle group_of, std::size_t n, std::vector<AdamHyper>& out,
+                       std::vector<int>& group_of_out);
+void parse_sgd_groups(py::handle groups, py::handle group_of, std::size_t n, std::vector<SgdHyper>& out,
+                      std::vector<int>& group_of_out);
+
+}  // namespace adamcpp
