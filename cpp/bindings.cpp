@@ -266,6 +266,28 @@ ADAMCPP_HOT void set_storage(AdamTensor& t, const AdamHyper& h, const StateLayou
   }
 }
 
+// With clipping, the gradients `norm_grads` (a list or tuple of arrays, or
+// None) are what the norm is taken over instead of the step's own tensors: a
+// flat optimizer passes its per-parameter gradient views in parameter order,
+// so its norm has exactly the bits of a list optimizer's. Held for the call.
+void take_norm_grads(py::handle norm_grads, const Labels& labels, StepScratch& sc, StepPolicy& policy) {
+  if (norm_grads.is_none() || policy.max_grad_norm < 0.0) return;
+  PyObject* seq = norm_grads.ptr();
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+    type_error("norm_grads: expected a list or tuple of arrays, got " + type_name(seq));
+  }
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(seq));
+  const std::size_t first = hold_all(seq, n, sc);
+  const Labels by_index{labels.patterns, py::none()};
+  sc.norm.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const ArrayView g = check_array(sc.held[first + i], kGrad, i, by_index, nullptr, kAnyDType, false);
+    sc.norm[i] = TensorRef{nullptr, g.data, g.numel, static_cast<DType>(g.dtype), static_cast<DType>(g.dtype), 1.0};
+  }
+  policy.norm_tensors = sc.norm.data();
+  policy.norm_count = n;
+}
+
 // Releases the GIL for the step and reports its outcome as (applied, grad_norm or None).
 template <typename Tensor>
 py::tuple run_and_report(std::vector<Tensor>& tensors, const StepPolicy& policy, StepScratch& sc, const Labels& labels,
@@ -315,11 +337,11 @@ namespace {
 // success.
 py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_obj, py::handle states_obj,
                     py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                    double max_grad_norm, py::handle patterns, py::handle names) {
+                    double max_grad_norm, py::handle patterns, py::handle names, py::handle norm_grads) {
   const Labels labels{patterns, names};
   StateCache::Lease lease(cache);
   StepScratch& sc = lease.scratch();
-  const StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
+  StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
   const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
   parse_groups(groups_obj, group_of_obj, n, sc.adam_groups, sc.group_of, adam_hyper);
   PyObject* const* held = sc.held.data();
@@ -351,6 +373,7 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
     set_storage(t, h, layout, step, i);
     sc.new_steps[i] = step;
   }
+  take_norm_grads(norm_grads, labels, sc, policy);
   return run_and_report(sc.adam, policy, sc, labels, &cache, keys);
 }
 
@@ -360,11 +383,11 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
 // on success.
 py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_obj, py::handle states_obj,
                    py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                   double max_grad_norm, py::handle patterns, py::handle names) {
+                   double max_grad_norm, py::handle patterns, py::handle names, py::handle norm_grads) {
   const Labels labels{patterns, names};
   StateCache::Lease lease(cache);
   StepScratch& sc = lease.scratch();
-  const StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
+  StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
   const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
   parse_groups(groups_obj, group_of_obj, n, sc.sgd_groups, sc.group_of, sgd_hyper);
   PyObject* const* held = sc.held.data();
@@ -385,6 +408,7 @@ py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_ob
     }
     sc.new_steps[i] = cache.next_step(i);
   }
+  take_norm_grads(norm_grads, labels, sc, policy);
   return run_and_report(sc.sgd, policy, sc, labels, &cache, keys);
 }
 
@@ -482,6 +506,61 @@ double global_norm(py::handle grads_obj, py::handle patterns, py::handle names) 
   }
   py::gil_scoped_release release;
   return std::sqrt(sum_squares(tensors.data(), n, sc.workspace));
+}
+
+ArrayView probe_buffer(py::handle h, const char* what, DType dtype, const ArrayView* like);
+
+// The gradients of a call that only reads them, checked and held (the GIL
+// stays held by the caller until it releases it for the pass).
+std::vector<TensorRef> grad_refs(py::handle grads_obj, const Labels& labels, StepScratch& sc, double scale) {
+  PyObject* grads = grads_obj.ptr();
+  if (!PyList_Check(grads) && !PyTuple_Check(grads)) {
+    type_error("grads: expected a list or tuple of arrays, got " + type_name(grads));
+  }
+  const std::size_t n = static_cast<std::size_t>(Py_SIZE(grads));
+  hold_all(grads, n, sc);
+  std::vector<TensorRef> tensors(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const ArrayView g = check_array(sc.held[i], kGrad, i, labels, nullptr, kAnyDType, false);
+    tensors[i] = TensorRef{nullptr, g.data, g.numel, static_cast<DType>(g.dtype), static_cast<DType>(g.dtype), scale};
+  }
+  return tensors;
+}
+
+// The per-chunk sums of squares of the concatenated gradients (what
+// global_norm adds up, in order) written into `out`, a float64 array with one
+// element per chunk: the pieces a process of a sharded optimizer contributes
+// to a norm that has the single-process bits.
+void chunk_sums_into(py::handle grads_obj, py::handle out_obj, py::handle patterns, py::handle names) {
+  const Labels labels{patterns, names};
+  LocalCall call;
+  StepScratch& sc = call.sc;
+  const std::vector<TensorRef> tensors = grad_refs(grads_obj, labels, sc, 1.0);
+  std::size_t total = 0;
+  for (const TensorRef& t : tensors) total += t.numel;
+  const std::size_t chunks = (total + kChunkElements - 1) / kChunkElements;
+  const ArrayView out = probe_buffer(out_obj, "out", DType::f64, nullptr);
+  if (out.numel != chunks) {
+    value_error("out: expected " + std::to_string(chunks) + " elements (one per chunk of " +
+                std::to_string(kChunkElements) + "), got " + std::to_string(out.numel));
+  }
+  {
+    py::gil_scoped_release release;
+    chunk_sum_squares(tensors.data(), tensors.size(), sc.workspace);
+  }
+  std::copy(sc.workspace.partial.begin(), sc.workspace.partial.end(), reinterpret_cast<double*>(out.data));
+}
+
+// Index of the first gradient with a NaN or Inf after multiplying by `scale`
+// in its element type (the check of nonfinite="skip"/"raise"), or -1.
+std::int64_t first_nonfinite_grad(py::handle grads_obj, double scale, py::handle patterns, py::handle names) {
+  const Labels labels{patterns, names};
+  if (!std::isfinite(scale)) value_error("grad_scale: expected a finite float, got " + std::to_string(scale));
+  LocalCall call;
+  StepScratch& sc = call.sc;
+  const std::vector<TensorRef> tensors = grad_refs(grads_obj, labels, sc, scale);
+  py::gil_scoped_release release;
+  return static_cast<std::int64_t>(first_nonfinite(tensors.data(), tensors.size(), sc.workspace));
 }
 
 // True when param_groups still holds exactly the arrays of `flat`, group by
@@ -634,20 +713,24 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("adam_step", &adam_step, py::arg("cache"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
-        py::arg("patterns"), py::arg("names"),
+        py::arg("patterns"), py::arg("names"), py::arg("norm_grads") = py::none(),
         "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
-        "Returns (applied, grad_norm or None).");
+        "With clipping, the norm is taken over `norm_grads` when given. Returns (applied, grad_norm or None).");
   m.def("sgd_step", &sgd_step, py::arg("cache"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
-        py::arg("patterns"), py::arg("names"),
+        py::arg("patterns"), py::arg("names"), py::arg("norm_grads") = py::none(),
         "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
-        "Returns (applied, grad_norm or None).");
+        "With clipping, the norm is taken over `norm_grads` when given. Returns (applied, grad_norm or None).");
   m.def("adam_functional", &adam_functional, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("master_params"), py::arg("steps"),
         py::arg("hyper"), py::arg("grad_scale"), py::arg("patterns"),
         "Stateless fused Adam step over lists of arrays (functional.adam).");
   m.def("global_norm", &global_norm, py::arg("grads"), py::arg("patterns"), py::arg("names"),
         "L2 norm of all gradients together, one multi-threaded pass accumulating in float64.");
+  m.def("chunk_sum_squares", &chunk_sums_into, py::arg("grads"), py::arg("out"), py::arg("patterns"), py::arg("names"),
+        "Per-chunk sums of squares of the concatenated gradients (what global_norm adds, in order) into `out`.");
+  m.def("first_nonfinite", &first_nonfinite_grad, py::arg("grads"), py::arg("grad_scale"), py::arg("patterns"),
+        py::arg("names"), "Index of the first gradient with a NaN or Inf after grad_scale, or -1.");
   m.def("params_unchanged", &params_unchanged, py::arg("param_groups"), py::arg("flat"), py::arg("group_of"),
         "Whether param_groups still holds exactly the arrays of `flat`, grouped as `group_of` says.");
 

@@ -209,7 +209,9 @@ StepOutcome run_any_step(Tensor* tensors, std::size_t count, const StepPolicy& p
   StepOutcome out{false, -1, std::nan("")};
   bool check = policy.nonfinite != Nonfinite::propagate;
   if (policy.max_grad_norm >= 0.0) {
-    const double raw_norm = std::sqrt(sum_squares_of(tensors, count, ws));
+    const double sum = policy.norm_tensors != nullptr ? sum_squares_of(policy.norm_tensors, policy.norm_count, ws)
+                                                      : sum_squares_of(tensors, count, ws);
+    const double raw_norm = std::sqrt(sum);
     out.grad_norm = std::fabs(policy.grad_scale) * raw_norm;
     const double coef = clip_coefficient(policy.max_grad_norm, out.grad_norm);
     if (std::isnan(coef)) {
@@ -247,6 +249,14 @@ StepOutcome run_step(SgdTensor* tensors, std::size_t count, const StepPolicy& po
 
 double sum_squares(const TensorRef* tensors, std::size_t count, Workspace& ws) {
   return sum_squares_of(tensors, count, ws);
+}
+
+void chunk_sum_squares(const TensorRef* tensors, std::size_t count, Workspace& ws) {
+  sum_squares_of(tensors, count, ws);
+}
+
+std::ptrdiff_t first_nonfinite(const TensorRef* tensors, std::size_t count, Workspace& ws) {
+  return find_nonfinite(tensors, count, ws);
 }
 
 }  // namespace adamcpp

@@ -32,6 +32,12 @@ struct StepPolicy {
   double grad_scale;     // the call's gradient multiplier (the reported norm is after it)
   Nonfinite nonfinite;   // what a NaN/Inf scaled gradient does
   double max_grad_norm;  // clip by the global norm to this; < 0: no clipping
+  // The gradients the norm is taken over, when they are not the step's own
+  // tensors: a flat optimizer steps a few long ranges but takes the norm over
+  // its per-parameter views in parameter order, so that its norm has the bits
+  // of a list optimizer's over the same arrays. Null: the step's tensors.
+  const TensorRef* norm_tensors = nullptr;
+  std::size_t norm_count = 0;
 };
 
 struct StepOutcome {
@@ -50,5 +56,15 @@ StepOutcome run_step(SgdTensor* tensors, std::size_t count, const StepPolicy& po
 // Sum of squares of all (unscaled) gradients, accumulated in double per chunk
 // and then over chunks in order: the same bits at any thread count.
 double sum_squares(const TensorRef* tensors, std::size_t count, Workspace& ws);
+
+// The per-chunk sums of squares behind sum_squares, left in ws.partial (one
+// per chunk of the concatenation, in order): sum_squares adds exactly these,
+// in this order. A process holding a chunk-aligned part of a flat gradient
+// buffer computes its chunks' sums bit for bit.
+void chunk_sum_squares(const TensorRef* tensors, std::size_t count, Workspace& ws);
+
+// Index of the first tensor whose gradient times its grad_scale (in its
+// element type) has a NaN or Inf, or -1: the check of nonfinite="skip"/"raise".
+std::ptrdiff_t first_nonfinite(const TensorRef* tensors, std::size_t count, Workspace& ws);
 
 }  // namespace adamcpp

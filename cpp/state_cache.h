@@ -46,6 +46,7 @@ struct StepScratch {
   std::vector<AdamHyper> adam_groups;
   std::vector<SgdHyper> sgd_groups;
   std::vector<int> group_of;
+  std::vector<TensorRef> norm;  // the gradients a flat optimizer's norm is taken over
   Workspace workspace;
   AliasCheck aliasing;
 

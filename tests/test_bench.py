@@ -98,6 +98,28 @@ def test_dtypes_and_variants(tmp_path, capsys):
         assert r["contenders"]["ceiling"]["elements_per_call"] == 100 * np.dtype(r["dtype"]).itemsize // 4
 
 
+def test_flat_contender(tmp_path, capsys):
+    """adamcpp-flat: the same steps over a FlatParams (one range per dtype), its own column in the summary."""
+    status, report, out, _ = run(
+        ["--sizes", "3x257", "--dtype", "all", "--contenders", "adamcpp,adamcpp-flat,ceiling"], tmp_path, capsys
+    )
+    assert status == 0
+    for r in report["results"]:
+        e = r["contenders"]["adamcpp-flat"]
+        assert e["available"] and e["finite"] and e["elements_per_call"] == 3 * 257
+        assert e["bytes_per_call"] == r["bytes_per_step"]
+    assert "flat %ceiling" in out and "vs adamcpp-flat" in out
+    case = bench.Case(bench.Shape(3, 10), "float32", "adamw")
+    rng = np.random.default_rng(0)
+    p0 = [rng.standard_normal(10, dtype=np.float32) for _ in range(3)]
+    grads = [rng.standard_normal(10, dtype=np.float32) for _ in range(3)]
+    flat, listed = bench.FACTORIES["adamcpp-flat"](case, p0, grads, {}), bench.FACTORIES["adamcpp"](case, p0, grads, {})
+    for _ in range(3):
+        flat.step()
+        listed.step()
+    assert all(np.array_equal(a, b) for a, b in zip(flat.params, listed.params))  # the same numerics
+
+
 def test_missing_optional_contenders_are_reported(tmp_path, capsys, monkeypatch):
     # None in sys.modules makes `import torch` / `import deepspeed` raise ImportError.
     monkeypatch.setitem(sys.modules, "torch", None)
@@ -188,6 +210,9 @@ def test_precisions(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["adamcpp", "numpy"])
+
+
+@pytest.mark.parametrize("name", ["adamcpp", "adamcpp-flat", "numpy"])
 def test_timed_step_does_not_allocate_arrays(name):
     case = bench.Case(bench.Shape(2, 50_000), "float32", "amsgrad")
     rng = np.random.default_rng(0)

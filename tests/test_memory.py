@@ -201,3 +201,28 @@ def test_detector_sees_a_per_step_allocation(restore_threads):
 
     m = run_measured(Temporary(), grads, 20, expect_applied=True)
     assert m["peak"] >= PEAK_BOUND, m
+
+
+# Flat storage (docs/api.md, "Flat storage"): the same bounds for a flat optimizer stepping flat.grads.
+FLAT_CONFIGS: Dict[str, Callable[[List[np.ndarray]], "adamcpp.Optimizer"]] = {
+    "flat-adam": lambda ps: adamcpp.Adam(ps, lr=1e-3),
+    "flat-adamw-amsgrad-clip-skip": lambda ps: adamcpp.AdamW(ps, lr=1e-3, amsgrad=True, max_grad_norm=1.0, nonfinite="skip"),
+    "flat-sgd-momentum": lambda ps: adamcpp.SGD(ps, lr=1e-3, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(FLAT_CONFIGS))
+def test_steady_state_flat_step_does_not_allocate(name, restore_threads):
+    for threads, big, steps, warmup, many in ((1, MEDIUM, 1000, 300, True), (2, LARGE, 20, 3, False)):
+        adamcpp.set_num_threads(threads)
+        params, grads = make_layout(big, 4)
+        flat = adamcpp.FlatParams(params)
+        for view, g in zip(flat.grads, grads):
+            view[...] = g
+        del params, grads
+        opt = FLAT_CONFIGS[name](flat.params)
+        assert opt._fs is not None and len(opt._fs.segments) == 2  # one range per dtype
+        m = run_measured(opt, flat.grads, steps, expect_applied=True, warmup=warmup)
+        check(m, f"{name}, {big} + small tensors", many_calls=many)
+        del opt, flat
+

@@ -13,6 +13,7 @@ from typing import Any, Dict
 from . import _core, _precision, checkpoint, cuda, functional, schedules
 from ._common import describe_number as _describe_number
 from .checkpoint import load, save
+from .flat import FlatParams
 from .optim import SGD, Adam, AdamW, Optimizer, global_norm
 
 __version__: str = _core.version
@@ -80,6 +81,7 @@ __all__ = [
     "SGD",
     "global_norm",
     "Optimizer",
+    "FlatParams",
     "save",
     "load",
     "checkpoint",

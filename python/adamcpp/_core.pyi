@@ -54,6 +54,7 @@ def adam_step(
     max_grad_norm: float,
     patterns: _Patterns,
     names: Optional[Sequence[object]],
+    norm_grads: Optional[Sequence[np.ndarray]] = None,
 ) -> Tuple[bool, Optional[float]]:
     """One fused Adam step of an optimizer over every tensor.
 
@@ -61,7 +62,9 @@ def adam_step(
     `group_of` each tensor's group. Arrays and step counts come from the state
     dicts and are updated there on success. nonfinite indexes
     NONFINITE_POLICIES; max_grad_norm < 0 disables clipping; `patterns` labels
-    each role (ADAM_ROLES) in messages and `names` are dict-form keys.
+    each role (ADAM_ROLES) in messages and `names` are dict-form keys. With
+    clipping, the norm is taken over `norm_grads` when given (a flat
+    optimizer's per-parameter views) instead of the step's tensors.
     Returns (applied, grad_norm).
     """
 
@@ -77,6 +80,7 @@ def sgd_step(
     max_grad_norm: float,
     patterns: _Patterns,
     names: Optional[Sequence[object]],
+    norm_grads: Optional[Sequence[np.ndarray]] = None,
 ) -> Tuple[bool, Optional[float]]:
     """One fused SGD step of an optimizer over every tensor; `groups` holds
     one SgdHyper per group (fields SGD_HYPER_FIELDS)."""
@@ -100,6 +104,18 @@ def adam_functional(
 
 def global_norm(grads: Sequence[np.ndarray], patterns: _Patterns, names: Optional[Sequence[object]]) -> float:
     """L2 norm of all gradients together, accumulated in float64."""
+
+def chunk_sum_squares(
+    grads: Sequence[np.ndarray], out: np.ndarray, patterns: _Patterns, names: Optional[Sequence[object]]
+) -> None:
+    """The per-chunk sums of squares of the concatenated gradients (what
+    global_norm adds up, in order) into `out` (float64, one per chunk)."""
+
+def first_nonfinite(
+    grads: Sequence[np.ndarray], grad_scale: float, patterns: _Patterns, names: Optional[Sequence[object]]
+) -> int:
+    """Index of the first gradient with a NaN or Inf after multiplying by
+    grad_scale in its element type, or -1."""
 
 def params_unchanged(param_groups: Sequence[dict], flat: Sequence[np.ndarray], group_of: Sequence[int]) -> bool:
     """Whether param_groups still holds exactly the arrays of `flat`, grouped as `group_of` says."""

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tupl
 import numpy as np
 
 from . import _core, _precision, cuda
+from . import flat as _flat_storage
 from ._common import (
     check_float,
     check_grad_scale,
@@ -29,7 +30,9 @@ from ._common import (
 )
 from ._hyper import AdamHyper, SgdHyper, adam_hyper, sgd_hyper
 
-ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
+ParamsLike = Union[
+    Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]], _flat_storage.FlatParams
+]
 GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 LR = Union[float, Callable[[int], float]]
 Hyper = Union[AdamHyper, SgdHyper]
@@ -204,11 +207,17 @@ class Optimizer(abc.ABC):
         self._flat: List[np.ndarray] = []
         self._group_of: List[int] = []
         self._keys: Optional[Tuple[Any, ...]] = None
-        groups, keys = _normalize_params(params)
+        # Flat mode (docs/api.md, "Flat storage"): every parameter is a view handed out by one FlatParams.
+        self._fs: Optional[_flat_storage._FlatStorage] = None
+        groups, keys = _normalize_params(_flat_storage.unwrap(params))
         self._cuda = self._device_for(groups, keys)
+        source = _flat_storage.common_source(_loose_params(groups)) if self._cuda is None else None
         for group in groups:
-            self._add_group(group, keys)
+            self._add_group(group, keys, with_state=source is None)
         self._keys = keys
+        if source is not None:
+            states = [self._new_state(p, self.param_groups[gi]) for p, gi in zip(self._flat, self._group_of)]
+            self._fs = _flat_storage._FlatStorage(self, source[0], source[1], states)
 
     def _start_runtime(self) -> None:
         """What an optimizer owns at run time and never copies: its native
@@ -239,6 +248,11 @@ class Optimizer(abc.ABC):
         self._enter()
         try:
             self._sync_structure()
+            if self._fs is not None:
+                raise ValueError(
+                    "add_param_group: a flat optimizer steps a fixed set of FlatParams views; "
+                    "build another optimizer for more parameters"
+                )
             self._add_group(param_group, None)
         finally:
             self._leave()
@@ -282,7 +296,9 @@ class Optimizer(abc.ABC):
                 raise ValueError(f"{label}: the same array appears more than once in the optimizer")
             seen.add(id(p))
 
-    def _add_group(self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]]) -> None:
+    def _add_group(
+        self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]], with_state: bool = True
+    ) -> None:
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError("param_group: expected a dict with a 'params' entry")
         gi = len(self.param_groups)
@@ -304,7 +320,8 @@ class Optimizer(abc.ABC):
         for p in ps:
             self._flat.append(p)
             self._group_of.append(gi)
-            self.state.append(ParamState(self._fresh_state(p, group)))
+            if with_state:
+                self.state.append(ParamState(self._fresh_state(p, group)))
         self._keys = None
 
     def _layout(self) -> Tuple[List[np.ndarray], List[int]]:
@@ -325,7 +342,11 @@ class Optimizer(abc.ABC):
         stays with its array. An array new to the optimizer that takes the
         place of one that left (same position, group, shape and dtype: a
         parameter replaced by a copy, as after a reload) keeps that place's
-        state; any other new array gets fresh state."""
+        state; any other new array gets fresh state. A flat optimizer keeps its
+        parameters and follows a replaced `state` list (flat.py)."""
+        if self._fs is not None:
+            self._fs.check_structure()
+            return
         if _core.params_unchanged(self.param_groups, self._flat, self._group_of):
             return
         flat, group_of = self._layout()
@@ -412,6 +433,11 @@ class Optimizer(abc.ABC):
             raise TypeError("stream: only an optimizer of CUDA arrays takes a stream (its parameters are NumPy arrays)")
         self._enter()
         try:
+            if self._fs is not None:
+                applied, norm = self._fs.step(grads, grad_scale)
+                if norm is not None:
+                    self.last_grad_norm = norm
+                return bool(applied)
             self._sync_structure()
             nonfinite = check_nonfinite(self.nonfinite)
             max_norm = check_max_grad_norm(self.max_grad_norm)
@@ -576,7 +602,10 @@ class Optimizer(abc.ABC):
         # Everything validated: commit.
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
-        self.state = states  # type: ignore[assignment]
+        if self._fs is not None:
+            self._fs.load(states)  # into new flat state buffers
+        else:
+            self.state = states  # type: ignore[assignment]
 
     @staticmethod
     def _convert_hyper(key: str, value: Any) -> Any:
@@ -682,22 +711,43 @@ class Optimizer(abc.ABC):
                 self._last_grad_norm = self._cuda.pending_norm()
                 self._norm_pending = False
             state = self.__dict__.copy()
+            if self._fs is not None:
+                # A flat optimizer travels as its FlatParams (whose copy makes its
+                # views again), each parameter's index in it and plain state dicts;
+                # its copy lays the state out in new flat buffers.
+                state["_flat_copy"] = self._fs.export()
+                state["param_groups"] = [ParamGroup({**g, "params": len(g["params"])}) for g in self.param_groups]
+                del state["state"]
         finally:
             self._leave()
         state["last_grad_norm"] = state.pop("_last_grad_norm")
-        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_cuda", "_norm_pending"):
-            del state[key]
+        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_cuda", "_norm_pending", "_fs"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         state = dict(state)
         last_grad_norm = state.pop("last_grad_norm", None)
+        flat_copy = state.pop("_flat_copy", None)
         self.__dict__.update(state)
         self._start_runtime()
-        self._flat, self._group_of = self._layout()
+        self._fs = None
         self._cuda = None
-        if self._flat and cuda.is_cuda_array(self._flat[0]):
-            self._cuda = cuda.OptimizerDevice(self._flat[0], self._label(0, self._keys))
+        if flat_copy is not None:
+            source, index, states = flat_copy
+            views = [source._param_views[j] for j in index]
+            start = 0
+            for g in self.param_groups:
+                count = g["params"]
+                g["params"] = views[start : start + count]
+                start += count
+            self.state = []
+            self._flat, self._group_of = self._layout()
+            self._fs = _flat_storage._FlatStorage(self, source, index, states)
+        else:
+            self._flat, self._group_of = self._layout()
+            if self._flat and cuda.is_cuda_array(self._flat[0]):
+                self._cuda = cuda.OptimizerDevice(self._flat[0], self._label(0, self._keys))
         self.last_grad_norm = last_grad_norm
 
     def __repr__(self) -> str:
@@ -710,6 +760,20 @@ class Optimizer(abc.ABC):
             lines.append(f"    params: {len(g['params'])} array(s)")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _loose_params(groups: List[Dict[str, Any]]) -> List[Any]:
+    """Every group's parameters in order, read without checking (the checks come after)."""
+    out: List[Any] = []
+    for g in groups:
+        ps = g.get("params")
+        if isinstance(ps, np.ndarray):
+            out.append(ps)
+        elif isinstance(ps, (list, tuple)):
+            out.extend(ps)
+        else:
+            return []  # anything else is checked, and refused or read once, by _add_group
+    return out
 
 
 def _group_label(where: str) -> Callable[[str], str]:

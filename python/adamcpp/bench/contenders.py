@@ -14,6 +14,7 @@ from .cases import BETAS, EPS, LR, PRECISIONS, VARIANTS, Case
 
 CONTENDERS = (
     "adamcpp",
+    "adamcpp-flat",
     "adamcpp-blocked",
     "numpy",
     "torch-foreach",
@@ -26,6 +27,7 @@ CONTENDERS = (
 REFERENCES = ("ceiling", "triad")
 DESCRIPTIONS = {
     "adamcpp": "adamcpp.Adam/AdamW: one opt.step(grads) call from Python",
+    "adamcpp-flat": "adamcpp.Adam/AdamW over a FlatParams: one opt.step(flat.grads) call from Python",
     "adamcpp-blocked": "adamcpp with the fused 16-bit loops off: arrays converted in L1-sized blocks (--precision)",
     "numpy": "in-place NumPy Adam loop over the tensors (out= ufuncs, preallocated scratch; NumPy is single-threaded)",
     "torch-foreach": "torch.optim.Adam(foreach=True) on torch.from_numpy views",
@@ -41,6 +43,7 @@ DESCRIPTIONS = {
 _FOOTPRINT = {
     "adamcpp": 3,
     "adamcpp-blocked": 3,
+    "adamcpp-flat": 4,  # its own copy of the gradients too
     "numpy": 4,
     "torch-foreach": 5,
     "torch-fused": 3,
@@ -107,6 +110,26 @@ class AdamcppContender(Contender):
 class AdamcppBlockedContender(AdamcppContender):
     name = "adamcpp-blocked"
     fused = False
+
+
+class AdamcppFlatContender(Contender):
+    """The same optimizer in flat mode: the parameters copied into one
+    FlatParams (one buffer per dtype), the gradients into its gradient buffer;
+    a step is one native call over one range per dtype."""
+
+    name = "adamcpp-flat"
+
+    def __init__(self, case: Case, p0: List[np.ndarray], grads: List[np.ndarray], env: Dict[str, Any]) -> None:
+        super().__init__(case)
+        flat = adamcpp.FlatParams(p0)
+        for view, g in zip(flat.grads, grads):
+            view[...] = g
+        self.params = list(flat.params)
+        weight_decay, decoupled, amsgrad = VARIANTS[case.variant]
+        cls = adamcpp.AdamW if decoupled else adamcpp.Adam
+        self.opt = cls(flat, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, amsgrad=amsgrad)
+        opt_step, flat_grads = self.opt.step, flat.grads
+        self.step = lambda: opt_step(flat_grads)
 
 
 class NumpyContender(Contender):
@@ -332,6 +355,7 @@ class TriadContender(Contender):
 ContenderFactory = Callable[[Case, List[np.ndarray], List[np.ndarray], Dict[str, Any]], Contender]
 FACTORIES: Dict[str, ContenderFactory] = {
     "adamcpp": AdamcppContender,
+    "adamcpp-flat": AdamcppFlatContender,
     "adamcpp-blocked": AdamcppBlockedContender,
     "numpy": NumpyContender,
     "torch-foreach": TorchForeachContender,
@@ -346,7 +370,7 @@ FACTORIES: Dict[str, ContenderFactory] = {
 def estimate_bytes(case: Case, names: Sequence[str]) -> int:
     """Memory the named contenders hold at once for `case`, roughly."""
     unit = case.shape.elements * case.itemsize
-    holders = ("adamcpp", "adamcpp-blocked", "numpy", "torch-foreach", "torch-fused")
+    holders = ("adamcpp", "adamcpp-flat", "adamcpp-blocked", "numpy", "torch-foreach", "torch-fused")
     total = 2 * unit  # shared gradients + the initial parameters copied by each contender
     for name in names:
         total += (_FOOTPRINT[name] + (1 if case.amsgrad and name in holders else 0)) * unit

@@ -164,18 +164,11 @@ def format_summary(results: List[Dict[str, Any]], names: Sequence[str]) -> str:
         for n in names
         if n != "adamcpp" and n not in REFERENCES and any(r["contenders"].get(n, {}).get("available") for r in results)
     ]
-    head = [
-        "case",
-        "dtype",
-        "variant",
-        "precision",
-        "thr",
-        "B/elem",
-        "adamcpp Melem/s",
-        "GB/s",
-        "%ceiling",
-        "%triad",
-    ] + [f"vs {n}" for n in others]
+    # flat storage's own share of the ceiling, beside adamcpp's (its target is the ceiling loop)
+    flat = "adamcpp-flat" in others
+    head = ["case", "dtype", "variant", "precision", "thr", "B/elem", "adamcpp Melem/s", "GB/s", "%ceiling", "%triad"]
+    head += ["flat %ceiling"] if flat else []
+    head += [f"vs {n}" for n in others]
     rows = [head]
     for r in results:
         a = r["contenders"].get("adamcpp", {})
@@ -193,6 +186,9 @@ def format_summary(results: List[Dict[str, Any]], names: Sequence[str]) -> str:
             _pct(a.get("frac_ceiling")),
             _pct(a.get("frac_triad")),
         ]
+        if flat:
+            e = r["contenders"].get("adamcpp-flat", {})
+            row.append(_pct(e.get("frac_ceiling")) if e.get("available") else "-")
         for n in others:
             e = r["contenders"].get(n, {})
             row.append(f"{e['adamcpp_speedup']:.2f}x" if e.get("available") and e.get("adamcpp_speedup") else "-")
