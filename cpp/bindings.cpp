@@ -252,17 +252,65 @@ ADAMCPP_HOT StateLayout state_layout(const AdamHyper& h, const ArrayView& p, std
 }
 
 // The storage fields of tensor i: its state dtype, whether everything is of
-// the compute type, its roundings and, when it rounds stochastically, the key.
-ADAMCPP_HOT void set_storage(AdamTensor& t, const AdamHyper& h, const StateLayout& layout, std::int64_t step,
+// the compute type, its roundings and, when it rounds stochastically,
+// the key. Returns whether it rounds stochastically.
+ADAMCPP_HOT bool set_storage(AdamTensor& t, const AdamHyper& h, const StateLayout& layout, std::int64_t step,
                              std::size_t i) {
   t.state_dtype = layout.state;
+  t.pieces = nullptr;
+  t.piece_count = 0;
   t.native = !layout.half && layout.state == t.dtype && t.grad_dtype == t.dtype;
-  if (t.native) return;
+  if (t.native) return false;
   t.state_rounding = h.state_rounding;
   t.param_rounding = h.param_rounding;
   if ((layout.state == DType::bf16 && h.state_rounding == Rounding::stochastic) ||
       (layout.half && !layout.master && h.param_rounding == Rounding::stochastic)) {
     t.rounding_key = rounding_key(h.seed, step, i);
+    return true;
+  }
+  return false;
+}
+
+// The rounding pieces of tensor i of a flat or sharded optimizer: `entry` is
+// None (the tensor rounds as itself) or a C-contiguous int64 array of shape
+// (k, 3) whose rows (start, parameter, first) say that elements from `start`
+// (0 for the first row, increasing, below numel) round as elements `first`,
+// first + 1, ... of the optimizer's parameter `parameter` at this step would
+// in a list optimizer. Appends to sc.pieces; returns how many it appended.
+std::size_t take_pieces(PyObject* entry, std::size_t i, std::size_t numel, const AdamHyper& h, std::int64_t step,
+                        StepScratch& sc) {
+  if (entry == Py_None) return 0;
+  const std::string where = "rounding_pieces[" + std::to_string(i) + "]";
+  if (!py::isinstance<py::array>(entry)) type_error(where + ": expected an int64 array or None");
+  const auto a = py::reinterpret_borrow<py::array>(entry);
+  if (!a.dtype().is(py::dtype::of<std::int64_t>()) || a.ndim() != 2 || a.shape(1) != 3 ||
+      !(a.flags() & py::array::c_style) || a.shape(0) < 1) {
+    value_error(where + ": expected a C-contiguous int64 array of shape (k >= 1, 3)");
+  }
+  const auto* rows = static_cast<const std::int64_t*>(a.data());
+  const auto k = static_cast<std::size_t>(a.shape(0));
+  for (std::size_t r = 0; r < k; ++r) {
+    const std::int64_t start = rows[3 * r];
+    const bool ordered = r == 0 ? start == 0 : start > rows[3 * (r - 1)] && static_cast<std::size_t>(start) < numel;
+    if (!ordered || rows[3 * r + 1] < 0 || rows[3 * r + 2] < 0) {
+      value_error(where +
+                  ": rows must be (start, parameter, first) with starts increasing from 0 below the size, "
+                  "parameter and first non-negative");
+    }
+    sc.pieces.push_back(RoundingPiece{static_cast<std::size_t>(start), static_cast<std::uint64_t>(rows[3 * r + 2]),
+                                      rounding_key(h.seed, step, static_cast<std::uint64_t>(rows[3 * r + 1]))});
+  }
+  return k;
+}
+
+// Points each tensor with pieces at its part of sc.pieces (filled for the whole call first).
+void link_pieces(StepScratch& sc, const std::vector<std::size_t>& counts) {
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < counts.size(); ++i) {
+    if (counts[i] == 0) continue;
+    sc.adam[i].pieces = sc.pieces.data() + at;
+    sc.adam[i].piece_count = counts[i];
+    at += counts[i];
   }
 }
 
@@ -337,13 +385,22 @@ namespace {
 // success.
 py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_obj, py::handle states_obj,
                     py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                    double max_grad_norm, py::handle patterns, py::handle names, py::handle norm_grads) {
+                    double max_grad_norm, py::handle patterns, py::handle names, py::handle norm_grads,
+                    py::handle rounding_pieces) {
   const Labels labels{patterns, names};
   StateCache::Lease lease(cache);
   StepScratch& sc = lease.scratch();
   StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
   const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
   parse_groups(groups_obj, group_of_obj, n, sc.adam_groups, sc.group_of, adam_hyper);
+  // A flat or sharded optimizer's tensors round stochastically as its parameters would (take_pieces).
+  std::size_t pieces_at = 0;
+  std::vector<std::size_t> piece_counts;
+  if (!rounding_pieces.is_none()) {
+    pieces_at = hold_all(as_sequence(rounding_pieces, "rounding_pieces", n, ""), n, sc);
+    piece_counts.assign(n, 0);
+  }
+  sc.pieces.clear();
   PyObject* const* held = sc.held.data();
   PyObject* const* keys = state_keys().adam;
   cache.read(held + 2 * n, n, keys, 4);
@@ -370,9 +427,12 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
     }
     const std::int64_t step = cache.next_step(i);
     set_adam_step(t, h, step, grad_scale, bc);
-    set_storage(t, h, layout, step, i);
+    if (set_storage(t, h, layout, step, i) && !piece_counts.empty()) {
+      piece_counts[i] = take_pieces(held[pieces_at + i], i, p.numel, h, step, sc);
+    }
     sc.new_steps[i] = step;
   }
+  if (!piece_counts.empty()) link_pieces(sc, piece_counts);
   take_norm_grads(norm_grads, labels, sc, policy);
   return run_and_report(sc.adam, policy, sc, labels, &cache, keys);
 }
@@ -714,8 +774,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("adam_step", &adam_step, py::arg("cache"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
         py::arg("patterns"), py::arg("names"), py::arg("norm_grads") = py::none(),
+        py::arg("rounding_pieces") = py::none(),
         "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
-        "With clipping, the norm is taken over `norm_grads` when given. Returns (applied, grad_norm or None).");
+        "With clipping, the norm is taken over `norm_grads` when given; stochastic rounding keys each part\n"
+        "of a tensor as `rounding_pieces` says. Returns (applied, grad_norm or None).");
   m.def("sgd_step", &sgd_step, py::arg("cache"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
         py::arg("patterns"), py::arg("names"), py::arg("norm_grads") = py::none(),

@@ -72,24 +72,51 @@ constexpr DType compute_dtype() {
   return sizeof(C) == 8 ? DType::f64 : DType::f32;
 }
 
-// Calls body(begin, end, state_key, param_key) for each run of [begin, end)
-// that stays within one 2^32-element segment of the tensor: the generator
-// hashes the low 32 bits of the element index, and a segment's key folds in
-// the high bits.
+// Calls body(begin, end, shift, state_key, param_key) for each run of
+// [begin, end) that stays within one 2^32-element segment of the generator's
+// element index and within one rounding piece: element i of the run takes the
+// generator's bits of index i + shift (modulo 2^32) under the run's keys. The
+// generator hashes the low 32 bits of the index, and a segment's key folds in
+// the high bits. Without pieces the index is the element's own (shift 0).
 template <typename Body>
-void for_each_segment(std::uint64_t key, std::size_t begin, std::size_t end, Body&& body) {
-  const auto state_key = static_cast<std::uint32_t>(key);
-  const auto param_key = static_cast<std::uint32_t>(key >> 32);
-  std::size_t b = begin;
-  while (b < end) {
-    const std::uint64_t high = static_cast<std::uint64_t>(b) >> 32;
-    const std::size_t segment_end = static_cast<std::size_t>((high + 1) << 32);
-    const std::size_t e = end < segment_end || segment_end == 0 ? end : segment_end;
-    // One call site: the body (the whole element loop) is inlined once.
-    const std::uint32_t sk = high == 0 ? state_key : segment_key(state_key, high);
-    const std::uint32_t pk = high == 0 ? param_key : segment_key(param_key, high);
-    body(b, e, sk, pk);
-    b = e;
+void for_each_segment(const AdamTensor& t, std::size_t begin, std::size_t end, Body&& body) {
+  auto run = [&](std::uint64_t key, std::size_t b, std::size_t e, std::uint64_t offset) {
+    // offset: the generator index of element 0 of the tensor's memory (modulo 2^64)
+    const auto state_key = static_cast<std::uint32_t>(key);
+    const auto param_key = static_cast<std::uint32_t>(key >> 32);
+    const auto shift = static_cast<std::uint32_t>(offset);
+    while (b < e) {
+      const std::uint64_t index = static_cast<std::uint64_t>(b) + offset;
+      const std::uint64_t high = index >> 32;
+      const std::uint64_t left = (std::uint64_t(1) << 32) - (index & 0xFFFFFFFFull);
+      const std::size_t stop = static_cast<std::uint64_t>(e - b) <= left ? e : b + static_cast<std::size_t>(left);
+      // One call site: the body (the whole element loop) is inlined once.
+      const std::uint32_t sk = high == 0 ? state_key : segment_key(state_key, high);
+      const std::uint32_t pk = high == 0 ? param_key : segment_key(param_key, high);
+      body(b, stop, shift, sk, pk);
+      b = stop;
+    }
+  };
+  if (t.piece_count == 0) {
+    run(t.rounding_key, begin, end, 0);
+    return;
+  }
+  // The last piece that starts at or before `begin` (pieces[0] starts at 0).
+  std::size_t lo = 0;
+  std::size_t hi = t.piece_count;
+  while (hi - lo > 1) {
+    const std::size_t mid = lo + (hi - lo) / 2;
+    if (t.pieces[mid].start <= begin) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  for (std::size_t k = lo; k < t.piece_count && begin < end; ++k) {
+    const RoundingPiece& piece = t.pieces[k];
+    const std::size_t stop = k + 1 < t.piece_count && t.pieces[k + 1].start < end ? t.pieces[k + 1].start : end;
+    if (stop > begin) run(piece.key, begin, stop, piece.first - static_cast<std::uint64_t>(piece.start));
+    begin = stop > begin ? stop : begin;
   }
 }
 
@@ -147,16 +174,17 @@ void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {
   if constexpr (state_random || param_random) {
     // Runs of at most 2^31 elements counted by a 32-bit index: the generator
     // hashes the index modulo 2^32, and a 64-bit one costs shuffles in every vector.
-    for_each_segment(t.rounding_key, begin, end,
-                     [&](std::size_t b, std::size_t e, std::uint32_t state_key, std::uint32_t param_key) {
-                       constexpr std::size_t kMaxRun = std::size_t(1) << 31;
-                       for (std::size_t b0 = b; b0 < e; b0 += kMaxRun) {
-                         const auto count = static_cast<std::uint32_t>(e - b0 < kMaxRun ? e - b0 : kMaxRun);
-                         const auto first = static_cast<std::uint32_t>(b0);
+    for_each_segment(
+        t, begin, end,
+        [&](std::size_t b, std::size_t e, std::uint32_t shift, std::uint32_t state_key, std::uint32_t param_key) {
+          constexpr std::size_t kMaxRun = std::size_t(1) << 31;
+          for (std::size_t b0 = b; b0 < e; b0 += kMaxRun) {
+            const auto count = static_cast<std::uint32_t>(e - b0 < kMaxRun ? e - b0 : kMaxRun);
+            const auto first = static_cast<std::uint32_t>(b0) + shift;
 #pragma omp simd
-                         for (std::uint32_t k = 0; k < count; ++k) element(b0 + k, first + k, state_key, param_key);
-                       }
-                     });
+            for (std::uint32_t k = 0; k < count; ++k) element(b0 + k, first + k, state_key, param_key);
+          }
+        });
   } else {
 #pragma omp simd
     for (std::size_t i = begin; i < end; ++i) element(i, 0, 0, 0);
@@ -218,19 +246,21 @@ void read_block(const void* src, DType from, std::size_t begin, std::size_t n, C
   }
 }
 
-// Element begin + k takes the bits of random_bits(begin + k, key) >> shift.
+// Element begin + k takes the bits of random_bits(begin + k + index_shift, key) >> shift.
 template <typename C, DType D, Rounding R>
 void write_as(void* dst, std::size_t begin, std::size_t n, const C* ADAMCPP_RESTRICT in, std::uint32_t key,
-              unsigned shift) {
+              unsigned shift, std::uint32_t index_shift) {
   storage_t<D>* ADAMCPP_RESTRICT out = static_cast<storage_t<D>*>(dst) + begin;
   if constexpr (R == Rounding::stochastic) {
+    const std::uint32_t first = static_cast<std::uint32_t>(begin) + index_shift;
 #pragma omp simd
     for (std::size_t k = 0; k < n; ++k) {
-      out[k] = store<D, R>(in[k], random_bits(static_cast<std::uint32_t>(begin + k), key) >> shift);
+      out[k] = store<D, R>(in[k], random_bits(first + static_cast<std::uint32_t>(k), key) >> shift);
     }
   } else {
     (void)key;
     (void)shift;
+    (void)index_shift;
 #pragma omp simd
     for (std::size_t k = 0; k < n; ++k) out[k] = store<D, R>(in[k], 0);
   }
@@ -239,27 +269,27 @@ void write_as(void* dst, std::size_t begin, std::size_t n, const C* ADAMCPP_REST
 // n compute-type values stored into dst[begin, begin + n) as dtype `to`.
 template <typename C>
 void write_block(void* dst, DType to, Rounding rounding, std::size_t begin, std::size_t n, const C* in,
-                 std::uint32_t key, unsigned shift) {
+                 std::uint32_t key, unsigned shift, std::uint32_t index_shift) {
   const bool sr = rounding == Rounding::stochastic;
   switch (to) {
     case DType::f32:
-      write_as<C, DType::f32, Rounding::nearest>(dst, begin, n, in, key, shift);
+      write_as<C, DType::f32, Rounding::nearest>(dst, begin, n, in, key, shift, index_shift);
       break;
     case DType::f64:
-      write_as<C, DType::f64, Rounding::nearest>(dst, begin, n, in, key, shift);
+      write_as<C, DType::f64, Rounding::nearest>(dst, begin, n, in, key, shift, index_shift);
       break;
     case DType::f16:
       if (sr) {
-        write_as<C, DType::f16, Rounding::stochastic>(dst, begin, n, in, key, shift);
+        write_as<C, DType::f16, Rounding::stochastic>(dst, begin, n, in, key, shift, index_shift);
       } else {
-        write_as<C, DType::f16, Rounding::nearest>(dst, begin, n, in, key, shift);
+        write_as<C, DType::f16, Rounding::nearest>(dst, begin, n, in, key, shift, index_shift);
       }
       break;
     case DType::bf16:
       if (sr) {
-        write_as<C, DType::bf16, Rounding::stochastic>(dst, begin, n, in, key, shift);
+        write_as<C, DType::bf16, Rounding::stochastic>(dst, begin, n, in, key, shift, index_shift);
       } else {
-        write_as<C, DType::bf16, Rounding::nearest>(dst, begin, n, in, key, shift);
+        write_as<C, DType::bf16, Rounding::nearest>(dst, begin, n, in, key, shift, index_shift);
       }
       break;
   }
@@ -289,56 +319,56 @@ void adam_blocked(const AdamTensor& t, std::size_t begin, std::size_t end) {
   alignas(64) C m[kBlock];
   alignas(64) C v[kBlock];
   alignas(64) C v_max[kBlock];
-  for_each_segment(t.rounding_key, begin, end,
-                   [&](std::size_t b0, std::size_t e0, std::uint32_t state_key, std::uint32_t param_key) {
-                     for (std::size_t b = b0; b < e0; b += kBlock) {
-                       const std::size_t n = e0 - b < kBlock ? e0 - b : kBlock;
-                       AdamTensor block = t;
-                       block.master_param = nullptr;
-                       if (master) {
-                         block.param = static_cast<C*>(t.master_param) + b;
-                       } else if (param_direct) {
-                         block.param = static_cast<C*>(t.param) + b;
-                       } else {
-                         read_block(t.param, t.dtype, b, n, p);
-                         block.param = p;
-                       }
-                       if (grad_direct) {
-                         block.grad = static_cast<const C*>(t.grad) + b;
-                       } else {
-                         read_block(t.grad, t.grad_dtype, b, n, g);
-                         block.grad = g;
-                       }
-                       if (state_direct) {
-                         block.exp_avg = static_cast<C*>(t.exp_avg) + b;
-                         block.exp_avg_sq = static_cast<C*>(t.exp_avg_sq) + b;
-                         if (t.amsgrad) block.max_exp_avg_sq = static_cast<C*>(t.max_exp_avg_sq) + b;
-                       } else {
-                         read_block(t.exp_avg, t.state_dtype, b, n, m);
-                         read_block(t.exp_avg_sq, t.state_dtype, b, n, v);
-                         block.exp_avg = m;
-                         block.exp_avg_sq = v;
-                         if (t.amsgrad) {
-                           read_block(t.max_exp_avg_sq, t.state_dtype, b, n, v_max);
-                           block.max_exp_avg_sq = v_max;
-                         }
-                       }
-                       update(block, 0, n);
-                       if (master) {
-                         write_block(t.param, t.dtype, Rounding::nearest, b, n, static_cast<const C*>(block.param), 0,
-                                     0);
-                       } else if (!param_direct) {
-                         write_block(t.param, t.dtype, t.param_rounding, b, n, p, param_key, 0);
-                       }
-                       if (!state_direct) {
-                         write_block(t.exp_avg, t.state_dtype, t.state_rounding, b, n, m, state_key, 0);
-                         write_block(t.exp_avg_sq, t.state_dtype, t.state_rounding, b, n, v, state_key, 16);
-                         if (t.amsgrad) {
-                           write_block(t.max_exp_avg_sq, t.state_dtype, t.state_rounding, b, n, v_max, state_key, 16);
-                         }
-                       }
-                     }
-                   });
+  for_each_segment(
+      t, begin, end,
+      [&](std::size_t b0, std::size_t e0, std::uint32_t index_shift, std::uint32_t state_key, std::uint32_t param_key) {
+        for (std::size_t b = b0; b < e0; b += kBlock) {
+          const std::size_t n = e0 - b < kBlock ? e0 - b : kBlock;
+          AdamTensor block = t;
+          block.master_param = nullptr;
+          if (master) {
+            block.param = static_cast<C*>(t.master_param) + b;
+          } else if (param_direct) {
+            block.param = static_cast<C*>(t.param) + b;
+          } else {
+            read_block(t.param, t.dtype, b, n, p);
+            block.param = p;
+          }
+          if (grad_direct) {
+            block.grad = static_cast<const C*>(t.grad) + b;
+          } else {
+            read_block(t.grad, t.grad_dtype, b, n, g);
+            block.grad = g;
+          }
+          if (state_direct) {
+            block.exp_avg = static_cast<C*>(t.exp_avg) + b;
+            block.exp_avg_sq = static_cast<C*>(t.exp_avg_sq) + b;
+            if (t.amsgrad) block.max_exp_avg_sq = static_cast<C*>(t.max_exp_avg_sq) + b;
+          } else {
+            read_block(t.exp_avg, t.state_dtype, b, n, m);
+            read_block(t.exp_avg_sq, t.state_dtype, b, n, v);
+            block.exp_avg = m;
+            block.exp_avg_sq = v;
+            if (t.amsgrad) {
+              read_block(t.max_exp_avg_sq, t.state_dtype, b, n, v_max);
+              block.max_exp_avg_sq = v_max;
+            }
+          }
+          update(block, 0, n);
+          if (master) {
+            write_block(t.param, t.dtype, Rounding::nearest, b, n, static_cast<const C*>(block.param), 0, 0, 0);
+          } else if (!param_direct) {
+            write_block(t.param, t.dtype, t.param_rounding, b, n, p, param_key, 0, index_shift);
+          }
+          if (!state_direct) {
+            write_block(t.exp_avg, t.state_dtype, t.state_rounding, b, n, m, state_key, 0, index_shift);
+            write_block(t.exp_avg_sq, t.state_dtype, t.state_rounding, b, n, v, state_key, 16, index_shift);
+            if (t.amsgrad) {
+              write_block(t.max_exp_avg_sq, t.state_dtype, t.state_rounding, b, n, v_max, state_key, 16, index_shift);
+            }
+          }
+        }
+      });
 }
 
 // ----------------------------------------------------------------------- SGD

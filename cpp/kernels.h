@@ -21,6 +21,17 @@ struct TensorRef {
   double grad_scale;  // gradient multiplier (sign included), applied in the kernel
 };
 
+// A part of a tensor whose random bits are those of another tensor's
+// elements: elements [start, next piece's start) take the generator's bits of
+// elements first, first + 1, ... under `key`. A flat range of many parameters
+// (or a shard that cuts them) rounds each element as the parameter's own
+// tensor would in a list optimizer.
+struct RoundingPiece {
+  std::size_t start;
+  std::uint64_t first;
+  std::uint64_t key;
+};
+
 struct AdamTensor : TensorRef {
   void* exp_avg;
   void* exp_avg_sq;
@@ -30,7 +41,9 @@ struct AdamTensor : TensorRef {
   bool native;              // parameter, gradient and state all of the compute type (no master copy)
   Rounding state_rounding;  // bf16 state only
   Rounding param_rounding;  // 16-bit parameters without a master copy only
-  std::uint64_t rounding_key = 0;  // stochastic rounding: low 32 bits key the state, high 32 the parameter
+  std::uint64_t rounding_key = 0;         // stochastic rounding: low 32 bits key the state, high 32 the parameter
+  const RoundingPiece* pieces = nullptr;  // when set, the keys and element indices of the tensor's parts
+  std::size_t piece_count = 0;
   WeightDecay weight_decay_mode;
   bool amsgrad;
   EpsStyle eps_style;

@@ -46,7 +46,8 @@ struct StepScratch {
   std::vector<AdamHyper> adam_groups;
   std::vector<SgdHyper> sgd_groups;
   std::vector<int> group_of;
-  std::vector<TensorRef> norm;  // the gradients a flat optimizer's norm is taken over
+  std::vector<TensorRef> norm;        // the gradients a flat optimizer's norm is taken over
+  std::vector<RoundingPiece> pieces;  // the rounding pieces of the call's tensors, back to back
   Workspace workspace;
   AliasCheck aliasing;
 

@@ -138,6 +138,12 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "flat-mixed": dict(cls="Adam", kwargs=dict(lr=1e-2, amsgrad=True), flat=True, dtypes=[np.float32, np.float64]),
     "flat-clip": dict(cls="Adam", kwargs=dict(lr=1e-2, max_grad_norm=2.0), flat=True),
     "flat-padded-sgd": dict(cls="SGD", kwargs=dict(lr=0.05, momentum=0.9, max_grad_norm=2.0), flat=True, padded=True),
+    # bfloat16 state rounded stochastically: each element keyed by its parameter and its index there,
+    # whichever shard holds it, so the bits are the single-process optimizer's
+    "bf16-state-groups": dict(cls="AdamW", kwargs=dict(lr=1e-2, state_dtype="bfloat16", seed=7), groups=True),
+    "flat-bf16-state-amsgrad-clip": dict(
+        cls="Adam", kwargs=dict(lr=1e-2, state_dtype="bfloat16", amsgrad=True, max_grad_norm=2.0, seed=3), flat=True
+    ),
 }
 
 
@@ -370,6 +376,12 @@ SAVE_SHAPES = [(40, 30), (9,), (CHUNK * 2 + 5,), (3, 3)]
 SAVE_STEPS = 3
 
 
+def ckpt_state_options() -> Dict[str, Any]:
+    """The checkpoint scenarios' state: float32, or (argv[3] == "bfloat16") bfloat16 rounded stochastically."""
+    state = sys.argv[3] if len(sys.argv) > 3 else "float32"
+    return dict(state_dtype="bfloat16", seed=21) if state == "bfloat16" else {}
+
+
 def scenario_ckpt_save(report: Report) -> None:
     """Trains a few steps, then writes one shard file per rank, the
     consolidated state dict and the parameters."""
@@ -377,7 +389,9 @@ def scenario_ckpt_save(report: Report) -> None:
     dtypes = [np.float32] * len(SAVE_SHAPES)
     values = initial(SAVE_SHAPES, dtypes, seed=3)
     params = [v.copy() for v in values]
-    zero = ZeroRedundancyOptimizer(params, adamcpp.AdamW, lr=adamcpp.schedules.CosineDecay(1e-2, 20), amsgrad=True)
+    zero = ZeroRedundancyOptimizer(
+        params, adamcpp.AdamW, lr=adamcpp.schedules.CosineDecay(1e-2, 20), amsgrad=True, **ckpt_state_options()
+    )
     for step in range(SAVE_STEPS):
         zero.step(grads_of(step, RANK, SAVE_SHAPES, dtypes))
     adamcpp.save(zero.shard_state_dict(), os.path.join(outdir, f"shard.{RANK}.safetensors"))
@@ -403,10 +417,11 @@ def scenario_ckpt_load(report: Report) -> None:
     names = sorted(n for n in os.listdir(outdir) if n.startswith("shard."))
     shards = [adamcpp.load(os.path.join(outdir, n)) for n in names]
     params = [v.copy() for v in values]
-    zero = ZeroRedundancyOptimizer(params, adamcpp.AdamW, lr=1.0, amsgrad=True)  # lr comes from the shards
+    options = ckpt_state_options()
+    zero = ZeroRedundancyOptimizer(params, adamcpp.AdamW, lr=1.0, amsgrad=True, **options)  # lr from the shards
     zero.load_shard_state_dicts(shards)
     ref_params = [v.copy() for v in values]
-    ref = adamcpp.AdamW(ref_params, amsgrad=True)
+    ref = adamcpp.AdamW(ref_params, amsgrad=True, **options)
     ref.load_state_dict(adamcpp.load(os.path.join(outdir, "consolidated.safetensors")))
     report["lr_loaded"] = [repr(zero.param_groups[0]["lr"]), repr(ref.param_groups[0]["lr"])]
     steps = []

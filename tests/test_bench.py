@@ -209,9 +209,6 @@ def test_precisions(tmp_path, capsys):
     assert "bf16-master" in out and "B/elem" in out and "the generator costs" in out
 
 
-@pytest.mark.parametrize("name", ["adamcpp", "numpy"])
-
-
 @pytest.mark.parametrize("name", ["adamcpp", "adamcpp-flat", "numpy"])
 def test_timed_step_does_not_allocate_arrays(name):
     case = bench.Case(bench.Shape(2, 50_000), "float32", "amsgrad")

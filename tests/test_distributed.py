@@ -53,9 +53,9 @@ def mpirun(n: int, args: List[str], cwd: Path = ROOT) -> subprocess.CompletedPro
     )
 
 
-def run_scenario(n: int, scenario: str, outdir: Path) -> List[Dict[str, Any]]:
+def run_scenario(n: int, scenario: str, outdir: Path, *extra: str) -> List[Dict[str, Any]]:
     """Runs a worker scenario on n ranks; returns each rank's report (checks by name)."""
-    proc = mpirun(n, [str(WORKER), scenario, str(outdir)])
+    proc = mpirun(n, [str(WORKER), scenario, str(outdir), *extra])
     reports = []
     for r in range(n):
         path = outdir / f"{scenario}.{r}.json"
@@ -79,12 +79,13 @@ def test_bitwise_equal_to_the_single_process_optimizer(n, tmp_path):
     """After every step the parameters are bitwise equal on every rank and to
     the single-process optimizer fed the summed gradients with grad_scale / N
     (Adam, AdamW, SGD; clipping, schedules, amsgrad, maximize, groups, dict
-    params, a FlatParams of two dtypes); the consolidated state dict is that
+    params, a FlatParams of two dtypes, bfloat16 state rounded stochastically);
+    the consolidated state dict is that
     optimizer's, and a single-process optimizer that loads it continues like
     both. Each rank holds 1/N of the state (chunk-aligned shards)."""
     reports = run_scenario(n, "exact", tmp_path)
     names = list(reports[0])
-    assert len(names) == 9
+    assert len(names) == 11
     for name in names:
         per_rank = [rep[name] for rep in reports]
         for r, check in enumerate(per_rank):
@@ -182,13 +183,14 @@ def test_bad_input_on_one_rank_raises_on_every_rank(n, tmp_path):
     assert first["propagate_nan_clip"] == [True, True, True, True, True, True]
 
 
-@pytest.mark.parametrize("saved, loaded", [(2, 3), (3, 1)])
-def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, tmp_path):
+@pytest.mark.parametrize("saved, loaded, state", [(2, 3, "float32"), (3, 1, "float32"), (3, 2, "bfloat16")])
+def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, state, tmp_path):
     """Per-rank shard files (adamcpp.save) written by `saved` ranks are loaded
     by `loaded` ranks and continue bit for bit like a single-process optimizer
     that loaded the consolidated file; offline, consolidate_shards turns the
-    shard files into that consolidated state dict."""
-    saved_reports = run_scenario(saved, "ckpt_save", tmp_path)
+    shard files into that consolidated state dict. bfloat16 state (rounded
+    stochastically) stays bfloat16 in every file and dict."""
+    saved_reports = run_scenario(saved, "ckpt_save", tmp_path, state)
     assert all(rep["saved"] for rep in saved_reports)
     shards = [adamcpp.load(str(tmp_path / f"shard.{r}.safetensors")) for r in range(saved)]
     whole = adamcpp.load(str(tmp_path / "consolidated.safetensors"))
@@ -203,7 +205,9 @@ def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, tmp_path):
                 assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), (i, k)
             else:
                 assert got == v, (i, k)
-    reports = run_scenario(loaded, "ckpt_load", tmp_path)
+    for entry in whole["state"].values():
+        assert entry["exp_avg"].dtype.name == state and entry["max_exp_avg_sq"].dtype.name == state
+    reports = run_scenario(loaded, "ckpt_load", tmp_path, state)
     for r, rep in enumerate(reports):
         assert rep["lr_loaded"][0] == rep["lr_loaded"][1]
         assert rep["steps"] == [[True, True]] * 3, f"rank {r}: {rep['steps']}"

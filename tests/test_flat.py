@@ -164,9 +164,9 @@ def test_flatparams_dict_and_shapes():
         ([], ValueError, "arrays: FlatParams got no arrays"),
         ("abc", TypeError, "arrays: expected a list or dict of arrays (or shapes), got str"),
         (
-            [np.zeros(2, np.float16)],
+            [np.zeros(2, np.int32)],
             TypeError,
-            "arrays[0]: expected dtype float32 or float64 (native byte order), got float16",
+            "arrays[0]: expected dtype float16, bfloat16, float32 or float64 (native byte order), got int32",
         ),
         (
             {"w": [1.0, 2.0]},
@@ -179,9 +179,13 @@ def test_flatparams_dict_and_shapes():
             TypeError,
             "arrays[1]: expected an array, or a shape (an int or a tuple of ints), got (True,)",
         ),
-        ([np.zeros(2, ">f8")], TypeError, "arrays[0]: expected dtype float32 or float64 (native byte order), got >f8"),
+        (
+            [np.zeros(2, ">f8")],
+            TypeError,
+            "arrays[0]: expected dtype float16, bfloat16, float32 or float64 (native byte order), got >f8",
+        ),
     ],
-    ids=["ndarray", "empty", "str", "float16", "list-entry", "negative", "bool", "big-endian"],
+    ids=["ndarray", "empty", "str", "int32", "list-entry", "negative", "bool", "big-endian"],
 )
 def test_flatparams_refuses(arrays, exc, message):
     with pytest.raises(exc) as info:
@@ -886,3 +890,112 @@ FlatAgainstList.TestCase.settings = settings(
     max_examples=25, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestFlatAgainstList = FlatAgainstList.TestCase
+
+
+# ------------------------------------------------------------ mixed precision
+
+
+def _bf16():
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+
+
+PRECISIONS = {
+    "bf16-state": ((np.float32,), dict(state_dtype="bfloat16")),
+    "bf16-state-nearest-amsgrad": ((np.float32,), dict(state_dtype="bfloat16", state_rounding="nearest", amsgrad=True)),
+    "bf16-state-amsgrad-keras": ((np.float32,), dict(state_dtype="bfloat16", amsgrad=True, eps_style="keras")),
+    "f16-master": ((np.float16,), dict()),
+    "bf16-master-bf16-state": (("bf16",), dict(state_dtype="bfloat16")),
+    "bf16-pure-stochastic": (("bf16",), dict(master_weights=False, state_dtype="bfloat16")),
+    "f16-no-master-stochastic": ((np.float16,), dict(master_weights=False, param_rounding="stochastic")),
+    "mixed-dtypes-bf16-state": ((np.float32, "bf16", np.float16), dict(state_dtype="bfloat16")),
+}
+
+
+@pytest.mark.parametrize("name", list(PRECISIONS))
+@pytest.mark.parametrize("cls", [adamcpp.Adam, adamcpp.AdamW])
+def test_precision_options_match_list_bitwise(name, cls):
+    """Flat ranges join many parameters; stochastic rounding still keys every
+    element by its parameter's index and its own index there (the pieces the
+    native step takes), so the bits are the list optimizer's, 16-bit
+    parameters, master copies and bfloat16 state included."""
+    dtypes, kwargs = PRECISIONS[name]
+    dtypes = tuple(_bf16() if d == "bf16" else np.dtype(d) for d in dtypes)
+    params, grads = problem([*SHAPES, (40,), (3, 3), (CHUNK + 37,)], steps=5, dtypes=dtypes)
+    flat, opt_flat, copies, opt_list = make_pair(cls, params, lr=3e-2, seed=17, **kwargs)
+    assert len(opt_flat._fs.segments) == len(set(dtypes))  # one range per dtype: many parameters per range
+    run_both(flat, opt_flat, copies, opt_list, grads, grad_scale=0.5)
+    for st in opt_flat.state:
+        assert st["exp_avg"].dtype == (_bf16() if kwargs.get("state_dtype") else np.float32)
+
+
+def test_precision_groups_split_edits_and_threads(restore_threads):
+    """Groups with their own seeds and layouts, a step-count edit that splits
+    one parameter into a range of its own, and 1 or 2 threads over ranges
+    larger than a chunk: still the list optimizer's bits."""
+    bf16 = _bf16()
+    params, grads = problem([(CHUNK + 5,), (300,), (2 * CHUNK + 1,), (7,)], steps=6, dtypes=(np.float32, bf16))
+    groups = [([0, 2], dict(seed=3)), ([1, 3], dict(lr=1e-2, state_rounding="nearest"))]
+    for threads in (1, 2):
+        adamcpp.set_num_threads(threads)
+        flat, opt_flat, copies, opt_list = make_pair(adamcpp.Adam, params, groups, lr=3e-2, state_dtype="bfloat16")
+        run_both(flat, opt_flat, copies, opt_list, grads[:3])
+        opt_flat.state[2]["step"] = 9
+        opt_list.state[2]["step"] = 9
+        run_both(flat, opt_flat, copies, opt_list, grads[3:])
+
+
+def test_precision_checkpoints_and_copies_move_between_flat_and_list(tmp_path):
+    """A flat bfloat16-state optimizer's checkpoint (in memory and through
+    adamcpp.save) continues in a list optimizer, and a pickled copy in flat
+    storage, with the bits of the original."""
+    bf16 = _bf16()
+    params, grads = problem([(50,), (3, 4), (CHUNK + 3,)], steps=6, dtypes=(bf16, np.float32))
+    kwargs = dict(lr=2e-2, state_dtype="bfloat16", seed=5)
+    flat, opt_flat, copies, opt_list = make_pair(adamcpp.AdamW, params, **kwargs)
+    run_both(flat, opt_flat, copies, opt_list, grads[:3])
+    path = tmp_path / "flat.safetensors"
+    adamcpp.save(opt_flat.state_dict(), path)
+    copies2 = [np.array(v) for v in flat.params]
+    opt_list2 = adamcpp.AdamW(copies2, **kwargs)
+    opt_list2.load_state_dict(adamcpp.load(path))
+    flat3, opt_flat3 = pickle.loads(pickle.dumps((flat, opt_flat)))
+    assert flat3.dtypes == flat.dtypes and opt_flat3._fs is not None
+    for gs in grads[3:]:
+        feed(flat, gs)
+        feed(flat3, gs)
+        opt_flat.step(flat.grads)
+        opt_flat3.step(flat3.grads)
+        opt_list2.step([g.copy() for g in gs])
+    assert_same(opt_flat3, list(flat3.params), opt_flat, list(flat.params))
+    assert_same(opt_flat, list(flat.params), opt_list2, copies2)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.zeros((0, 3), np.int64),
+        np.array([[1, 0, 0]], np.int64),
+        np.array([[0, 0, 0], [0, 1, 0]], np.int64),
+        np.array([[0, 0, 0], [500, 1, 0]], np.int64),
+        np.array([[0, -1, 0]], np.int64),
+        np.array([[0, 0, 0]], np.int32),
+        np.zeros((1, 2), np.int64),
+    ],
+    ids=["empty", "not-from-0", "not-increasing", "past-the-end", "negative", "int32", "two-columns"],
+)
+def test_malformed_rounding_pieces_are_refused_before_any_write(rows):
+    """The native step's rounding pieces (what flat.py and distributed.py pass)
+    are checked like every other argument: ValueError, nothing written."""
+    bf16 = _bf16()
+    params, grads = problem([(40,), (30,)], steps=2)
+    flat, opt_flat, _, _ = make_pair(adamcpp.Adam, params, lr=1e-2, state_dtype="bfloat16")
+    feed(flat, grads[0])
+    opt_flat.step(flat.grads)
+    before = [np.array(b) for b in flat.buffers] + [np.array(s["exp_avg"]) for s in opt_flat.state]
+    opt_flat._fs.seg_pieces = [rows]
+    with pytest.raises(ValueError, match=r"rounding_pieces\[0\]: "):
+        opt_flat.step(flat.grads)
+    after = [np.array(b) for b in flat.buffers] + [np.array(s["exp_avg"]) for s in opt_flat.state]
+    for a, b in zip(before, after):
+        assert a.dtype in (np.float32, bf16) and a.tobytes() == b.tobytes()
+    assert [s["step"] for s in opt_flat.state] == [1, 1]

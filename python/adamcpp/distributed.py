@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
-from . import _core
+from . import _core, _precision
 from . import flat as _flat
 from ._common import (
     NONFINITE_POLICIES,
@@ -68,6 +68,18 @@ def _mpi() -> Any:
             "wheel), then launch with mpiexec -n N python script.py"
         ) from exc
     return MPI
+
+
+_ARRAY = "array:"
+
+
+def _is_array_record(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith(_ARRAY)
+
+
+def _dtype_named(name: str) -> np.dtype:
+    """A state array's dtype from its name (bfloat16 through ml_dtypes)."""
+    return _precision.bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 def _mpi_type(MPI: Any, dtype: np.dtype) -> Any:
@@ -351,6 +363,20 @@ class ZeroRedundancyOptimizer:
             sd = local.state_dict()
             sd["state"] = local_state
             local.load_state_dict(sd)
+        if local._native is _core.adam_step:
+            # Stochastic rounding keys every element by its parameter and its index there, as the
+            # single-process optimizer does, whichever rank's shard and run it falls in.
+            parts = self._layout_runs()
+            local._rounding_pieces = [
+                _flat.rounding_pieces(
+                    [
+                        (a - r.start, i, a - self._slots[i][1], z - a)
+                        for b, a, z, i in parts
+                        if b == r.buffer and r.start <= a < r.stop
+                    ]
+                )
+                for r in tensors
+            ]
         self.optim = local
         self._tensors = tensors
         self._run_grads = [
@@ -766,12 +792,17 @@ class ZeroRedundancyOptimizer:
         to = int(to)
         records, states = self._shard_image()
         plain = [
-            {k: (None if v is None else ("array" if isinstance(v, np.ndarray) else v)) for k, v in st.items()}
+            # an array travels as its dtype's name ("array:bfloat16"): gathered in the buffer's dtype (which holds
+            # a bfloat16 value exactly), it is handed back in its own
+            {
+                k: (None if v is None else (_ARRAY + v.dtype.name if isinstance(v, np.ndarray) else v))
+                for k, v in st.items()
+            }
             for st in states
         ]
         gathered = self.comm.gather((records, plain), root=to)
         # Every role any rank holds, so that every rank takes part in each gather.
-        roles = sorted({k for st in plain for k, v in st.items() if v == "array"})
+        roles = sorted({k for st in plain for k, v in st.items() if _is_array_record(v)})
         roles = sorted(set().union(*self.comm.allgather(roles)))
         full: Dict[Tuple[str, int], np.ndarray] = {}
         for role in roles:
@@ -823,11 +854,10 @@ class ZeroRedundancyOptimizer:
                     )
             entry: Dict[str, Any] = {}
             for k, v in first.items():
-                if v == "array":
+                if _is_array_record(v):
+                    dtype = _dtype_named(v[len(_ARRAY) :])
                     entry[k] = (
-                        full[(k, b)][off : off + size].reshape(shape).copy()
-                        if size
-                        else np.zeros(shape, self._params[i].dtype)
+                        full[(k, b)][off : off + size].reshape(shape).astype(dtype) if size else np.zeros(shape, dtype)
                     )
                 else:
                     entry[k] = v
@@ -986,10 +1016,10 @@ class ZeroRedundancyOptimizer:
                     if required:
                         raise ValueError(f"{where}: missing '{name}'")
                     continue
-                arr = np.asarray(entry[name])
+                arr = _precision.as_array(entry[name], f"{where}['{name}']")
                 if arr.shape != p.shape:
                     raise ValueError(f"{where}['{name}']: expected shape {p.shape} like its parameter, got {arr.shape}")
-                if arr.dtype.kind != "f":
+                if not _precision.is_loadable(arr.dtype):
                     raise TypeError(f"{where}['{name}']: expected a floating-point array, got dtype {arr.dtype}")
             entries[i] = entry
         # What this rank keeps: each parameter part in its shard, with its parameter's step and entries.
@@ -1012,7 +1042,9 @@ class ZeroRedundancyOptimizer:
                     if name in probe._nullable_state:
                         st[name] = None
                     continue
-                arr = np.empty(run.stop - run.start, self.flat.dtypes[run.buffer])
+                # in the dtype the local optimizer keeps the entry in (bfloat16 with state_dtype='bfloat16')
+                dtype = probe._entry_dtype(name, self.flat.dtypes[run.buffer], new_groups[run.group])
+                arr = np.empty(run.stop - run.start, dtype if dtype is not None else self.flat.dtypes[run.buffer])
                 for a, z, i in pieces:
                     off = self._slots[i][1]
                     src = np.asarray(entries[i][name]).reshape(-1)[a - off : z - off]  # type: ignore[index]
@@ -1100,7 +1132,6 @@ def consolidate_shards(
         or [list(x) for x in expect["params"]] != [list(x) for x in layout["params"]]
     ):
         raise ValueError("shards: their layout (parameter shapes, dtypes, order, groups) differs from this optimizer's")
-    buffers = [(np.dtype(dt), int(n)) for dt, n in layout["buffers"]]
     runs: List[Tuple[List[int], Dict[str, Any]]] = []
     for sd, meta in zip(shards, metas):
         state = sd["state"]
@@ -1111,7 +1142,6 @@ def consolidate_shards(
             runs.append(([int(x) for x in rec], dict(st)))
     params_out: Dict[int, Dict[str, Any]] = {}
     for i, (b, off, size, group, shape) in enumerate(layout["params"]):
-        dt = buffers[b][0]
         shape = tuple(int(d) for d in shape)
         covering = sorted(
             ((rec, st) for rec, st in runs if rec[0] == b and rec[1] < off + size and rec[2] > off),
@@ -1133,7 +1163,8 @@ def consolidate_shards(
             if all(v is None for v in values):
                 entry[name] = None
                 continue
-            out = np.zeros(size, dt)
+            # in the saved arrays' dtype (bfloat16 state stays bfloat16)
+            out = np.zeros(size, next(np.asarray(v).dtype for v in values if v is not None))
             if size:
                 for (rec, _), v in zip(covering, values):
                     a, z = max(rec[1], off), min(rec[2], off + size)

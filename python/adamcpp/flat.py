@@ -50,6 +50,15 @@ _SKIP = NONFINITE_POLICIES["skip"]
 _OWNERS: weakref.WeakValueDictionary[int, FlatParams] = weakref.WeakValueDictionary()
 
 
+def rounding_pieces(parts: Sequence[Tuple[int, int, int, int]]) -> Optional[np.ndarray]:
+    """The native step's rounding pieces of one tensor from its parameter parts
+    (start in the tensor, parameter index, first element of the parameter,
+    count), in tensor order: rows (start, parameter, first) of the non-empty
+    parts, or None when the tensor has no elements."""
+    rows = [(start, i, first) for start, i, first, count in parts if count > 0]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3) if rows else None
+
+
 def _aligned_zeros(count: int, dtype: np.dtype) -> np.ndarray:
     """A zero-filled 1-D array of `count` elements whose data starts on an ALIGNMENT boundary."""
     nbytes = count * dtype.itemsize
@@ -153,7 +162,7 @@ class FlatParams:
                 shapes.append(_shape_of(entry, label))
                 dtypes.append(shape_dtype)
         for dt, label in zip(dtypes, labels):
-            check_param_array(np.empty(0, dt), label, half=False)  # float32 or float64, like SGD's parameters
+            check_param_array(np.empty(0, dt), label)  # float16, bfloat16, float32 or float64
         self._build(keys, shapes, dtypes, int(pad_to))
         for view, entry in zip(self._param_views, entries):
             if isinstance(entry, np.ndarray):
@@ -249,12 +258,12 @@ class FlatParams:
     def __reduce__(self) -> Any:
         # The layout and the buffers; the views are made again from them, so a
         # copy's views share its buffers (copying the views would unshare them).
-        dtypes = [self.dtypes[b].str for b, _, _ in self._slots]
+        dtypes = [self.dtypes[b] for b, _, _ in self._slots]  # dtype objects: bfloat16's .str is only 'V2'
         return (_restore_flat, (self._keys, self._shapes, dtypes, self.buffers, self.grad_buffers, self.pad_to))
 
 
 def _restore_flat(
-    keys: Any, shapes: Any, dtypes: List[str], buffers: Any, grad_buffers: Any, pad_to: int = 1
+    keys: Any, shapes: Any, dtypes: List[Any], buffers: Any, grad_buffers: Any, pad_to: int = 1
 ) -> FlatParams:
     flat: FlatParams = FlatParams._from_layout(keys, shapes, dtypes, pad_to)
     for dst, src in zip((*flat.buffers, *flat.grad_buffers), (*buffers, *grad_buffers)):
@@ -554,6 +563,11 @@ class _FlatStorage:
                 self.seg_names.append(_Span(self.names[s.members[0]], self.names[s.members[-1]]))
         self.seg_states = [s.state for s in joined]
         self.seg_groups = [s.group for s in joined]
+        # Stochastic rounding keys each parameter's elements as a list optimizer does (its index and
+        # the element's index in it), whatever range the parameter is stepped in.
+        self.seg_pieces = [
+            rounding_pieces([(self.slot[m][1] - s.start, m, 0, self.slot[m][2]) for m in s.members]) for s in joined
+        ]
         self.dirty = False
 
     def detach(self, i: int) -> _Segment:
@@ -734,6 +748,7 @@ class _FlatStorage:
         # "raise" runs as "skip" here, so that the message can name the first
         # parameter (not the range) whose gradient is not finite.
         native_policy = _SKIP if nonfinite == _RAISE else nonfinite
+        extra = (self.seg_pieces,) if opt._native is _core.adam_step else ()  # Adam's rounding_pieces
         applied, norm = opt._native(
             opt._state_cache,
             self.seg_params,
@@ -747,6 +762,7 @@ class _FlatStorage:
             opt._patterns,
             self.seg_names,
             self.norm_grads if max_norm >= 0.0 else None,
+            *extra,
         )
         if not applied and nonfinite == _RAISE:
             raise FloatingPointError(self._nonfinite_message(scale, max_norm, norm))

@@ -178,6 +178,10 @@ class Optimizer(abc.ABC):
     """
 
     _native: Callable[..., Tuple[bool, Optional[float]]]
+    # Set by a ZeroRedundancyOptimizer on its local optimizer: per tensor, the
+    # parameters whose random bits its parts take (stochastic rounding keyed
+    # on the whole model's parameters, not the shard's tensors).
+    _rounding_pieces: Optional[List[Optional[np.ndarray]]] = None
     _cuda_native = ""  # the name of the native entry for CUDA arrays (adamcpp.cuda)
     _patterns: Tuple[str, ...] = ()  # message label of each native array role
     _half_params: ClassVar[bool] = False  # whether float16/bfloat16 parameters are accepted
@@ -446,6 +450,7 @@ class Optimizer(abc.ABC):
             hypers = self._group_hypers()
             if self._cuda is not None:
                 return self._step_on_device(grad_list, hypers, scale, nonfinite, max_norm, stream)
+            extra = () if self._rounding_pieces is None else (None, self._rounding_pieces)  # norm_grads, pieces
             applied, norm = self._native(
                 self._state_cache,
                 self._flat,
@@ -458,6 +463,7 @@ class Optimizer(abc.ABC):
                 max_norm,
                 self._patterns,
                 self._keys,
+                *extra,
             )
         finally:
             self._leave()
