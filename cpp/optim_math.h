@@ -150,11 +150,9 @@ ADAMCPP_HD float float_of(std::uint32_t u) {
 #endif
 }
 
-// Whether float32 bits are a NaN: |bits| above Inf's (a signed compare of a
-// non-negative value, one vector instruction).
-ADAMCPP_HD bool is_nan_bits(std::uint32_t b) {
-  return static_cast<std::int32_t>(b & 0x7FFFFFFFu) > static_cast<std::int32_t>(0x7F800000u);
-}
+// The 16-bit conversions test for NaN with `x != x`: one floating-point
+// compare in a vector loop (an integer test of the bits needs a mask and an
+// unsigned compare, which AVX2 lacks). Never built with -ffinite-math-only.
 
 // bfloat16 is the upper half of a float32: widening is exact.
 ADAMCPP_HD float float_from_bf16(std::uint16_t h) { return float_of(static_cast<std::uint32_t>(h) << 16); }
@@ -168,7 +166,7 @@ ADAMCPP_HD std::uint16_t bf16_nan(std::uint32_t b) {
 ADAMCPP_HD std::uint16_t bf16_nearest(float x) {
   const std::uint32_t b = bits_of(x);
   const std::uint16_t rounded = static_cast<std::uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-  return is_nan_bits(b) ? bf16_nan(b) : rounded;
+  return x != x ? bf16_nan(b) : rounded;
 }
 
 // float32 -> bfloat16, stochastically: the 16 dropped bits are exactly the
@@ -177,7 +175,7 @@ ADAMCPP_HD std::uint16_t bf16_nearest(float x) {
 // A NaN stays a NaN (its quiet bit set; sign and the top of its payload kept).
 ADAMCPP_HD std::uint16_t bf16_stochastic(float x, std::uint32_t r) {
   const std::uint32_t b = bits_of(x);
-  const std::uint32_t rounded = is_nan_bits(b) ? (b | 0x00400000u) : b + (r & 0xFFFFu);
+  const std::uint32_t rounded = x != x ? (b | 0x00400000u) : b + (r & 0xFFFFu);
   return static_cast<std::uint16_t>(rounded >> 16);
 }
 
