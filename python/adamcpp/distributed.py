@@ -37,7 +37,7 @@ from ._common import (
     check_nonfinite,
     check_step_count,
 )
-from .optim import Adam, Optimizer, ParamGroup, _immutable, _loose_params, _normalize_params
+from .optim import Adam, Optimizer, ParamGroup, _immutable, _loose_params, _normalize_params, read_state_dict
 
 __all__ = ["ZeroRedundancyOptimizer", "consolidate_shards", "padding"]
 
@@ -965,47 +965,10 @@ class ZeroRedundancyOptimizer:
         """Checks a whole state dict like Optimizer.load_state_dict (same
         messages) without copying it, and returns what this rank keeps."""
         probe = self._probe
-        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
-        saved_groups = list(state_dict["param_groups"])
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict: has {len(saved_groups)} parameter group(s), the optimizer has {len(self.param_groups)}"
-            )
-        id_to_index: Dict[int, int] = {}
-        new_groups = []
-        index = 0
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if not isinstance(saved, Mapping) or "params" not in saved:
-                raise ValueError(f"state_dict['param_groups'][{gi}]: expected a dict with 'params'")
-            ids = list(saved["params"])
-            if len(ids) != len(group["params"]):
-                raise ValueError(
-                    f"state_dict['param_groups'][{gi}]: has {len(ids)} parameter(s), "
-                    f"the optimizer's group has {len(group['params'])}"
-                )
-            for pid in ids:
-                id_to_index[int(pid)] = index
-                index += 1
-            merged = dict(group)
-            for key in self.defaults:
-                if key in saved:
-                    merged[key] = Optimizer._convert_hyper(key, saved[key])
-            probe._hyper(merged, f"state_dict['param_groups'][{gi}]")
-            new_groups.append(merged)
-        saved_state = state_dict["state"]
-        if not isinstance(saved_state, Mapping):
-            raise ValueError("state_dict['state']: expected a mapping from parameter id to state")
+        new_groups, saved_entries = read_state_dict(state_dict, self.param_groups, self.defaults, probe._hyper)
         entries: List[Optional[Mapping[str, Any]]] = [None] * len(self._params)
         steps = [0] * len(self._params)
-        for key, entry in saved_state.items():
-            try:
-                pid = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"state_dict['state']: bad parameter id {key!r}") from None
-            if pid not in id_to_index:
-                raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
-            i = id_to_index[pid]
+        for i, pid, entry in saved_entries:
             where = f"state_dict['state'][{pid}]"
             if not isinstance(entry, Mapping):
                 raise ValueError(f"{where}: expected a dict")

@@ -551,47 +551,9 @@ class Optimizer(abc.ABC):
             self._leave()
 
     def _load(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
-        saved_groups = list(state_dict["param_groups"])
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict: has {len(saved_groups)} parameter group(s), the optimizer has {len(self.param_groups)}"
-            )
-        id_to_index: Dict[int, int] = {}
-        new_groups = []
-        index = 0
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if not isinstance(saved, Mapping) or "params" not in saved:
-                raise ValueError(f"state_dict['param_groups'][{gi}]: expected a dict with 'params'")
-            ids = list(saved["params"])
-            if len(ids) != len(group["params"]):
-                raise ValueError(
-                    f"state_dict['param_groups'][{gi}]: has {len(ids)} parameter(s), "
-                    f"the optimizer's group has {len(group['params'])}"
-                )
-            for pid in ids:
-                id_to_index[int(pid)] = index
-                index += 1
-            merged = dict(group)
-            for key in self.defaults:
-                if key in saved:
-                    merged[key] = self._convert_hyper(key, saved[key])
-            self._hyper(merged, f"state_dict['param_groups'][{gi}]")
-            new_groups.append(merged)
-
-        saved_state = state_dict["state"]
-        if not isinstance(saved_state, Mapping):
-            raise ValueError("state_dict['state']: expected a mapping from parameter id to state")
+        new_groups, entries = read_state_dict(state_dict, self.param_groups, self.defaults, self._hyper)
         new_state: List[Optional[Dict[str, Any]]] = [None] * len(self._flat)
-        for key, entry in saved_state.items():
-            try:
-                pid = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"state_dict['state']: bad parameter id {key!r}") from None
-            if pid not in id_to_index:
-                raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
-            i = id_to_index[pid]
+        for i, pid, entry in entries:
             new_state[i] = self._convert_state(
                 entry, self._flat[i], new_groups[self._group_of[i]], f"state_dict['state'][{pid}]"
             )
@@ -766,6 +728,61 @@ class Optimizer(abc.ABC):
             lines.append(f"    params: {len(g['params'])} array(s)")
         lines.append(")")
         return "\n".join(lines)
+
+
+def read_state_dict(
+    state_dict: Mapping[str, Any],
+    param_groups: Sequence[Mapping[str, Any]],
+    defaults: Mapping[str, Any],
+    check_hyper: Callable[[Mapping[str, Any], str], Any],
+) -> Tuple[List[Dict[str, Any]], List[Tuple[int, int, Any]]]:
+    """The layout of a state dict in PyTorch's form checked against an
+    optimizer's groups (the messages of load_state_dict): each group merged
+    with the saved values of the hyperparameters in `defaults` (checked by
+    `check_hyper`, nothing committed), and (parameter index in the optimizer's
+    order, saved id, entry) for every saved state entry. Shared by
+    Optimizer.load_state_dict and ZeroRedundancyOptimizer's loads."""
+    if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
+    saved_groups = list(state_dict["param_groups"])
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"state_dict: has {len(saved_groups)} parameter group(s), the optimizer has {len(param_groups)}"
+        )
+    id_to_index: Dict[int, int] = {}
+    new_groups = []
+    index = 0
+    for gi, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise ValueError(f"state_dict['param_groups'][{gi}]: expected a dict with 'params'")
+        ids = list(saved["params"])
+        if len(ids) != len(group["params"]):
+            raise ValueError(
+                f"state_dict['param_groups'][{gi}]: has {len(ids)} parameter(s), "
+                f"the optimizer's group has {len(group['params'])}"
+            )
+        for pid in ids:
+            id_to_index[int(pid)] = index
+            index += 1
+        merged = dict(group)
+        for key in defaults:
+            if key in saved:
+                merged[key] = Optimizer._convert_hyper(key, saved[key])
+        check_hyper(merged, f"state_dict['param_groups'][{gi}]")
+        new_groups.append(merged)
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, Mapping):
+        raise ValueError("state_dict['state']: expected a mapping from parameter id to state")
+    entries = []
+    for key, entry in saved_state.items():
+        try:
+            pid = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"state_dict['state']: bad parameter id {key!r}") from None
+        if pid not in id_to_index:
+            raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
+        entries.append((id_to_index[pid], pid, entry))
+    return new_groups, entries
 
 
 def _loose_params(groups: List[Dict[str, Any]]) -> List[Any]:
