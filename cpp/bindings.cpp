@@ -86,6 +86,18 @@ std::size_t hold_all(PyObject* seq, std::size_t n, StepScratch& sc) {
   return first;
 }
 
+void hold_functional_lists(PyObject* params, std::size_t n, py::handle grads_obj, py::handle exp_avgs_obj,
+                           py::handle exp_avg_sqs_obj, py::handle steps_obj, py::handle max_exp_avg_sqs_obj,
+                           bool amsgrad, StepScratch& sc) {
+  PyObject* grads = as_sequence(grads_obj, "grads", n, "gradients");
+  PyObject* exp_avgs = as_sequence(exp_avgs_obj, "exp_avgs", n, "");
+  PyObject* exp_avg_sqs = as_sequence(exp_avg_sqs_obj, "exp_avg_sqs", n, "");
+  PyObject* steps = as_sequence(steps_obj, "step", n, "");
+  PyObject* max_exp_avg_sqs = amsgrad ? as_sequence(max_exp_avg_sqs_obj, "max_exp_avg_sqs", n, "") : nullptr;
+  for (PyObject* seq : {params, grads, exp_avgs, exp_avg_sqs, steps}) hold_all(seq, n, sc);
+  if (max_exp_avg_sqs != nullptr) hold_all(max_exp_avg_sqs, n, sc);
+}
+
 // The parameter list: its length is the call's tensor count.
 PyObject* as_params(py::handle o) {
   PyObject* params = o.ptr();
@@ -472,15 +484,6 @@ py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_ob
   return run_and_report(sc.sgd, policy, sc, labels, &cache, keys);
 }
 
-// Ends a call that owns its scratch.
-struct LocalCall {
-  StepScratch sc;
-  LocalCall() = default;
-  LocalCall(const LocalCall&) = delete;
-  LocalCall& operator=(const LocalCall&) = delete;
-  ~LocalCall() { sc.release(); }
-};
-
 // Stateless Adam (functional.adam): the arrays come from the lists, `steps`
 // gives the 1-based step of each tensor; nothing is incremented. A 16-bit
 // parameter has a master copy in `master_params` when the hyperparameters say
@@ -496,17 +499,11 @@ void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp
   PyObject* params = as_params(params_obj);
   const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
   const AdamHyper h = adam_hyper(hyper_obj.ptr());
-  PyObject* grads = as_sequence(grads_obj, "grads", n, "gradients");
-  PyObject* exp_avgs = as_sequence(exp_avgs_obj, "exp_avgs", n, "");
-  PyObject* exp_avg_sqs = as_sequence(exp_avg_sqs_obj, "exp_avg_sqs", n, "");
-  PyObject* steps = as_sequence(steps_obj, "step", n, "");
-  PyObject* max_exp_avg_sqs = nullptr;
-  if (h.amsgrad) max_exp_avg_sqs = as_sequence(max_exp_avg_sqs_obj, "max_exp_avg_sqs", n, "");
+  hold_functional_lists(params, n, grads_obj, exp_avgs_obj, exp_avg_sqs_obj, steps_obj, max_exp_avg_sqs_obj, h.amsgrad,
+                        sc);
   PyObject* master_params = nullptr;
   if (!master_params_obj.is_none()) master_params = as_sequence(master_params_obj, "master_params", n, "");
-  for (PyObject* seq : {params, grads, exp_avgs, exp_avg_sqs, steps}) hold_all(seq, n, sc);
-  const std::size_t vmax_at = sc.held.size();
-  if (max_exp_avg_sqs != nullptr) hold_all(max_exp_avg_sqs, n, sc);
+  const std::size_t vmax_at = 5 * n;
   const std::size_t master_at = sc.held.size();
   if (master_params != nullptr) hold_all(master_params, n, sc);
   PyObject* const* held = sc.held.data();

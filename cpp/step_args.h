@@ -35,6 +35,23 @@ PyObject* as_params(py::handle o);
 // An optimizer step's lists, held: held[0..n) params, held[n..2n) grads, held[2n..3n) state dicts. Returns n.
 std::size_t hold_step_lists(py::handle params_obj, py::handle grads_obj, py::handle states_obj, StepScratch& sc);
 
+// A functional Adam call's lists after `params` (n entries each), checked in
+// argument order and held after it: held[0..5n) params, grads, exp_avgs,
+// exp_avg_sqs, steps; then, with amsgrad, max_exp_avg_sqs at held[5n..6n).
+void hold_functional_lists(PyObject* params, std::size_t n, py::handle grads_obj, py::handle exp_avgs_obj,
+                           py::handle exp_avg_sqs_obj, py::handle steps_obj, py::handle max_exp_avg_sqs_obj,
+                           bool amsgrad, StepScratch& sc);
+
+// A call without an optimizer (functional, global_norm): it owns its scratch
+// and ends the call (drops its references) when it goes.
+struct LocalCall {
+  StepScratch sc;
+  LocalCall() = default;
+  LocalCall(const LocalCall&) = delete;
+  LocalCall& operator=(const LocalCall&) = delete;
+  ~LocalCall() { sc.release(); }
+};
+
 StepPolicy step_policy(double grad_scale, int nonfinite, double max_grad_norm);
 
 AdamHyper adam_hyper(PyObject* o);

@@ -275,15 +275,6 @@ Workspace& shared_workspace() {
 }
 std::mutex g_shared_mutex;
 
-// A call that owns its scratch.
-struct LocalCall {
-  StepScratch sc;
-  LocalCall() = default;
-  LocalCall(const LocalCall&) = delete;
-  LocalCall& operator=(const LocalCall&) = delete;
-  ~LocalCall() { sc.release(); }
-};
-
 void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp_avgs_obj, py::handle exp_avg_sqs_obj,
                      py::handle max_exp_avg_sqs_obj, py::handle steps_obj, py::handle hyper_obj, double grad_scale,
                      py::handle patterns, py::handle stream_obj) {
@@ -295,14 +286,8 @@ void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp
   PyObject* params = as_params(params_obj);
   const std::size_t n = static_cast<std::size_t>(Py_SIZE(params));
   const AdamHyper h = adam_hyper(hyper_obj.ptr());
-  PyObject* grads = as_sequence(grads_obj, "grads", n, "gradients");
-  PyObject* exp_avgs = as_sequence(exp_avgs_obj, "exp_avgs", n, "");
-  PyObject* exp_avg_sqs = as_sequence(exp_avg_sqs_obj, "exp_avg_sqs", n, "");
-  PyObject* steps = as_sequence(steps_obj, "step", n, "");
-  PyObject* max_exp_avg_sqs = nullptr;
-  if (h.amsgrad) max_exp_avg_sqs = as_sequence(max_exp_avg_sqs_obj, "max_exp_avg_sqs", n, "");
-  for (PyObject* seq : {params, grads, exp_avgs, exp_avg_sqs, steps}) hold_all(seq, n, sc);
-  if (max_exp_avg_sqs != nullptr) hold_all(max_exp_avg_sqs, n, sc);
+  hold_functional_lists(params, n, grads_obj, exp_avgs_obj, exp_avg_sqs_obj, steps_obj, max_exp_avg_sqs_obj, h.amsgrad,
+                        sc);
   reserve_holds(sc, 5 * n);
   PyObject* const* held = sc.held.data();
 

@@ -150,6 +150,17 @@ def check_max_grad_norm(value: Optional[float]) -> float:
     return check_float(value, "max_grad_norm", minimum=0.0)
 
 
+def check_layout(a: np.ndarray, label: str) -> None:
+    """The memory rules of every array a step reads in place: C-contiguous and aligned."""
+    if not a.flags.c_contiguous:
+        raise ValueError(
+            f"{label}: expected a C-contiguous array, got a non-contiguous view "
+            "(adamcpp updates buffers in place and never copies; pass a contiguous array)"
+        )
+    if not a.flags.aligned:
+        raise ValueError(f"{label}: expected an aligned array, got a misaligned buffer")
+
+
 def check_param_array(p: Any, label: str, half: bool = True) -> np.ndarray:
     """The rules for a parameter: an in-place-updatable float array (float16
     and bfloat16 too when `half`)."""
@@ -161,13 +172,7 @@ def check_param_array(p: Any, label: str, half: bool = True) -> np.ndarray:
         )
     if not half and (p.dtype not in FLOAT_DTYPES or not p.dtype.isnative):
         raise TypeError(f"{label}: expected dtype float32 or float64 (native byte order), got {p.dtype}")
-    if not p.flags.c_contiguous:
-        raise ValueError(
-            f"{label}: expected a C-contiguous array, got a non-contiguous view "
-            "(adamcpp updates buffers in place and never copies; pass a contiguous array)"
-        )
-    if not p.flags.aligned:
-        raise ValueError(f"{label}: expected an aligned array, got a misaligned buffer")
+    check_layout(p, label)
     if not p.flags.writeable:
         raise ValueError(f"{label}: expected a writeable array, got a read-only one")
     return p

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -31,13 +31,22 @@ from . import _core, _precision
 from . import flat as _flat
 from ._common import (
     NONFINITE_POLICIES,
-    check_float,
     check_grad_scale,
+    check_layout,
     check_max_grad_norm,
     check_nonfinite,
     check_step_count,
 )
-from .optim import Adam, Optimizer, ParamGroup, _immutable, _loose_params, _normalize_params, read_state_dict
+from .optim import (
+    Adam,
+    Optimizer,
+    ParamGroup,
+    _loose_params,
+    _normalize_params,
+    group_hyper,
+    read_state_dict,
+    scheduled_lr,
+)
 
 __all__ = ["ZeroRedundancyOptimizer", "consolidate_shards", "padding"]
 
@@ -47,7 +56,6 @@ ALIGNMENT_ELEMENTS = int(_core.chunk_elements)
 SHARD_FORMAT = 1
 _FLOAT_MAX = float(np.finfo(np.float32).max)
 _NO_INDEX = np.iinfo(np.int64).max
-_INF = float("inf")
 
 
 def padding(world_size: int) -> int:
@@ -506,19 +514,12 @@ class ZeroRedundancyOptimizer:
             and all(g is r and g.get("params") is p for g, r, p in zip(groups, self._group_refs, self._params_refs))
         ):
             return
-        fixed = (
+        _flat.check_same_params(
+            groups,
+            self._params_refs,
             "a ZeroRedundancyOptimizer steps a fixed set of parameters in fixed groups: they cannot be added, "
-            "removed, replaced or regrouped (build a new optimizer)"
+            "removed, replaced or regrouped (build a new optimizer)",
         )
-        if not isinstance(groups, list) or len(groups) != len(self._params_refs):
-            raise ValueError(f"param_groups: {fixed}")
-        for gi, (g, old) in enumerate(zip(groups, self._params_refs)):
-            if not isinstance(g, Mapping) or "params" not in g:
-                raise ValueError(f"param_groups[{gi}]: expected a dict with a 'params' entry")
-            ps = g["params"]
-            ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
-            if len(ps) != len(old) or any(a is not b for a, b in zip(ps, old)):
-                raise ValueError(f"param_groups[{gi}]['params']: {fixed}")
         self._groups_ref = groups
         self._group_refs = list(groups)
         self._params_refs = [g["params"] for g in groups]
@@ -530,22 +531,9 @@ class ZeroRedundancyOptimizer:
         lrs: List[Optional[float]] = []
         probe = self._probe
         for gi, g in enumerate(self.param_groups):
-            hyper = g._hyper if type(g) is ParamGroup else None
-            if hyper is None:
-                hyper = probe._hyper(g, f"param_groups[{gi}]")
-                if type(g) is ParamGroup and all(
-                    _immutable(v) or (k == "lr" and callable(v)) for k, v in g.items() if k != "params"
-                ):
-                    g._hyper = hyper
+            group_hyper(g, gi, probe._hyper)
             lr = g["lr"]
-            if callable(lr):
-                t = self._group_steps[gi]
-                value = lr(t)
-                if type(value) is not float or not (0.0 <= value < _INF):
-                    value = check_float(value, f"param_groups[{gi}]['lr']({t})", minimum=0.0)
-                lrs.append(value)
-            else:
-                lrs.append(None)
+            lrs.append(scheduled_lr(lr, self._group_steps[gi], gi) if callable(lr) else None)
         return lrs
 
     def _sync_local_groups(self, lrs: List[Optional[float]]) -> None:
@@ -603,13 +591,7 @@ class ZeroRedundancyOptimizer:
                 raise TypeError(f"{where}: expected dtype {p.dtype} like {label(i, opt_keys)}, got {g.dtype}")
             if g.shape != p.shape:
                 raise ValueError(f"{where}: expected shape {p.shape} like {label(i, opt_keys)}, got {g.shape}")
-            if not g.flags.c_contiguous:
-                raise ValueError(
-                    f"{where}: expected a C-contiguous array, got a non-contiguous view (adamcpp updates buffers in "
-                    "place and never copies; pass a contiguous array)"
-                )
-            if not g.flags.aligned:
-                raise ValueError(f"{where}: expected an aligned array, got a misaligned buffer")
+            check_layout(g, where)
         return grad_list
 
     def step(self, grads: Any, *, grad_scale: float = 1.0) -> bool:
@@ -917,32 +899,24 @@ class ZeroRedundancyOptimizer:
         optimizer) on every rank (a collective): each rank keeps its shard.
         Everything is checked on every rank first; on any error every rank
         raises and nothing changes."""
-        self._enter()
-        try:
-            error: Optional[BaseException] = None
-            plan = None
-            try:
-                self._check_structure()
-                plan = self._plan_full(state_dict)
-            except Exception as exc:
-                error = exc
-            self._agree(error)
-            assert plan is not None
-            self._commit(*plan)
-        finally:
-            self._leave()
+        self._load_agreed(lambda: state_dict)
 
     def load_shard_state_dicts(self, shards: Sequence[Mapping[str, Any]]) -> None:
         """Loads the shard state dicts of every rank of a run with any number
         of ranks (`shard_state_dict()` of ranks 0..M-1, e.g. read back with
         adamcpp.load), re-sharding them to this communicator (a collective)."""
+        self._load_agreed(lambda: consolidate_shards(shards, self._expect_layout()))
+
+    def _load_agreed(self, whole: Callable[[], Mapping[str, Any]]) -> None:
+        """Plans the load of the whole state dict `whole()` on every rank; all
+        ranks commit only if every rank's plan succeeded, else all raise."""
         self._enter()
         try:
             error: Optional[BaseException] = None
             plan = None
             try:
                 self._check_structure()
-                plan = self._plan_full(consolidate_shards(shards, self._expect_layout()))
+                plan = self._plan_full(whole())
             except Exception as exc:
                 error = exc
             self._agree(error)

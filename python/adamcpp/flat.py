@@ -50,6 +50,22 @@ _SKIP = NONFINITE_POLICIES["skip"]
 _OWNERS: weakref.WeakValueDictionary[int, FlatParams] = weakref.WeakValueDictionary()
 
 
+def check_same_params(groups: Any, params_refs: Sequence[Sequence[Any]], fixed: str) -> None:
+    """An optimizer whose parameters are fixed (flat mode, a
+    ZeroRedundancyOptimizer) accepts edited groups only if they hold the same
+    arrays in the same order (`params_refs`, per group); else ValueError
+    ending with `fixed`."""
+    if not isinstance(groups, list) or len(groups) != len(params_refs):
+        raise ValueError(f"param_groups: {fixed}")
+    for gi, (g, old) in enumerate(zip(groups, params_refs)):
+        if not isinstance(g, Mapping) or "params" not in g:
+            raise ValueError(f"param_groups[{gi}]: expected a dict with a 'params' entry")
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
+        if len(ps) != len(old) or any(a is not b for a, b in zip(ps, old)):
+            raise ValueError(f"param_groups[{gi}]['params']: {fixed}")
+
+
 def rounding_pieces(parts: Sequence[Tuple[int, int, int, int]]) -> Optional[np.ndarray]:
     """The native step's rounding pieces of one tensor from its parameter parts
     (start in the tensor, parameter index, first element of the parameter,
@@ -683,19 +699,12 @@ class _FlatStorage:
             opt.state = self.facades  # type: ignore[assignment]
 
     def _check_same_params(self, groups: Any) -> None:
-        fixed = (
+        check_same_params(
+            groups,
+            self.params_refs,
             "a flat optimizer steps a fixed set of FlatParams views in fixed groups: its parameters cannot be "
-            "added, removed, replaced or regrouped (build a new optimizer)"
+            "added, removed, replaced or regrouped (build a new optimizer)",
         )
-        if not isinstance(groups, list) or len(groups) != len(self.group_refs):
-            raise ValueError(f"param_groups: {fixed}")
-        for gi, (g, old) in enumerate(zip(groups, self.params_refs)):
-            if not isinstance(g, Mapping) or "params" not in g:
-                raise ValueError(f"param_groups[{gi}]: expected a dict with a 'params' entry")
-            ps = g["params"]
-            ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
-            if len(ps) != len(old) or any(a is not b for a, b in zip(ps, old)):
-                raise ValueError(f"param_groups[{gi}]['params']: {fixed}")
 
     def _take_state(self, new: Any) -> None:
         n = len(self.slot)

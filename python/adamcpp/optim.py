@@ -380,21 +380,12 @@ class Optimizer(abc.ABC):
         hypers: List[Hyper] = []
         first = 0
         for gi, g in enumerate(self.param_groups):
-            hyper = g._hyper if type(g) is ParamGroup else None
-            if hyper is None:
-                hyper = self._hyper(g, f"param_groups[{gi}]")
-                if type(g) is ParamGroup and all(
-                    _immutable(v) or (k == "lr" and callable(v)) for k, v in g.items() if k != "params"
-                ):
-                    g._hyper = hyper
+            hyper = group_hyper(g, gi, self._hyper)
             lr = g["lr"]
             size = len(g["params"])
             if callable(lr):
                 t = self.state[first]["step"] if size else 0  # an emptied group updates nothing
-                value = lr(t)
-                if type(value) is not float or not (0.0 <= value < _INF):
-                    value = check_float(value, f"param_groups[{gi}]['lr']({t})", minimum=0.0)
-                hyper = hyper._replace(lr=value)
+                hyper = hyper._replace(lr=scheduled_lr(lr, t, gi))
             first += size
             hypers.append(hyper)
         return hypers
@@ -728,6 +719,28 @@ class Optimizer(abc.ABC):
             lines.append(f"    params: {len(g['params'])} array(s)")
         lines.append(")")
         return "\n".join(lines)
+
+
+def group_hyper(g: Mapping[str, Any], gi: int, check_hyper: Callable[[Mapping[str, Any], str], Any]) -> Any:
+    """Group gi's validated hyperparameters: a ParamGroup keeps its tuple
+    until it is edited (unless it holds a mutable value, re-read every
+    step); any other mapping is validated by `check_hyper` at every call."""
+    hyper = g._hyper if type(g) is ParamGroup else None
+    if hyper is None:
+        hyper = check_hyper(g, f"param_groups[{gi}]")
+        if type(g) is ParamGroup and all(
+            _immutable(v) or (k == "lr" and callable(v)) for k, v in g.items() if k != "params"
+        ):
+            g._hyper = hyper
+    return hyper
+
+
+def scheduled_lr(lr: Callable[[int], Any], t: int, gi: int) -> float:
+    """A schedule's value at t (updates already applied), checked like any lr."""
+    value = lr(t)
+    if type(value) is not float or not (0.0 <= value < _INF):
+        value = check_float(value, f"param_groups[{gi}]['lr']({t})", minimum=0.0)
+    return value
 
 
 def read_state_dict(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import gc
 import itertools
-import math
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from adamcpp import _core, cuda
 from .cases import BETAS, EPS, LR, VARIANTS, Case, parse_sizes
 from .machine import load_optional
 from .report import format_bytes, write_json
+from .timing import warm_up
 
 CUDA_CONTENDERS = ("adamcpp", "adamcpp-torch", "torch-foreach", "torch-fused", "copy")
 CUDA_REFERENCES = ("copy",)
@@ -194,19 +194,7 @@ def timed(step: Callable[[], Any], calls: int) -> Tuple[float, float]:
 
 def calibrate(step: Callable[[], Any], min_time: float) -> int:
     """Warms up (at least 2 calls and min_time/2), then the calls per sample for samples of min_time."""
-    start = time.perf_counter()
-    fastest = math.inf
-    calls, batch = 0, 1
-    while True:
-        per_call, _ = timed(step, batch)
-        calls += batch
-        if calls > 1:
-            fastest = min(fastest, per_call)
-        if calls >= 2 and time.perf_counter() - start >= min_time / 2:
-            break
-        if per_call * batch < min_time / 20:
-            batch *= 2
-    return max(1, math.ceil(min_time / max(fastest, 1e-9)))
+    return warm_up(step, min_time, lambda fn, calls: timed(fn, calls)[0])
 
 
 def launches_per_step(step: Callable[[], Any]) -> Dict[str, int]:

@@ -8,7 +8,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -58,16 +58,22 @@ def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
             gc.enable()
 
 
-def warm_up(fn: Callable[[], Any], min_time: float) -> int:
+def warm_up(
+    fn: Callable[[], Any],
+    min_time: float,
+    per_call_of: Optional[Callable[[Callable[[], Any], int], float]] = None,
+) -> int:
     """Runs fn at least twice and for at least min_time/2 (page faults, lazy
     state, caches, clocks), then returns the calls per sample so that one
-    sample lasts at least min_time."""
+    sample lasts at least min_time. `per_call_of(fn, calls)` times a batch
+    (seconds_per_call by default; the GPU benchmark waits for the device)."""
+    measure = seconds_per_call if per_call_of is None else per_call_of
     start = time.perf_counter()
     fastest = math.inf
     calls = 0
     batch = 1
     while True:
-        per_call = seconds_per_call(fn, batch)
+        per_call = measure(fn, batch)
         calls += batch
         if calls > 1:  # the first call pays for page faults and lazy allocation
             fastest = min(fastest, per_call)
