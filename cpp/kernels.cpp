@@ -128,7 +128,7 @@ void for_each_segment(const AdamTensor& t, std::size_t begin, std::size_t end, B
 // P: parameter dtype; G: gradient dtype; S: state dtype; Master: the
 // parameter is written from a float32 master copy (to nearest); PR, SR: the
 // roundings of the parameter (without master) and of the state; Compact: the
-// bfloat16-state arithmetic (optim_math.h's Reciprocal form).
+// bfloat16-state arithmetic (optim_math.h's compact_element).
 template <typename C, DType P, DType G, DType S, bool Master, Rounding PR, Rounding SR, bool Compact, WeightDecay WD,
           bool Amsgrad, EpsStyle Eps>
 void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {

@@ -53,6 +53,26 @@ ADAMCPP_HD double sqrt_of(double x) {
 #endif
 }
 
+// a * b + c rounded once (a fused multiply-add, IEEE's fusedMultiplyAdd):
+// the compact form's arithmetic. Every target with FMA hardware (AVX2,
+// AVX-512, the GPU) computes it in one instruction; the baseline target calls
+// the C library's correctly rounded fmaf. Same bits everywhere.
+ADAMCPP_HD float fma_of(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+ADAMCPP_HD double fma_of(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return __builtin_fma(a, b, c);
+#endif
+}
+
 // The host's double scalars of one step, each rounded once to the element type.
 template <typename T>
 ADAMCPP_HD AdamScalars<T> adam_scalars(const AdamStepScalars& s, double grad_scale) {
@@ -68,6 +88,10 @@ ADAMCPP_HD AdamScalars<T> adam_scalars(const AdamStepScalars& s, double grad_sca
   r.step_size = static_cast<T>(s.step_size);
   r.bias_correction2_sqrt = static_cast<T>(s.bias_correction2_sqrt);
   r.inv_bias_correction2_sqrt = static_cast<T>(s.inv_bias_correction2_sqrt);
+  const double sqrt_one_minus_beta2 = sqrt_of(1.0 - s.beta2);
+  r.m_grad = static_cast<T>((1.0 - s.beta1) * grad_scale);
+  r.v_grad = static_cast<T>(sqrt_one_minus_beta2 * (grad_scale < 0.0 ? -grad_scale : grad_scale));
+  r.sqrt_one_minus_beta2 = static_cast<T>(sqrt_one_minus_beta2);
   return r;
 }
 
@@ -88,15 +112,60 @@ ADAMCPP_HD T nan_max(T current, T candidate) {
   return (candidate > current || candidate != candidate) ? candidate : current;
 }
 
+// The compact form, four fused multiply-adds and one division per element
+// (the gradient scale folded into the coefficients, 1/sqrt(bc2) a multiplier):
+//   m = fma(beta1, m, ((1 - beta1) * scale) * g)
+//   t = (sqrt(1 - beta2) * |scale|) * g;   v = fma(t, t, beta2 * v)
+//   denom = fma(sqrt(v), 1 / sqrt(bc2), eps)       ("keras": sqrt(v) + eps)
+//   p = fma(-step_size, m / denom, p)              (p * decay_factor first for AdamW)
+// With coupled weight decay the gradient is g * scale + weight_decay * p
+// (one fma) and the coefficients are 1 - beta1 and sqrt(1 - beta2).
+template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
+ADAMCPP_HD void compact_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq,
+                                const AdamScalars<T>& s) {
+  T g = grad;
+  T m_coef = s.m_grad;
+  T v_coef = s.v_grad;
+  T p = param;
+  if constexpr (WD == WeightDecay::coupled) {
+    g = fma_of(s.weight_decay, p, grad * s.grad_scale);
+    m_coef = s.one_minus_beta1;
+    v_coef = s.sqrt_one_minus_beta2;
+  }
+  if constexpr (WD == WeightDecay::decoupled) {
+    p = p * s.decay_factor;
+  }
+  const T m = fma_of(s.beta1, exp_avg, m_coef * g);
+  const T t = v_coef * g;
+  const T v = fma_of(t, t, s.beta2 * exp_avg_sq);
+  exp_avg = m;
+  exp_avg_sq = v;
+  T v_used = v;
+  if constexpr (Amsgrad) {
+    v_used = nan_max(*max_exp_avg_sq, v);
+    *max_exp_avg_sq = v_used;
+  }
+  T denom;
+  if constexpr (Eps == EpsStyle::torch) {
+    denom = fma_of(sqrt_of(v_used), s.inv_bias_correction2_sqrt, s.eps);
+  } else {
+    denom = sqrt_of(v_used) + s.eps;
+  }
+  param = fma_of(-s.step_size, m / denom, p);
+}
+
 // One Adam step of one element. The operation order matches torch.optim:
 //   v = beta2 * v + ((1 - beta2) * g) * g
 //   p = p - (step_size * m) / (sqrt(v) / bias_correction2_sqrt + eps)
-// `Reciprocal` is the compact-state form (bfloat16 moments, whose rounding
-// dwarfs the difference): the torch-style denominator multiplies by
-// 1 / bias_correction2_sqrt instead of dividing, one division per element
-// instead of two.
-template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps, bool Reciprocal = false>
+// `Compact` is the bfloat16-state form: its moments are rounded to 8 bits
+// after every step, so it owes torch's float32 operation order nothing and
+// takes the fewest operations instead (compact_element).
+template <typename T, WeightDecay WD, bool Amsgrad, EpsStyle Eps, bool Compact = false>
 ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq, const AdamScalars<T>& s) {
+  if constexpr (Compact) {
+    compact_element<T, WD, Amsgrad, Eps>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s);
+    return;
+  }
   T g = grad * s.grad_scale;
   T p = param;
   if constexpr (WD == WeightDecay::coupled) {
@@ -115,9 +184,7 @@ ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max
     *max_exp_avg_sq = v_used;
   }
   T denom;
-  if constexpr (Eps == EpsStyle::torch && Reciprocal) {
-    denom = sqrt_of(v_used) * s.inv_bias_correction2_sqrt + s.eps;
-  } else if constexpr (Eps == EpsStyle::torch) {
+  if constexpr (Eps == EpsStyle::torch) {
     denom = sqrt_of(v_used) / s.bias_correction2_sqrt + s.eps;
   } else {
     denom = sqrt_of(v_used) + s.eps;

@@ -60,6 +60,10 @@ struct AdamScalars {
   T step_size;                  // torch: lr / bc1;   keras: lr * sqrt(bc2) / bc1
   T bias_correction2_sqrt;      // sqrt(1 - beta2^t) (torch style only)
   T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t) (torch style, compact state only)
+  // The compact form's coefficients of the gradient (compact state only):
+  T m_grad;                // (1 - beta1) * grad_scale
+  T v_grad;                // sqrt(1 - beta2) * |grad_scale|
+  T sqrt_one_minus_beta2;  // sqrt(1 - beta2) (coupled weight decay, whose gradient is scaled first)
 };
 
 // Scalars of one SGD tensor for one step, rounded once to the element type.

@@ -50,9 +50,10 @@ void ceiling_compact_loop(void* param_ptr, const void* grad_ptr, std::uint16_t* 
       p = L == FusedLayout::bf16_master ? master[i] : float_from_bf16(param[i]);
       g = float_from_bf16(grad[i]);
     }
-    const float m = 0.9f * float_from_bf16(exp_avg[i]) + 0.1f * g;
-    const float v = 0.999f * float_from_bf16(exp_avg_sq[i]) + 0.001f * g * g;
-    p = p - (step_size * m) / (sqrt_of(v) * inv_bias_correction2_sqrt + 1e-8f);
+    const float m = fma_of(0.9f, float_from_bf16(exp_avg[i]), 0.1f * g);
+    const float t = 0.0316227766f * g;  // sqrt(1 - 0.999)
+    const float v = fma_of(t, t, 0.999f * float_from_bf16(exp_avg_sq[i]));
+    p = fma_of(-step_size, m / fma_of(sqrt_of(v), inv_bias_correction2_sqrt, 1e-8f), p);
     const std::uint32_t index = static_cast<std::uint32_t>(i);
     const std::uint32_t r = Mode == 1 ? random_bits(index, key) : 0x80008000u;
     exp_avg[i] = bf16_stochastic(m, r);

@@ -718,6 +718,30 @@ def f16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
     return (sign | h).astype(np.uint16)
 
 
+def fma32(a, b, c) -> np.ndarray:
+    """float32 fused multiply-add a * b + c, rounded once (IEEE
+    fusedMultiplyAdd), bit for bit: the product of two float32 values is exact
+    in float64; the float64 sum s and its exact error e (TwoSum) give a * b + c
+    = s + e exactly; rounding that to odd in float64 (s, or its neighbour toward
+    e when s is even and e != 0) and then to float32 to nearest is the correctly
+    rounded float32 result, since 53 >= 24 + 2 (rounding to odd, Boldo and
+    Melquiond)."""
+    a64 = np.asarray(a, dtype=np.float32).astype(np.float64)
+    b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
+    c64 = np.asarray(c, dtype=np.float32).astype(np.float64)
+    with np.errstate(all="ignore"):
+        prod = a64 * b64
+        s = prod + c64
+        bv = s - prod
+        e = (prod - (s - bv)) + (c64 - bv)
+        shape = np.broadcast(s, e).shape
+        s, e = (np.array(np.broadcast_to(x, shape), dtype=np.float64).reshape(-1) for x in (s, e))
+        even = (s.view(np.uint64) & np.uint64(1)) == 0
+        nudge = np.isfinite(s) & np.isfinite(e) & (e != 0) & even
+        odd = np.where(nudge, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
+        return odd.astype(np.float32).reshape(shape)
+
+
 def bfloat16_dtype():
     import ml_dtypes
 
@@ -738,13 +762,44 @@ def round_to(x: np.ndarray, dtype, stochastic: bool, r: Optional[np.ndarray] = N
     return bits.view(dtype).reshape(x.shape)
 
 
+def _compact_update(p, g, m, v, vmax, s: StepScalars, h: Dict[str, Any]):
+    """The bfloat16-state (compact) arithmetic in float32 (docs/api.md), from
+    float32 p, g, m, v (and vmax): the gradient scale folded into the
+    coefficients, four fused multiply-adds and one division per element.
+    Returns (p, m, v, vmax), float32."""
+    T = np.float32
+    abs_scale = abs(s.grad_scale)
+    with np.errstate(all="ignore"):
+        if s.weight_decay != 0.0 and not h["decoupled_weight_decay"]:
+            g = fma32(T(s.weight_decay), p, g * T(s.grad_scale))
+            m_coef, v_coef = T(s.one_minus_beta1), T(math.sqrt(s.one_minus_beta2))
+        else:
+            m_coef = T(s.one_minus_beta1 * s.grad_scale)
+            v_coef = T(math.sqrt(s.one_minus_beta2) * abs_scale)
+        if s.weight_decay != 0.0 and h["decoupled_weight_decay"]:
+            p = p * T(s.decay_factor)
+        m1 = fma32(T(s.beta1), m, m_coef * g)
+        t = v_coef * g
+        v1 = fma32(t, t, T(s.beta2) * v)
+        v_used = v1
+        if h["amsgrad"]:
+            vmax = np.where((v1 > vmax) | np.isnan(v1), v1, vmax).astype(T)  # NaN in either operand wins
+            v_used = vmax
+        if h["eps_style"] == "torch":
+            denom = fma32(np.sqrt(v_used), T(1.0 / s.bias_correction2_sqrt), T(s.eps))
+        else:
+            denom = np.sqrt(v_used) + T(s.eps)
+        p1 = fma32(T(-s.step_size), m1 / denom, p)
+    return p1, m1, v1, vmax
+
+
 def emulated_mixed_step(p, grad, m, v, vmax=None, *, step: int, grad_scale: float = 1.0, param_dtype=None,
                         master=None, state_dtype=np.float32, state_rounding: str = "stochastic",
                         param_rounding: str = "nearest", seed: int = 0, tensor: int = 0, **hyper: Any):
     """One Adam step of a float32-compute tensor with mixed storage, bit for
     bit: the gradient and the stored values are converted to float32, the
-    update is emulated_step's arithmetic (with the compact form's
-    sqrt(v) * (1/sqrt(bc2)) for bfloat16 state), then the state is stored as
+    update is emulated_step's arithmetic (for bfloat16 state the compact
+    form, _compact_update), then the state is stored as
     `state_dtype` and the parameter as `param_dtype` (from `master`, a float32
     master copy, to nearest; else with `param_rounding`). Element i's random
     bits are random_bits(i, key) (state: low 16 bits for m, high 16 for v and
@@ -777,13 +832,14 @@ def emulated_mixed_step(p, grad, m, v, vmax=None, *, step: int, grad_scale: floa
         if h["amsgrad"]:
             vm32 = np.where((v1 > vm32) | np.isnan(v1), v1, vm32).astype(T)  # NaN in either operand wins
             v_used = vm32
-        if h["eps_style"] == "torch" and compact:
-            denom = np.sqrt(v_used) * T(1.0 / s.bias_correction2_sqrt) + T(s.eps)
-        elif h["eps_style"] == "torch":
+        if h["eps_style"] == "torch":
             denom = np.sqrt(v_used) / T(s.bias_correction2_sqrt) + T(s.eps)
         else:
             denom = np.sqrt(v_used) + T(s.eps)
         p1 = p32 - (T(s.step_size) * m1) / denom
+    if compact:
+        p1, m1, v1, vm32 = _compact_update(src.astype(np.float32).ravel(), g32, m32, v32,
+                                           None if vmax is None else np.asarray(vmax).astype(np.float32).ravel(), s, h)
     key = rounding_key(seed, step, tensor)
     index = np.arange(p1.size, dtype=np.uint64)
     r_state = random_bits(index, key)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ from adamcpp import _core
 from conftest import SIMD_SUPPORTED, assert_bitwise_equal, using_simd
 from reference import (
     emulated_mixed_step,
+    fma32,
     random_bits,
     round_to,
     rounding_key,
@@ -527,12 +529,15 @@ def test_functional_matches_optimizer_for_every_layout():
 def test_compact_step_within_float64_bound(eps_style):
     """From the same stored state, one bfloat16-state step's parameter against
     the float64 reference: the update uses the unrounded float32 m and v, so
-    its error is float32 rounding only. Relative to the update: g*scale,
-    m, v (3 roundings each through the products), sqrt, the product with
-    1/sqrt(bc2) (a host scalar rounded once, and its float64 error), + eps,
-    step_size*m, the quotient, the difference: at most 16 u32 of |update|,
-    plus u32 |p_new| for the last subtraction; 2x margin for the first-order
-    model."""
+    its error is float32 rounding only. Relative to the update (u32 = 2**-24,
+    first order): m = fma(beta1, m, c1*g) with c1 = (1-beta1)*scale rounded on
+    the host: 3 u32 (c1, the product, the fma); v = fma(t, t, beta2*v) with
+    t = c2*g, c2 = sqrt(1-beta2) rounded: 2*2 u32 through t**2, + beta2*v and
+    the fma: 6 u32, halved by the sqrt, + the sqrt itself: 4 u32; the
+    denominator fma(sqrt(v), 1/sqrt(bc2), eps): the host scalar and the fma,
+    2 u32; the quotient 1 u32; step_size rounded 1 u32: 11 u32 of |update|,
+    bounded here by 16 u32, plus u32 |p_new| for the final fma's one rounding;
+    2x margin for the first-order model."""
     rng = np.random.default_rng(31)
     n = 20000
     p = rng.uniform(-1, 1, n).astype(np.float32)
@@ -560,6 +565,59 @@ def test_compact_step_within_float64_bound(eps_style):
     for got, exact in ((ma, m1), (va, v1)):
         assert (np.abs(got.astype(np.float64) - exact) <= np.spacing(np.abs(exact).astype(BF16)).astype(np.float64)
                 * 1.01 + 1e-30).all()
+
+
+def _exact_fma32(a: float, b: float, c: float) -> float:
+    """a * b + c in exact rational arithmetic, rounded once to float32: the
+    float32 nearest to the exact value (ties to even) among the neighbours of
+    a first approximation, which is within one float32 ulp of it."""
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    lo = np.float32(float(exact))
+    # the float32 values around the exact result, and the nearest (ties to even)
+    candidates = {np.nextafter(lo, np.float32(-np.inf)), lo, np.nextafter(lo, np.float32(np.inf))}
+    def key(x):
+        return (abs(Fraction(float(x)) - exact), int(np.array(x).view(np.uint32)) & 1)
+    return float(min(candidates, key=key))
+
+
+def test_fma32_emulation_is_correctly_rounded():
+    """The reference's float32 fused multiply-add (the compact form's
+    emulation) against exact rational arithmetic: random operands over many
+    binades, and the cases where summing in float64 then rounding to float32
+    rounds twice (a*b + c lands on a float32 tie in float64 while the exact
+    value is off it): 1 + 2**-11 + 2**-24 is a tie, and + 2**-80 breaks it."""
+    rng = np.random.default_rng(47)
+    n = 3000
+    a = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    b = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    c = (rng.standard_normal(n) * 2.0 ** rng.integers(-60, 60, n)).astype(np.float32)
+    # near-cancellations: c close to -a*b
+    c[: n // 4] = (-(a[: n // 4].astype(np.float64) * b[: n // 4])).astype(np.float32)
+    one = np.float32(1 + 2.0**-12)
+    tie_cases = [(one, one, np.float32(2.0**-80)), (one, one, np.float32(-(2.0**-80))),
+                 (-one, one, np.float32(2.0**-80)), (one, -one, np.float32(-(2.0**-80)))]
+    a = np.concatenate([a, [x[0] for x in tie_cases]]).astype(np.float32)
+    b = np.concatenate([b, [x[1] for x in tie_cases]]).astype(np.float32)
+    c = np.concatenate([c, [x[2] for x in tie_cases]]).astype(np.float32)
+    got = fma32(a, b, c)
+    want = np.array([_exact_fma32(float(x), float(y), float(z)) for x, y, z in zip(a, b, c)], dtype=np.float32)
+    assert_bitwise_equal(got, want)
+    # summing in float64 first rounds the tie-breaking cases (+-(tie + 2**-80)) twice, to even, wrongly
+    naive = (a[-4:].astype(np.float64) * b[-4:] + c[-4:]).astype(np.float32)
+    assert (naive != got[-4:]).tolist() == [True, False, False, True]
+    assert got[-4] == np.float32(1 + 2.0**-11 + 2.0**-23) and got[-1] == -got[-4]
+    # special values follow a*b + c
+    specials = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], dtype=np.float32)
+    for x in specials:
+        for y in specials:
+            for z in specials:
+                with np.errstate(all="ignore"):
+                    expect = np.float32(np.float64(x) * np.float64(y) + np.float64(z))
+                    result = fma32(x, y, z)
+                if np.isnan(expect):
+                    assert np.isnan(result), (x, y, z, result)
+                else:
+                    assert_bitwise_equal(result, expect)
 
 
 def test_step_scalars_include_the_reciprocal():

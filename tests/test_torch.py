@@ -919,8 +919,8 @@ def test_bf16_nearest_matches_torch_fused_one_step_at_a_time(cls_name, weight_de
     """master_weights=False, state_dtype="bfloat16", rounding to nearest is
     torch's fused CPU Adam on bfloat16 tensors: state in bfloat16, the step in
     float32, every result rounded to nearest. The float32 arithmetic differs
-    (torch: lerp for exp_avg, an FMA in addcmul, two divisions; adamcpp:
-    beta1*m + (1-beta1)*g, the compact form's one division) by a few float32
+    (torch: lerp for exp_avg, an FMA in addcmul, two divisions; adamcpp: the
+    compact form's fused multiply-adds and one division) by a few float32
     roundings of the operands, d <= 16 u32 (|a| + |b|) for a result a + b
     (u32 = 2**-24; 16 covers both sides' roundings of the products, sums,
     sqrt and quotient), far below a bfloat16 ulp (2**16 float32 ulps) unless
