@@ -2,7 +2,10 @@
 
 The two steps run one after the other in every round, over arrays of the same size, so slow phases of a shared
 machine hit both; the result is the median of the per-round ratios (fp32 time / bf16-state time; > 1 means the
-bfloat16-state step is faster) with its interquartile range, per size and thread count.
+bfloat16-state step is faster) with its interquartile range, per size and thread count. Each round also times the
+traffic probe (`adamcpp._core.traffic`: the same bytes, 28 and 20 per element, with one addition per array) for both
+layouts: their ratio is the most any bfloat16-state step can gain over float32 on the machine at that moment, and
+"of bound" is the step ratio's share of it.
 
     python bench/paired_precision.py --sizes 1e7,5e7 --threads 1,2 --rounds 25 [--json out.json]
 """
@@ -16,6 +19,18 @@ import time
 import numpy as np
 
 import adamcpp
+from adamcpp import _core
+from adamcpp._precision import bfloat16
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _iqr(x: np.ndarray) -> tuple:
+    return float(np.percentile(x, 25)), float(np.percentile(x, 75))
 
 
 def measure(n: int, threads: int, rounds: int, warmup: int = 3) -> dict:
@@ -26,31 +41,47 @@ def measure(n: int, threads: int, rounds: int, warmup: int = 3) -> dict:
     g = rng.standard_normal(n).astype(np.float32)
     fp32 = adamcpp.Adam([p32], lr=1e-3)
     bf16 = adamcpp.Adam([pbf], lr=1e-3, state_dtype="bfloat16")
+    bf16_dtype = bfloat16()
+    tp = {
+        "traffic28": (np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)),
+        "traffic20": (np.zeros(n, np.float32), np.zeros(n, bf16_dtype), np.zeros(n, bf16_dtype)),
+    }
+    runs = {
+        "fp32": lambda: fp32.step([g]),
+        "bf16_state": lambda: bf16.step([g]),
+        "traffic28": lambda: _core.traffic(tp["traffic28"][0], g, tp["traffic28"][1], tp["traffic28"][2]),
+        "traffic20": lambda: _core.traffic(tp["traffic20"][0], g, tp["traffic20"][1], tp["traffic20"][2]),
+    }
     for _ in range(warmup):
-        fp32.step([g])
-        bf16.step([g])
-    t32, tbf = [], []
+        for run in runs.values():
+            run()
+    times: dict = {name: [] for name in runs}
+    names = list(runs)
     for k in range(rounds):
-        order = (fp32, bf16) if k % 2 == 0 else (bf16, fp32)
-        times = {}
-        for opt in order:
-            start = time.perf_counter()
-            opt.step([g])
-            times[id(opt)] = time.perf_counter() - start
-        t32.append(times[id(fp32)])
-        tbf.append(times[id(bf16)])
-    ratios = np.array(t32) / np.array(tbf)
+        order = names if k % 2 == 0 else names[::-1]
+        for name in order:
+            times[name].append(_timed(runs[name]))
+    t = {name: np.array(v) for name, v in times.items()}
+    ratios = t["fp32"] / t["bf16_state"]
+    bound = t["traffic28"] / t["traffic20"]
+    share = ratios / bound
     return {
         "elements": n,
         "threads": threads,
         "rounds": rounds,
-        "fp32_ms_median": float(np.median(t32) * 1e3),
-        "bf16_state_ms_median": float(np.median(tbf) * 1e3),
+        "fp32_ms_median": float(np.median(t["fp32"]) * 1e3),
+        "bf16_state_ms_median": float(np.median(t["bf16_state"]) * 1e3),
         "ratio_median": float(np.median(ratios)),
-        "ratio_q1": float(np.percentile(ratios, 25)),
-        "ratio_q3": float(np.percentile(ratios, 75)),
-        "fp32_gb_per_s": float(28 * n / np.median(t32) / 1e9),
-        "bf16_state_gb_per_s": float(20 * n / np.median(tbf) / 1e9),
+        "ratio_q1": _iqr(ratios)[0],
+        "ratio_q3": _iqr(ratios)[1],
+        "fp32_gb_per_s": float(28 * n / np.median(t["fp32"]) / 1e9),
+        "bf16_state_gb_per_s": float(20 * n / np.median(t["bf16_state"]) / 1e9),
+        "traffic28_gb_per_s": float(28 * n / np.median(t["traffic28"]) / 1e9),
+        "traffic20_gb_per_s": float(20 * n / np.median(t["traffic20"]) / 1e9),
+        "bound_median": float(np.median(bound)),
+        "bound_q1": _iqr(bound)[0],
+        "bound_q3": _iqr(bound)[1],
+        "share_of_bound_median": float(np.median(share)),
     }
 
 
@@ -71,7 +102,9 @@ def main() -> None:
                 f"{r['elements']:>11,} elements, {r['threads']} thread(s): fp32 {r['fp32_ms_median']:.2f} ms "
                 f"({r['fp32_gb_per_s']:.1f} GB/s), bf16-state {r['bf16_state_ms_median']:.2f} ms "
                 f"({r['bf16_state_gb_per_s']:.1f} GB/s), ratio {r['ratio_median']:.2f}x "
-                f"(IQR {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
+                f"(IQR {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}); traffic bound {r['bound_median']:.2f}x "
+                f"({r['traffic28_gb_per_s']:.1f} / {r['traffic20_gb_per_s']:.1f} GB/s), "
+                f"{r['share_of_bound_median']:.0%} of it"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -702,6 +702,21 @@ void ceiling_compact(int layout, int mode, py::handle param, py::handle grad, py
       master_data, p.numel, static_cast<float>(step_size), static_cast<float>(inv_bias_correction2_sqrt), key, threads);
 }
 
+// The traffic probe (probes.h): float32 param and grad; exp_avg and
+// exp_avg_sq both float32 or both bfloat16.
+void traffic(py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq) {
+  const ArrayView p = probe_buffer(param, "param", DType::f32, nullptr);
+  const ArrayView g = probe_buffer(grad, "grad", DType::f32, &p);
+  const bool bf16 = is_ndarray(exp_avg.ptr()) && raw_view(exp_avg.ptr()).dtype == static_cast<int>(DType::bf16);
+  const DType state = bf16 ? DType::bf16 : DType::f32;
+  const ArrayView m = probe_buffer(exp_avg, "exp_avg", state, &p);
+  const ArrayView v = probe_buffer(exp_avg_sq, "exp_avg_sq", state, &p);
+  const int threads = get_num_threads();
+  py::gil_scoped_release release;
+  active_probes().traffic(reinterpret_cast<float*>(p.data), reinterpret_cast<const float*>(g.data), m.data, v.data,
+                          state, p.numel, threads);
+}
+
 // A 16-bit array (float16 or bfloat16) for the conversion probes; returns its format.
 DType half_buffer(const ArrayView& a, const char* what, bool need_write) {
   using npy = py::detail::npy_api;
@@ -812,6 +827,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("inv_bias_correction2_sqrt"), py::arg("key"),
         "The simplest `omp parallel for simd` loop of a compact layout (FUSED_LAYOUTS index) with adamcpp's "
         "numerics for it (benchmark ceiling); mode 1 stochastic rounding, 2 the same with fixed bits.");
+  m.def("traffic", &traffic, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        "The bytes of a float32-parameter Adam step and one addition per array (exp_avg and exp_avg_sq float32: 28 "
+        "bytes per element; bfloat16: 20): the memory-traffic bound of a step (benchmark probe).");
   m.attr("FUSED_LAYOUTS") = py::make_tuple("bf16-state", "bf16-master", "bf16");
   m.def("narrow", &narrow, py::arg("src"), py::arg("dst"), py::arg("rounding"), py::arg("key"),
         "The kernels' float32 -> float16/bfloat16 conversion over an array (rounding: ROUNDINGS index; element k "

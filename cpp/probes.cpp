@@ -110,6 +110,29 @@ void triad(double* ADAMCPP_RESTRICT a, const double* ADAMCPP_RESTRICT b, const d
   }
 }
 
+template <typename S>
+void traffic_loop(float* ADAMCPP_RESTRICT param, const float* ADAMCPP_RESTRICT grad, S* ADAMCPP_RESTRICT exp_avg,
+                  S* ADAMCPP_RESTRICT exp_avg_sq, std::size_t n, int num_threads) {
+  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
+  (void)num_threads;
+#pragma omp parallel for simd schedule(static) num_threads(num_threads)
+  for (std::ptrdiff_t i = 0; i < count; ++i) {
+    exp_avg[i] = static_cast<S>(exp_avg[i] + S(1));
+    exp_avg_sq[i] = static_cast<S>(exp_avg_sq[i] + S(1));
+    param[i] = param[i] + grad[i];
+  }
+}
+
+void traffic(float* param, const float* grad, void* exp_avg, void* exp_avg_sq, DType state, std::size_t n,
+             int num_threads) {
+  if (state == DType::bf16) {
+    traffic_loop(param, grad, static_cast<std::uint16_t*>(exp_avg), static_cast<std::uint16_t*>(exp_avg_sq), n,
+                 num_threads);
+  } else {
+    traffic_loop(param, grad, static_cast<float*>(exp_avg), static_cast<float*>(exp_avg_sq), n, num_threads);
+  }
+}
+
 void narrow(const float* ADAMCPP_RESTRICT src, std::uint16_t* ADAMCPP_RESTRICT dst, std::size_t n, DType format,
             Rounding rounding, std::uint32_t key) {
   const bool sr = rounding == Rounding::stochastic;
@@ -139,7 +162,8 @@ void widen(const std::uint16_t* ADAMCPP_RESTRICT src, float* ADAMCPP_RESTRICT ds
 }  // namespace
 
 const ProbeTable& probe_table() {
-  static const ProbeTable table{ADAMCPP_STR(ADAMCPP_ISA), &ceiling_adam, &ceiling_compact, &triad, &narrow, &widen};
+  static const ProbeTable table{
+      ADAMCPP_STR(ADAMCPP_ISA), &ceiling_adam, &ceiling_compact, &triad, &traffic, &narrow, &widen};
   return table;
 }
 

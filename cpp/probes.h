@@ -28,6 +28,14 @@ using CeilingCompactFn = void (*)(int layout, int mode, void* param, const void*
                                   std::uint16_t* exp_avg_sq, float* master, std::size_t n, float step_size,
                                   float inv_bias_correction2_sqrt, std::uint32_t key, int num_threads);
 
+// The bytes of a step with a float32 parameter and nothing else: param,
+// exp_avg and exp_avg_sq read and written, grad read, one addition per array
+// (no division, square root or generator). `state` is float32 (28 bytes per
+// element) or bfloat16 (20 bytes): the pair bounds what any step of those
+// layouts can reach on the machine.
+using TrafficFn = void (*)(float* param, const float* grad, void* exp_avg, void* exp_avg_sq, DType state, std::size_t n,
+                           int num_threads);
+
 // The kernels' conversions over arrays, for the tests: float32 -> float16 or
 // bfloat16 (`format`), to nearest or stochastically with the generator under
 // `key` (element k takes random_bits(k, key)), and 16-bit -> float32.
@@ -40,6 +48,7 @@ struct ProbeTable {
   CeilingAdamFn ceiling_adam;
   CeilingCompactFn ceiling_compact;
   TriadFn triad;
+  TrafficFn traffic;
   NarrowFn narrow;
   WidenFn widen;
 };

@@ -8,6 +8,7 @@ without matplotlib; the torch and plot tests run only when those import.
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 import tracemalloc
@@ -305,6 +306,55 @@ def test_compact_ceiling_has_the_numerics_of_adamcpp(layout):
         assert (np.abs(pa - pb) <= np.spacing(np.abs(b[0])).astype(np.float64)).all()
     else:
         assert np.array_equal(pa, pb)
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16"])
+def test_traffic_probe_touches_every_array_once(state):
+    """The traffic probe reads and writes what a step does (param, exp_avg,
+    exp_avg_sq; grad read) with one addition each, on every thread count."""
+    sdt = np.dtype(np.float32) if state == "float32" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    n = 100_003
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    before = p.copy()
+    m = np.zeros(n, sdt)
+    v = np.full(n, 2, sdt)
+    for threads in (1, 2):
+        adamcpp.set_num_threads(threads)
+        adamcpp._core.traffic(p, g, m, v)
+    adamcpp.set_num_threads(2)
+    if state == "float32":
+        assert (m == 2).all() and (v == 4).all()
+    else:  # bfloat16 bit patterns, incremented as integers: 0 -> 2, 2.0 (0x4000) -> 0x4002
+        assert (m.view(np.uint16) == 2).all() and (v.view(np.uint16) == 0x4002).all()
+    np.testing.assert_array_equal(p, (before + g) + g)
+
+
+def test_traffic_probe_refuses_mismatched_arrays():
+    p, g = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    with pytest.raises(TypeError, match="exp_avg: expected float32"):
+        adamcpp._core.traffic(p, g, np.zeros(8), np.zeros(8))
+    with pytest.raises(ValueError, match="exp_avg_sq: size mismatch"):
+        adamcpp._core.traffic(p, g, np.zeros(8, np.float32), np.zeros(7, np.float32))
+    with pytest.raises(TypeError, match="grad: expected float32"):
+        adamcpp._core.traffic(p, np.zeros(8), np.zeros(8, np.float32), np.zeros(8, np.float32))
+
+
+def test_paired_precision_script_reports_the_traffic_bound(tmp_path):
+    """bench/paired_precision.py runs end to end and writes ratios with the
+    traffic probes' bound beside them."""
+    pytest.importorskip("ml_dtypes")
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "paired_precision.py"
+    out = tmp_path / "paired.json"
+    done = subprocess.run([sys.executable, str(script), "--sizes", "2e4", "--threads", "1", "--rounds", "3",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "traffic bound" in done.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["elements"] == 20000 and row["rounds"] == 3
+    for key in ("ratio_median", "bound_median", "share_of_bound_median", "traffic20_gb_per_s"):
+        assert row[key] > 0
 
 
 # ------------------------------------------------------------ --device cuda

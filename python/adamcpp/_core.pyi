@@ -133,6 +133,12 @@ def ceiling_adam(
 def triad(a: np.ndarray, b: np.ndarray, c: np.ndarray, s: float) -> None:
     """STREAM triad a = b + s * c over float64 arrays."""
 
+def traffic(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray) -> None:
+    """The bytes of a float32-parameter Adam step and one addition per array:
+    param, exp_avg, exp_avg_sq read and written, grad read (exp_avg and
+    exp_avg_sq float32: 28 bytes per element; bfloat16: 20). The pair bounds
+    what any step of those layouts can reach on the machine (benchmark probe)."""
+
 FUSED_LAYOUTS: Tuple[str, ...]
 
 def ceiling_compact(
