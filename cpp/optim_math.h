@@ -112,6 +112,20 @@ ADAMCPP_HD T nan_max(T current, T candidate) {
   return (candidate > current || candidate != candidate) ? candidate : current;
 }
 
+// Stores the new moments; returns the second moment the denominator uses
+// (under amsgrad the running maximum, which is stored too).
+template <typename T, bool Amsgrad>
+ADAMCPP_HD T store_moments(T m, T v, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq) {
+  exp_avg = m;
+  exp_avg_sq = v;
+  if constexpr (Amsgrad) {
+    const T v_max = nan_max(*max_exp_avg_sq, v);
+    *max_exp_avg_sq = v_max;
+    return v_max;
+  }
+  return v;
+}
+
 // The compact form, four fused multiply-adds and one division per element
 // (the gradient scale folded into the coefficients, 1/sqrt(bc2) a multiplier):
 //   m = fma(beta1, m, ((1 - beta1) * scale) * g)
@@ -138,13 +152,7 @@ ADAMCPP_HD void compact_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* 
   const T m = fma_of(s.beta1, exp_avg, m_coef * g);
   const T t = v_coef * g;
   const T v = fma_of(t, t, s.beta2 * exp_avg_sq);
-  exp_avg = m;
-  exp_avg_sq = v;
-  T v_used = v;
-  if constexpr (Amsgrad) {
-    v_used = nan_max(*max_exp_avg_sq, v);
-    *max_exp_avg_sq = v_used;
-  }
+  const T v_used = store_moments<T, Amsgrad>(m, v, exp_avg, exp_avg_sq, max_exp_avg_sq);
   T denom;
   if constexpr (Eps == EpsStyle::torch) {
     denom = fma_of(sqrt_of(v_used), s.inv_bias_correction2_sqrt, s.eps);
@@ -176,13 +184,7 @@ ADAMCPP_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max
   }
   const T m = s.beta1 * exp_avg + s.one_minus_beta1 * g;
   const T v = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g;
-  exp_avg = m;
-  exp_avg_sq = v;
-  T v_used = v;
-  if constexpr (Amsgrad) {
-    v_used = nan_max(*max_exp_avg_sq, v);
-    *max_exp_avg_sq = v_used;
-  }
+  const T v_used = store_moments<T, Amsgrad>(m, v, exp_avg, exp_avg_sq, max_exp_avg_sq);
   T denom;
   if constexpr (Eps == EpsStyle::torch) {
     denom = sqrt_of(v_used) / s.bias_correction2_sqrt + s.eps;
