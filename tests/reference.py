@@ -762,6 +762,31 @@ def round_to(x: np.ndarray, dtype, stochastic: bool, r: Optional[np.ndarray] = N
     return bits.view(dtype).reshape(x.shape)
 
 
+def _float32_update(p, g, m, v, vmax, s: StepScalars, h: Dict[str, Any]):
+    """emulated_step's arithmetic (torch's float32 operation order) from
+    float32 p, g, m, v (and vmax). Returns (p, m, v, vmax), float32."""
+    T = np.float32
+    with np.errstate(all="ignore"):
+        g = g * T(s.grad_scale)
+        if s.weight_decay != 0.0:
+            if h["decoupled_weight_decay"]:
+                p = p * T(s.decay_factor)
+            else:
+                g = g + T(s.weight_decay) * p
+        m1 = T(s.beta1) * m + T(s.one_minus_beta1) * g
+        v1 = T(s.beta2) * v + (T(s.one_minus_beta2) * g) * g
+        v_used = v1
+        if h["amsgrad"]:
+            vmax = np.where((v1 > vmax) | np.isnan(v1), v1, vmax).astype(T)  # NaN in either operand wins
+            v_used = vmax
+        if h["eps_style"] == "torch":
+            denom = np.sqrt(v_used) / T(s.bias_correction2_sqrt) + T(s.eps)
+        else:
+            denom = np.sqrt(v_used) + T(s.eps)
+        p1 = p - (T(s.step_size) * m1) / denom
+    return p1, m1, v1, vmax
+
+
 def _compact_update(p, g, m, v, vmax, s: StepScalars, h: Dict[str, Any]):
     """The bfloat16-state (compact) arithmetic in float32 (docs/api.md), from
     float32 p, g, m, v (and vmax): the gradient scale folded into the
@@ -798,8 +823,8 @@ def emulated_mixed_step(p, grad, m, v, vmax=None, *, step: int, grad_scale: floa
                         param_rounding: str = "nearest", seed: int = 0, tensor: int = 0, **hyper: Any):
     """One Adam step of a float32-compute tensor with mixed storage, bit for
     bit: the gradient and the stored values are converted to float32, the
-    update is emulated_step's arithmetic (for bfloat16 state the compact
-    form, _compact_update), then the state is stored as
+    update is emulated_step's arithmetic (_float32_update; for bfloat16 state
+    the compact form, _compact_update), then the state is stored as
     `state_dtype` and the parameter as `param_dtype` (from `master`, a float32
     master copy, to nearest; else with `param_rounding`). Element i's random
     bits are random_bits(i, key) (state: low 16 bits for m, high 16 for v and
@@ -817,29 +842,9 @@ def emulated_mixed_step(p, grad, m, v, vmax=None, *, step: int, grad_scale: floa
     m32 = np.asarray(m).astype(np.float32).ravel()
     v32 = np.asarray(v).astype(np.float32).ravel()
     vm32 = None if vmax is None else np.asarray(vmax).astype(np.float32).ravel()
-    T = np.float32
     s = step_scalars(step, grad_scale, **hyper)
-    with np.errstate(all="ignore"):
-        g = g32 * T(s.grad_scale)
-        if s.weight_decay != 0.0:
-            if h["decoupled_weight_decay"]:
-                p32 = p32 * T(s.decay_factor)
-            else:
-                g = g + T(s.weight_decay) * p32
-        m1 = T(s.beta1) * m32 + T(s.one_minus_beta1) * g
-        v1 = T(s.beta2) * v32 + (T(s.one_minus_beta2) * g) * g
-        v_used = v1
-        if h["amsgrad"]:
-            vm32 = np.where((v1 > vm32) | np.isnan(v1), v1, vm32).astype(T)  # NaN in either operand wins
-            v_used = vm32
-        if h["eps_style"] == "torch":
-            denom = np.sqrt(v_used) / T(s.bias_correction2_sqrt) + T(s.eps)
-        else:
-            denom = np.sqrt(v_used) + T(s.eps)
-        p1 = p32 - (T(s.step_size) * m1) / denom
-    if compact:
-        p1, m1, v1, vm32 = _compact_update(src.astype(np.float32).ravel(), g32, m32, v32,
-                                           None if vmax is None else np.asarray(vmax).astype(np.float32).ravel(), s, h)
+    update = _compact_update if compact else _float32_update
+    p1, m1, v1, vm32 = update(p32, g32, m32, v32, vm32, s, h)
     key = rounding_key(seed, step, tensor)
     index = np.arange(p1.size, dtype=np.uint64)
     r_state = random_bits(index, key)

@@ -123,17 +123,28 @@ struct EmuResult {
   std::int32_t uploads, norm_launches, check_launches, update_launches;
 };
 
-static void report(const adamcpp::cuda::StepResult& r, int uploads, int norms, int checks, int updates,
-                   EmuResult* out) {
+}  // extern "C"
+
+// Runs the plan of a whole step through the host launcher and reports its result and launch counts.
+template <typename Scalars, typename Tensor>
+static void run_and_report(std::vector<Tensor>& tensors, double grad_scale, std::int32_t nonfinite,
+                           double max_grad_norm, EmuResult* out) {
+  using namespace adamcpp;
+  cuda::HostLauncher<Tensor, Scalars> launcher;
+  cuda::Plan<Tensor, Scalars> plan;
+  const StepPolicy policy{grad_scale, static_cast<Nonfinite>(nonfinite), max_grad_norm};
+  const cuda::StepResult r = cuda::run_plan(launcher, plan, tensors.data(), tensors.size(), policy);
   out->applied = r.applied;
   out->norm_pending = r.norm_pending;
   out->nonfinite_tensor = r.nonfinite_tensor;
   out->grad_norm = r.grad_norm;
-  out->uploads = uploads;
-  out->norm_launches = norms;
-  out->check_launches = checks;
-  out->update_launches = updates;
+  out->uploads = launcher.uploads;
+  out->norm_launches = launcher.norm_launches;
+  out->check_launches = launcher.check_launches;
+  out->update_launches = launcher.update_launches;
 }
+
+extern "C" {
 
 int emulate_adam(const EmuTensor* ts, std::uint64_t n, const EmuAdamGroup* groups, double grad_scale,
                  std::int32_t nonfinite, double max_grad_norm, EmuResult* out) {
@@ -156,11 +167,7 @@ int emulate_adam(const EmuTensor* ts, std::uint64_t n, const EmuAdamGroup* group
     t.max_exp_avg_sq = h.amsgrad ? e.state2 : nullptr;
     set_adam_step(t, h, e.step, grad_scale, bc);
   }
-  cuda::HostLauncher<AdamTensor, AdamStepScalars> launcher;
-  cuda::Plan<AdamTensor, AdamStepScalars> plan;
-  const StepPolicy policy{grad_scale, static_cast<Nonfinite>(nonfinite), max_grad_norm};
-  const cuda::StepResult r = cuda::run_plan(launcher, plan, tensors.data(), tensors.size(), policy);
-  report(r, launcher.uploads, launcher.norm_launches, launcher.check_launches, launcher.update_launches, out);
+  run_and_report<AdamStepScalars>(tensors, grad_scale, nonfinite, max_grad_norm, out);
   return 0;
 }
 
@@ -181,11 +188,7 @@ int emulate_sgd(const EmuTensor* ts, std::uint64_t n, const EmuSgdGroup* groups,
     t.momentum_buffer = t.momentum_mode == Momentum::none ? nullptr : e.state0;
     t.first = t.momentum_mode != Momentum::none && e.first != 0;
   }
-  cuda::HostLauncher<SgdTensor, SgdStepScalars> launcher;
-  cuda::Plan<SgdTensor, SgdStepScalars> plan;
-  const StepPolicy policy{grad_scale, static_cast<Nonfinite>(nonfinite), max_grad_norm};
-  const cuda::StepResult r = cuda::run_plan(launcher, plan, tensors.data(), tensors.size(), policy);
-  report(r, launcher.uploads, launcher.norm_launches, launcher.check_launches, launcher.update_launches, out);
+  run_and_report<SgdStepScalars>(tensors, grad_scale, nonfinite, max_grad_norm, out);
   return 0;
 }
 

@@ -46,6 +46,7 @@ from .optim import (
     group_hyper,
     read_state_dict,
     scheduled_lr,
+    validated_group,
 )
 
 __all__ = ["ZeroRedundancyOptimizer", "consolidate_shards", "padding"]
@@ -242,21 +243,7 @@ class ZeroRedundancyOptimizer:
 
     def _add_group(self, param_group: Any, keys: Any, arrays: List[np.ndarray]) -> List[np.ndarray]:
         """Optimizer._add_group's rules and messages, without state."""
-        if not isinstance(param_group, Mapping) or "params" not in param_group:
-            raise TypeError("param_group: expected a dict with a 'params' entry")
-        gi = len(self.param_groups)
-        group = dict(param_group)
-        ps = Optimizer._group_params(group["params"], gi)
-        if not ps:
-            raise ValueError(f"param_groups[{gi}]['params']: the group has no parameters")
-        Optimizer._check_new_params(self._probe, arrays + ps, keys, start=len(arrays))
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)
-        unknown = sorted(set(group) - set(self.defaults) - {"params"})
-        if unknown:
-            raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}; known: {sorted(self.defaults)}")
-        self._probe._hyper(group, f"param_groups[{gi}]")
-        group["params"] = ps
+        group, ps = validated_group(self._probe, self.defaults, param_group, len(self.param_groups), arrays, keys)
         self.param_groups.append(ParamGroup(group))
         arrays.extend(ps)
         return ps

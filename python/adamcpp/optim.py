@@ -303,21 +303,8 @@ class Optimizer(abc.ABC):
     def _add_group(
         self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]], with_state: bool = True
     ) -> None:
-        if not isinstance(param_group, Mapping) or "params" not in param_group:
-            raise TypeError("param_group: expected a dict with a 'params' entry")
         gi = len(self.param_groups)
-        group = dict(param_group)
-        ps = self._group_params(group["params"], gi)
-        if not ps:
-            raise ValueError(f"param_groups[{gi}]['params']: the group has no parameters")
-        self._check_new_params(self._flat + ps, keys, start=len(self._flat))
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)
-        unknown = sorted(set(group) - set(self.defaults) - {"params"})
-        if unknown:
-            raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}; known: {sorted(self.defaults)}")
-        self._hyper(group, f"param_groups[{gi}]")
-        group["params"] = ps
+        group, ps = validated_group(self, self.defaults, param_group, gi, self._flat, keys)
         self.param_groups.append(ParamGroup(group))
         for k, p in enumerate(ps):
             self._check_layout(p, group, self._label(len(self._flat) + k, keys))
@@ -719,6 +706,34 @@ class Optimizer(abc.ABC):
             lines.append(f"    params: {len(g['params'])} array(s)")
         lines.append(")")
         return "\n".join(lines)
+
+
+def validated_group(
+    probe: Optimizer,
+    defaults: Mapping[str, Any],
+    param_group: Any,
+    gi: int,
+    flat: Sequence[Any],
+    keys: Optional[Tuple[Any, ...]],
+) -> Tuple[Dict[str, Any], List[Any]]:
+    """add_param_group's rules and messages for a new group gi after the
+    parameters `flat`: the group's dict ("params" a list, `defaults` filled in,
+    every hyperparameter checked by `probe`) and its parameters. Changes nothing."""
+    if not isinstance(param_group, Mapping) or "params" not in param_group:
+        raise TypeError("param_group: expected a dict with a 'params' entry")
+    group = dict(param_group)
+    ps = probe._group_params(group["params"], gi)
+    if not ps:
+        raise ValueError(f"param_groups[{gi}]['params']: the group has no parameters")
+    probe._check_new_params(list(flat) + ps, keys, start=len(flat))
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    unknown = sorted(set(group) - set(defaults) - {"params"})
+    if unknown:
+        raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}; known: {sorted(defaults)}")
+    probe._hyper(group, f"param_groups[{gi}]")
+    group["params"] = ps
+    return group, ps
 
 
 def group_hyper(g: Mapping[str, Any], gi: int, check_hyper: Callable[[Mapping[str, Any], str], Any]) -> Any:
