@@ -663,6 +663,128 @@ def test_master_copy_created_when_missing():
     same_bits(master, q, "master started from the parameter")
 
 
+# master_weights turned off, then on again: each step of the schedule, True = with the master copy.
+TOGGLE = [True, False, False, False, False, False, True, True]
+
+
+def _toggle_problem(dtype):
+    rng = np.random.default_rng(21)
+    p0 = [rng.uniform(-1, 1, n).astype(dtype) for n in (5, 7, 3)]
+    grads = [[rng.normal(0, 1, p.size).astype(dtype) for p in p0] for _ in TOGGLE]
+    return p0, grads
+
+
+def _toggle_emulation(p0, grads, lr):
+    """The documented behaviour, emulated: a step without the master copy drops
+    it, and the step that turns master_weights on again starts a fresh copy
+    from the weights. Returns (p, m, v, master) per tensor."""
+    out = []
+    for i, p in enumerate(p0):
+        m, v, master = np.zeros(p.size, F32), np.zeros(p.size, F32), None
+        for t, (on, gk) in enumerate(zip(TOGGLE, grads), start=1):
+            if on and master is None:
+                master = p.astype(F32)
+            if not on:
+                master = None
+            p, m, v, _, master = emulated_mixed_step(p, gk[i], m, v, step=t, param_dtype=p.dtype, master=master,
+                                                     tensor=i, lr=lr)
+        out.append((p, m, v, master))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["list", "flat"])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_master_weights_off_then_on_continues_from_the_weights(dtype, mode):
+    """master_weights=False for some steps, then True again: the steps without
+    the copy drop it (a copy older than its weights is never read back), and
+    the step that turns it on again starts a fresh one from the weights; the
+    weights continue from where the steps without the copy left them, bit for
+    bit as the emulation of that schedule. (A ZeroRedundancyOptimizer has no
+    16-bit parameters, so no master copies.)"""
+    lr = 0.05
+    p0, grads = _toggle_problem(dtype)
+    if mode == "flat":
+        flat = adamcpp.FlatParams([p.copy() for p in p0])
+        params, opt = list(flat.params), adamcpp.Adam(flat, lr=lr)
+    else:
+        params = [p.copy() for p in p0]
+        opt = adamcpp.Adam(params, lr=lr)
+    for on, gk in zip(TOGGLE, grads):
+        opt.param_groups[0]["master_weights"] = on
+        if mode == "flat":
+            for view, g in zip(flat.grads, gk):
+                view[...] = g
+            assert opt.step(flat.grads)
+        else:
+            assert opt.step(gk)
+        assert all(("master_param" in s) == on for s in opt.state), "a master copy only where it is current"
+    want = _toggle_emulation(p0, grads, lr)
+    sd = opt.state_dict()
+    for i, (p, m, v, master) in enumerate(want):
+        same_bits(params[i], p, f"params[{i}]")
+        same_bits(np.ravel(sd["state"][i]["exp_avg"]), m, f"exp_avg of params[{i}]")
+        same_bits(np.ravel(sd["state"][i]["exp_avg_sq"]), v, f"exp_avg_sq of params[{i}]")
+        same_bits(np.ravel(sd["state"][i]["master_param"]), master, f"master_param of params[{i}]")
+
+
+@pytest.mark.parametrize("mode", ["list", "flat"])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_master_copy_of_a_loaded_group_without_master_weights_is_not_read_back(dtype, mode):
+    """A state dict that carries "master_param" for a group whose
+    master_weights is False loads without the copy; turned on again later, the
+    copy starts from the weights (the same emulated schedule)."""
+    lr = 0.05
+    p0, grads = _toggle_problem(dtype)
+    first = [p.copy() for p in p0]
+    opt0 = adamcpp.Adam(first, lr=lr)
+    assert opt0.step(grads[0])
+    sd = opt0.state_dict()
+    assert all("master_param" in s for s in sd["state"].values())
+    sd["param_groups"][0]["master_weights"] = False
+    if mode == "flat":
+        flat = adamcpp.FlatParams(first)
+        params, opt = list(flat.params), adamcpp.Adam(flat, lr=lr)
+    else:
+        params = [p.copy() for p in first]
+        opt = adamcpp.Adam(params, lr=lr)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["master_weights"] is False
+    assert not any("master_param" in s for s in opt.state)
+    for t, (on, gk) in enumerate(zip(TOGGLE, grads)):
+        if t == 0:
+            continue
+        opt.param_groups[0]["master_weights"] = on
+        if mode == "flat":
+            for view, g in zip(flat.grads, gk):
+                view[...] = g
+            assert opt.step(flat.grads)
+        else:
+            assert opt.step(gk)
+    for i, (p, m, v, master) in enumerate(_toggle_emulation(p0, grads, lr)):
+        same_bits(params[i], p, f"params[{i}]")
+        same_bits(np.ravel(opt.state[i]["master_param"]), master, f"master_param of params[{i}]")
+
+
+def test_a_refused_or_skipped_step_keeps_the_master_copy():
+    """A step that changes nothing (refused, or skipped for a non-finite
+    gradient) does not drop the master copy, still as new as the weights: on
+    again, the optimizer continues as one that never turned it off."""
+    p, twin = np.linspace(-1, 1, 6).astype(BF16), np.linspace(-1, 1, 6).astype(BF16)
+    opt = adamcpp.Adam([p], lr=0.05, nonfinite="skip")
+    ref = adamcpp.Adam([twin], lr=0.05)
+    g1, g2 = np.full(6, 0.5, BF16), np.linspace(-2, 1, 6).astype(BF16)
+    assert opt.step([g1]) and ref.step([g1])
+    opt.param_groups[0]["master_weights"] = False
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        opt.step([np.ones(5, BF16)])
+    assert not opt.step([np.full(6, np.nan, BF16)])
+    same_bits(opt.state[0]["master_param"], ref.state[0]["master_param"], "master after steps that changed nothing")
+    opt.param_groups[0]["master_weights"] = True
+    assert opt.step([g2]) and ref.step([g2])
+    same_bits(p, twin, "params[0]")
+    same_bits(opt.state[0]["master_param"], ref.state[0]["master_param"], "master_param")
+
+
 def test_build_info_lists_the_precisions():
     info = adamcpp.build_info()["precisions"]
     assert info["param_dtypes"] == ["float16", "bfloat16", "float32", "float64"]

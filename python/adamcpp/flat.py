@@ -670,6 +670,15 @@ class _FlatStorage:
         self.views[i].pop(key, None)
         self.dirty = True
 
+    def drop_entry(self, key: str, groups: Any) -> None:
+        """Removes `key` from the state of every range of `groups` (ranges that agree again join at the next step)."""
+        for s in self.segments:
+            if s.group in groups and key in s.state:
+                del s.state[key]
+                for m in s.members:
+                    self.views[m].pop(key, None)
+                self.dirty = True
+
     # ----------------------------------------------------------- each call
     def _adopt_groups_from(self, groups: Any) -> None:
         self.groups_ref = groups
@@ -723,6 +732,7 @@ class _FlatStorage:
             seg.state = self._state_type(entries)
             self.views[i].clear()
         self.dirty = True
+        self.opt._masters_checked = False
 
     def check_grads(self, grads: Any) -> None:
         """The gradients of a flat step are the FlatParams' gradient views:
@@ -773,6 +783,8 @@ class _FlatStorage:
             self.norm_grads if max_norm >= 0.0 else None,
             *extra,
         )
+        if applied and not opt._masters_checked:
+            opt._drop_stale_masters(hypers)
         if not applied and nonfinite == _RAISE:
             raise FloatingPointError(self._nonfinite_message(scale, max_norm, norm))
         return applied, norm

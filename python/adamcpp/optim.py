@@ -229,6 +229,9 @@ class Optimizer(abc.ABC):
         self._state_cache = _core.StateCache()
         self._lock = threading.Lock()
         self._holder: Optional[int] = None  # the thread running a call
+        # False once a group is validated again or the state changes hands: the next step that applies drops
+        # the master copies that step left behind (_drop_stale_masters).
+        self._masters_checked = False
 
     # ------------------------------------------------------------ one at a time
     def _enter(self) -> None:
@@ -340,6 +343,7 @@ class Optimizer(abc.ABC):
             return
         if _core.params_unchanged(self.param_groups, self._flat, self._group_of):
             return
+        self._masters_checked = False  # state may have moved into a group without master copies
         flat, group_of = self._layout()
         keys = self._keys if len(flat) == len(self._flat) else None
         self._check_new_params(flat, keys)
@@ -367,6 +371,8 @@ class Optimizer(abc.ABC):
         hypers: List[Hyper] = []
         first = 0
         for gi, g in enumerate(self.param_groups):
+            if type(g) is not ParamGroup or g._hyper is None:
+                self._masters_checked = False
             hyper = group_hyper(g, gi, self._hyper)
             lr = g["lr"]
             size = len(g["params"])
@@ -443,6 +449,8 @@ class Optimizer(abc.ABC):
                 self._keys,
                 *extra,
             )
+            if applied and not self._masters_checked:
+                self._drop_stale_masters(hypers)
         finally:
             self._leave()
         if norm is not None:
@@ -476,6 +484,19 @@ class Optimizer(abc.ABC):
         elif pending:
             self._norm_pending = True
         return bool(applied)
+
+    def _drop_stale_masters(self, hypers: List[Hyper]) -> None:
+        """After a step that applied: a group that stepped without master copies (master_weights=False) loses
+        the copies its parameters still had, now older than their weights, so that master_weights=True again
+        starts fresh ones from the weights. Runs once after a group was validated again or the state changed."""
+        off = {gi for gi, h in enumerate(hypers) if getattr(h, "master_weights", None) == 0}
+        if off and self._fs is not None:
+            self._fs.drop_entry("master_param", off)
+        elif off:
+            for s, gi in zip(self.state, self._group_of):
+                if gi in off and "master_param" in s:
+                    del s["master_param"]
+        self._masters_checked = True
 
     @property
     def last_grad_norm(self) -> Optional[float]:
@@ -667,7 +688,8 @@ class Optimizer(abc.ABC):
         finally:
             self._leave()
         state["last_grad_norm"] = state.pop("_last_grad_norm")
-        for key in ("_state_cache", "_lock", "_holder", "_flat", "_group_of", "_cuda", "_norm_pending", "_fs"):
+        runtime = ("_state_cache", "_lock", "_holder", "_masters_checked", "_norm_pending")
+        for key in (*runtime, "_flat", "_group_of", "_cuda", "_fs"):
             state.pop(key, None)
         return state
 
