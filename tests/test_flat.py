@@ -591,6 +591,53 @@ def test_parameters_are_fixed():
     assert opt.step(flat.grads) and opt.state[0]["step"] == 2
 
 
+def test_views_reshaped_in_place_keep_the_layout():
+    """The FlatParams owns the layout: a parameter or gradient view reshaped in
+    place (`view.shape = ...`: the same memory seen another way) changes
+    nothing for a flat optimizer, in a range of several parameters or of its
+    own: it steps, keeps and saves the state in the layout's shapes, matching a
+    list optimizer over the arrays as laid out, and its state dict loads back."""
+    params, grads = problem([(3, 4), (12,), (2,)], steps=4)
+    flat, opt_flat, copies, opt_list = make_pair(adamcpp.Adam, params, lr=1e-2)
+    views, gviews = list(flat.params), list(flat.grads)
+    views[0].shape = (4, 3)
+    gviews[1].shape = (3, 4)
+
+    def both(k):
+        for view, g in zip(gviews, grads[k]):
+            view[...] = g.reshape(view.shape)
+        assert opt_flat.step(flat.grads) and opt_list.step([g.copy() for g in grads[k]])
+        laid_out = [v.reshape(c.shape) for v, c in zip(views, copies)]
+        assert_same(opt_flat, laid_out, opt_list, copies, f"step {k}")
+
+    both(0)
+    assert len(opt_flat._fs.segments) == 1
+    sd = opt_flat.state_dict()
+    assert sd["state"][0]["exp_avg"].shape == (3, 4)
+    opt_flat.load_state_dict(sd)
+    opt_list.load_state_dict(sd)
+    both(1)
+    for opt in (opt_flat, opt_list):  # each reshaped parameter in a range of its own
+        for i in (0, 1):
+            opt.state[i]["exp_avg"] = np.array(opt.state[i]["exp_avg"])
+    assert [s.members for s in opt_flat._fs.segments] == [(0,), (1,), (2,)]
+    both(2)
+    opt_flat.load_state_dict(opt_flat.state_dict())
+    both(3)
+    assert flat.layout() == [(0, 0, (3, 4)), (0, 12, (12,)), (0, 24, (2,))]
+
+
+def test_views_reshaped_before_the_optimizer_keep_the_layout():
+    params, grads = problem([(3, 4), (5,)], steps=2)
+    flat, opt_flat, copies, opt_list = make_pair(adamcpp.Adam, params, lr=1e-2)
+    flat.params[0].shape = (2, 6)
+    late = adamcpp.Adam(flat, lr=1e-2)
+    assert late.state[0]["exp_avg"].shape == (3, 4) and len(late._fs.segments) == 1
+    feed(flat, grads[0])
+    assert late.step(flat.grads) and opt_list.step([g.copy() for g in grads[0]])
+    assert_same(late, [flat.params[0].reshape(3, 4), flat.params[1]], opt_list, copies)
+
+
 def test_views_of_a_flatparams_or_not():
     flat = FlatParams([np.zeros(3), np.zeros(2)])
     assert adamcpp.Adam(flat.params)._fs is not None  # its views, in its form

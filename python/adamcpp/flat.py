@@ -452,7 +452,9 @@ class _FlatStorage:
     Steps, loads and edits run with the optimizer's call lock held (or from
     code that a running call on this thread runs); reads take no lock."""
 
-    def __init__(self, opt: Optimizer, flat: FlatParams, indices: List[int], states: Sequence[Mapping[str, Any]]):
+    def __init__(
+        self, opt: Optimizer, flat: FlatParams, indices: List[int], states: Optional[Sequence[Mapping[str, Any]]] = None
+    ):
         from .optim import ParamState
 
         self._state_type = ParamState
@@ -460,7 +462,13 @@ class _FlatStorage:
         self.flat = flat
         self.index = indices  # optimizer parameter i -> its index in the FlatParams
         self.slot = [(*flat._slots[j], tuple(flat._shapes[j])) for j in indices]  # (buffer, offset, size, shape)
+        # Each parameter and gradient as laid out: shapes come from the layout, never from a view the model may
+        # have reshaped in place (view.shape = ...: the same memory seen another way).
+        self.own = [flat.buffers[b][o : o + n].reshape(s) for b, o, n, s in self.slot]
+        self.own_grads = [flat.grad_buffers[b][o : o + n].reshape(s) for b, o, n, s in self.slot]
         self.group_of = list(opt._group_of)
+        if states is None:
+            states = [opt._new_state(p, opt.param_groups[gi]) for p, gi in zip(self.own, self.group_of)]
         self.norm_grads = tuple(flat._grad_views[j] for j in indices)
         keys = opt._keys
         self.names: List[Any] = list(keys) if keys is not None else list(range(len(indices)))
@@ -569,9 +577,8 @@ class _FlatStorage:
         self.seg_names: List[Any] = []
         for s in joined:
             if len(s.members) == 1:
-                j = self.index[s.members[0]]
-                self.seg_params.append(flat._param_views[j])
-                self.seg_grads.append(flat._grad_views[j])
+                self.seg_params.append(self.own[s.members[0]])
+                self.seg_grads.append(self.own_grads[s.members[0]])
                 self.seg_names.append(self.names[s.members[0]])
             else:
                 self.seg_params.append(flat.buffers[s.buffer][s.start : s.stop])

@@ -220,8 +220,7 @@ class Optimizer(abc.ABC):
             self._add_group(group, keys, with_state=source is None)
         self._keys = keys
         if source is not None:
-            states = [self._new_state(p, self.param_groups[gi]) for p, gi in zip(self._flat, self._group_of)]
-            self._fs = _flat_storage._FlatStorage(self, source[0], source[1], states)
+            self._fs = _flat_storage._FlatStorage(self, source[0], source[1])
 
     def _start_runtime(self) -> None:
         """What an optimizer owns at run time and never copies: its native
@@ -551,13 +550,14 @@ class Optimizer(abc.ABC):
 
     def _load(self, state_dict: Mapping[str, Any]) -> None:
         new_groups, entries = read_state_dict(state_dict, self.param_groups, self.defaults, self._hyper)
-        new_state: List[Optional[Dict[str, Any]]] = [None] * len(self._flat)
+        params = self._flat if self._fs is None else self._fs.own  # flat mode: shaped as laid out
+        new_state: List[Optional[Dict[str, Any]]] = [None] * len(params)
         for i, pid, entry in entries:
             new_state[i] = self._convert_state(
-                entry, self._flat[i], new_groups[self._group_of[i]], f"state_dict['state'][{pid}]"
+                entry, params[i], new_groups[self._group_of[i]], f"state_dict['state'][{pid}]"
             )
         states = [
-            ParamState(s if s is not None else self._fresh_state(self._flat[i], new_groups[self._group_of[i]]))
+            ParamState(s if s is not None else self._fresh_state(params[i], new_groups[self._group_of[i]]))
             for i, s in enumerate(new_state)
         ]
         if self._cuda is not None:  # everything validated: the arrays go to the device (nothing changes if that fails)
