@@ -193,6 +193,72 @@ def test_flatparams_refuses(arrays, exc, message):
     assert str(info.value) == message
 
 
+MAX = np.iinfo(np.intp).max
+
+
+@pytest.mark.parametrize(
+    "arrays, kwargs, message",
+    [
+        (
+            {"w": (2**40, 2**40)},
+            {},
+            r"arrays['w']: shape (1099511627776, 1099511627776) is 1208925819614629174706176 elements of float32 "
+            r"(4835703278458516698824704 bytes), more than one array can hold",
+        ),
+        ({"w": (2**62,)}, {}, r"arrays['w']: shape (4611686018427387904,) is 4611686018427387904 elements of float32"),
+        ([np.zeros(3), (2**64,)], {}, r"arrays[1]: shape (18446744073709551616,) is 18446744073709551616 elements"),
+        ([(10**5000,)], {}, r"arrays[0]: shape (2**16609 or more,) is 2**16609 or more elements of float32"),
+        (
+            {"w": (2**70, 0)},
+            {},
+            rf"arrays['w']: shape (1180591620717411303424, 0) has a dimension larger than an array can have "
+            rf"(at most {MAX})",
+        ),
+        (
+            {"a": (2**60,), "b": (2**60,)},
+            {},
+            r"arrays['b']: shape (1152921504606846976,) brings the float32 buffer to 2305843009213693952 elements "
+            r"(9223372036854775808 bytes), more than one array can hold",
+        ),
+        (
+            [(3,)],
+            {"pad_to": 2**62},
+            r"pad_to: 4611686018427387904 pads the float32 buffer of 3 elements to 4611686018427387904 elements "
+            r"(18446744073709551616 bytes), more than one array can hold",
+        ),
+    ],
+    ids=["2^80", "2^62", "2^64", "10^5000", "huge-dim-zero-size", "two-entries", "pad_to"],
+)
+def test_flatparams_refuses_impossible_sizes_before_allocating(arrays, kwargs, message, monkeypatch):
+    """A size no array can hold is a ValueError naming the entry and the size, raised before any allocation."""
+
+    def no_allocation(count, dtype):
+        raise AssertionError("allocated")
+
+    monkeypatch.setattr(adamcpp.flat, "_aligned_zeros", no_allocation)
+    with pytest.raises(ValueError) as info:
+        FlatParams(arrays, **kwargs)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_flatparams_out_of_memory_names_the_entry(monkeypatch):
+    real = adamcpp.flat._aligned_zeros
+
+    def scarce(count, dtype):
+        if count > 1000:
+            raise MemoryError("Unable to allocate")
+        return real(count, dtype)
+
+    monkeypatch.setattr(adamcpp.flat, "_aligned_zeros", scarce)
+    with pytest.raises(MemoryError) as info:
+        FlatParams({"small": np.zeros(3, np.float32), "big": (40, 40), "bias": (2,)})
+    assert str(info.value) == (
+        "arrays['big']: out of memory for the float32 parameter buffer holding it (its largest entry, shape (40, 40)): "
+        "1605 elements (6420 bytes)"
+    )
+    assert FlatParams({"w": (10, 10)}).numel == 100
+
+
 def test_flatparams_padding():
     flat = FlatParams([np.ones(5, np.float32), np.ones(3)], pad_to=16)
     assert [b.size for b in flat.buffers] == [5, 3] and flat.pad_to == 16

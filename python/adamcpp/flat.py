@@ -14,6 +14,7 @@ of its own (per-parameter stepping), and ranges that agree again are joined.
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
 import weakref
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 # Every buffer starts on a 64-byte boundary (a cache line, an AVX-512 vector).
 ALIGNMENT = 64
+# The largest array NumPy can make (bytes, and any one dimension), less the alignment slack of a buffer.
+_MAX_DIM = int(np.iinfo(np.intp).max)
+_MAX_BYTES = _MAX_DIM - ALIGNMENT
 
 ArraysLike = Union[Sequence[Any], Mapping[Any, Any]]
 
@@ -81,6 +85,18 @@ def _aligned_zeros(count: int, dtype: np.dtype) -> np.ndarray:
     raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
     skip = (-raw.ctypes.data) % ALIGNMENT
     return raw[skip : skip + nbytes].view(dtype)
+
+
+def _count_text(n: int) -> str:
+    return str(n) if n.bit_length() <= 128 else f"2**{n.bit_length() - 1} or more"
+
+
+def _shape_text(shape: Tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(_count_text, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _too_big(nbytes: int) -> str:
+    return f"({_count_text(nbytes)} bytes), more than one array can hold (at most {_MAX_BYTES} bytes)"
 
 
 def _shape_of(entry: Any, label: str) -> Tuple[int, ...]:
@@ -200,17 +216,39 @@ class FlatParams:
         self._shapes = shapes
         self.dtypes: Tuple[np.dtype, ...] = tuple(dict.fromkeys(dtypes))
         used = [0] * len(self.dtypes)
-        # per parameter: (buffer index, first element, element count)
+        labels = [f"arrays[{k!r}]" for k in keys] if keys is not None else [f"arrays[{i}]" for i in range(len(shapes))]
+        # per parameter: (buffer index, first element, element count); sizes no array can hold are refused first
         self._slots: List[Tuple[int, int, int]] = []
-        for shape, dt in zip(shapes, dtypes):
+        for shape, dt, label in zip(shapes, dtypes, labels):
             b = self.dtypes.index(dt)
-            size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            size = math.prod(shape)
+            if size * dt.itemsize > _MAX_BYTES:
+                raise ValueError(
+                    f"{label}: shape {_shape_text(shape)} is {_count_text(size)} elements of {dt} "
+                    + _too_big(size * dt.itemsize)
+                )
+            if any(d > _MAX_DIM for d in shape):
+                raise ValueError(
+                    f"{label}: shape {_shape_text(shape)} has a dimension larger than an array can have "
+                    f"(at most {_MAX_DIM})"
+                )
+            if (used[b] + size) * dt.itemsize > _MAX_BYTES:
+                raise ValueError(
+                    f"{label}: shape {_shape_text(shape)} brings the {dt} buffer to {used[b] + size} elements "
+                    + _too_big((used[b] + size) * dt.itemsize)
+                )
             self._slots.append((b, used[b], size))
             used[b] += size
         # The whole memory of each buffer (padding included) and the parameters' part of it.
         padded = [-(-n // pad_to) * pad_to for n in used]
-        self._padded = tuple(_aligned_zeros(n, dt) for n, dt in zip(padded, self.dtypes))
-        self._grad_padded = tuple(_aligned_zeros(n, dt) for n, dt in zip(padded, self.dtypes))
+        for n, p, dt in zip(used, padded, self.dtypes):
+            if p * dt.itemsize > _MAX_BYTES:
+                raise ValueError(
+                    f"pad_to: {pad_to} pads the {dt} buffer of {n} elements to {p} elements "
+                    + _too_big(p * dt.itemsize)
+                )
+        self._padded = self._allocate(padded, labels, dtypes, "parameter")
+        self._grad_padded = self._allocate(padded, labels, dtypes, "gradient")
         self.buffers: Tuple[np.ndarray, ...] = tuple(b[:n] for b, n in zip(self._padded, used))
         self.grad_buffers: Tuple[np.ndarray, ...] = tuple(b[:n] for b, n in zip(self._grad_padded, used))
         self._param_views = [self.buffers[b][o : o + n].reshape(s) for (b, o, n), s in zip(self._slots, shapes)]
@@ -228,6 +266,20 @@ class FlatParams:
         for views, kind in ((self._params, "params"), (self._grads, "grads")):
             views._flat = self
             views._kind = kind
+
+    def _allocate(self, padded: List[int], labels: List[str], dtypes: List[np.dtype], kind: str) -> Tuple[Any, ...]:
+        """One zeroed buffer per dtype; a MemoryError names the largest entry of the buffer that did not fit."""
+        out = []
+        for n, dt in zip(padded, self.dtypes):
+            try:
+                out.append(_aligned_zeros(n, dt))
+            except MemoryError:
+                i = max((i for i, d in enumerate(dtypes) if d == dt), key=lambda i: self._slots[i][2])
+                raise MemoryError(
+                    f"{labels[i]}: out of memory for the {dt} {kind} buffer holding it (its largest entry, shape "
+                    f"{_shape_text(self._shapes[i])}): {n} elements ({n * dt.itemsize} bytes)"
+                ) from None
+        return tuple(out)
 
     # ---------------------------------------------------------------- access
     @property
