@@ -1106,3 +1106,50 @@ def test_bfloat16_values_round_trip_every_pattern(tmp_path):
     adamcpp.save(sd, tmp_path / "all.safetensors")
     back = adamcpp.load(tmp_path / "all.safetensors")["state"][0]["exp_avg"]
     assert back.dtype == BF16 and back.view(np.uint16).tobytes() == patterns.view(np.uint16).tobytes()
+
+
+# ------------------------------------------------------ second moments at load
+
+
+def _second_moment_optimizers():
+    """mode -> make(amsgrad) -> (optimizer, its parameters, its gradients) for
+    list and flat mode and a ZeroRedundancyOptimizer over one rank."""
+
+    def make_list(amsgrad):
+        ps = [np.ones(6, np.float32), np.ones((2, 3), np.float32)]
+        return adamcpp.Adam(ps, lr=1e-2, amsgrad=amsgrad), ps, [np.full(p.shape, 0.5, np.float32) for p in ps]
+
+    def make_flat(amsgrad):
+        flat = adamcpp.FlatParams([np.ones(6, np.float32), np.ones((2, 3), np.float32)])
+        for g in flat.grads:
+            g[...] = 0.5
+        return adamcpp.Adam(flat.params, lr=1e-2, amsgrad=amsgrad), list(flat.params), flat.grads
+
+    def make_zero(amsgrad):
+        pytest.importorskip("mpi4py")
+        from adamcpp.distributed import ZeroRedundancyOptimizer
+
+        ps = [np.ones(6, np.float32), np.ones((2, 3), np.float32)]
+        zero = ZeroRedundancyOptimizer(ps, adamcpp.Adam, lr=1e-2, amsgrad=amsgrad)
+        return zero, ps, [np.full(p.shape, 0.5, np.float32) for p in ps]
+
+    return {"list": make_list, "flat": make_flat, "zero": make_zero}
+
+
+@pytest.mark.parametrize("mode", ["list", "flat", "zero"])
+@pytest.mark.parametrize("entry", ["exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("bad", [-1e-30, float("nan"), float("-inf")])
+def test_a_negative_or_nan_second_moment_is_refused_at_load(tmp_path, mode, entry, bad):
+    opt, ps, grads = _second_moment_optimizers()[mode](entry == "max_exp_avg_sq")
+    opt.step(grads)
+    if mode == "zero":
+        opt.consolidate_state_dict(to=0)
+    adamcpp.save(opt.state_dict(), tmp_path / "ck.safetensors")
+    sd = adamcpp.load(tmp_path / "ck.safetensors")
+    sd["state"][1][entry].reshape(-1)[4] = bad
+    before = [p.copy() for p in ps]
+    with pytest.raises(ValueError, match=rf"state_dict\['state'\]\[1\]\['{entry}'\]: .*must be >= 0.*found"):
+        opt.load_state_dict(sd)
+    opt.step(grads)  # nothing was loaded: the step stays finite
+    assert all(np.isfinite(p).all() and not np.array_equal(p, b) for p, b in zip(ps, before))
+

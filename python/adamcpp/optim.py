@@ -831,8 +831,24 @@ def read_state_dict(
             raise ValueError(f"state_dict['state']: bad parameter id {key!r}") from None
         if pid not in id_to_index:
             raise ValueError(f"state_dict['state']: parameter id {pid} is not in any parameter group")
+        _check_second_moments(entry, f"state_dict['state'][{pid}]")
         entries.append((id_to_index[pid], pid, entry))
     return new_groups, entries
+
+
+def _check_second_moments(entry: Any, where: str) -> None:
+    """Refuses a negative or NaN exp_avg_sq / max_exp_avg_sq (its square root
+    would make the next step NaN). Anything else wrong with the entry is the
+    caller's to refuse."""
+    for name in ("exp_avg_sq", "max_exp_avg_sq") if isinstance(entry, Mapping) else ():
+        value = entry.get(name)
+        if value is None:
+            continue
+        label = f"{where}['{name}']"
+        arr = cuda.to_numpy(value, label) if cuda.is_cuda_array(value) else _precision.as_array(value, label)
+        lowest = arr.min() if arr.size and _precision.is_loadable(arr.dtype) else 0.0  # NaN if any element is
+        if not lowest >= 0:
+            raise ValueError(f"{label}: a second moment must be >= 0 (not negative, not NaN); found {lowest}")
 
 
 def _loose_params(groups: List[Dict[str, Any]]) -> List[Any]:
