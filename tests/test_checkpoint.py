@@ -21,6 +21,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -1108,7 +1109,79 @@ def test_bfloat16_values_round_trip_every_pattern(tmp_path):
     assert back.dtype == BF16 and back.view(np.uint16).tobytes() == patterns.view(np.uint16).tobytes()
 
 
-# ------------------------------------------------------ second moments at load
+# ------------------------------------------- paths, live arrays, hostile sizes
+
+
+def _small(n: int = 4) -> Dict[str, Any]:
+    return {"state": {0: {"step": n, "exp_avg": np.arange(n, dtype=np.float32)}}, "param_groups": [{"params": [0]}]}
+
+
+@pytest.mark.parametrize("length", [233, 234, 255])
+def test_names_up_to_the_longest_a_file_system_takes_can_be_saved(tmp_path, length):
+    name = "c" * (length - len(".safetensors")) + ".safetensors"
+    path = tmp_path / name
+    adamcpp.save(_small(4), path)
+    adamcpp.save(_small(5), path)  # and replaced
+    assert_same(_small(5), adamcpp.load(path))
+    twin = tmp_path / (name[:-1] + "x")  # the same long prefix: its own temporary files
+    adamcpp.save(_small(6), twin)
+    assert listing(tmp_path) == sorted([name, twin.name])
+
+
+def test_a_path_ending_in_a_separator_names_a_directory(tmp_path):
+    path = tmp_path / "f1"
+    adamcpp.save(_small(4), path)
+    before = path.read_bytes()
+    for bad in (f"{path}{os.sep}", f"{path}{os.sep}.", f"{path}{os.sep}.."):
+        with pytest.raises(IsADirectoryError, match="ends in a directory"):
+            adamcpp.save(_small(5), bad)
+    assert path.read_bytes() == before and listing(tmp_path) == ["f1"]
+
+
+def test_a_write_protected_checkpoint_is_not_replaced(tmp_path):
+    """Refused whoever the caller is (root included: the mode bits decide)."""
+    path = tmp_path / "ck.safetensors"
+    adamcpp.save(_small(4), path)
+    (tmp_path / "link").symlink_to("ck.safetensors")
+    before = path.read_bytes()
+    for mode in (0o444, 0o400, 0o000):
+        os.chmod(path, mode)
+        for target in (path, tmp_path / "link"):
+            with pytest.raises(PermissionError, match=rf"ck\.safetensors: write-protected \(mode {oct(mode)}\)"):
+                adamcpp.save(_small(5), target)
+    os.chmod(path, 0o644)
+    assert path.read_bytes() == before and listing(tmp_path) == ["ck.safetensors", "link"]
+    adamcpp.save(_small(5), path)  # writable again: replaced
+    assert_same(_small(5), adamcpp.load(path))
+
+
+def test_a_checkpoint_saved_while_another_thread_steps_the_parameter_loads(tmp_path):
+    """The bytes hashed are the bytes written: each file holds the parameter
+    as it was read (a torn snapshot) and always loads."""
+    w = np.zeros(1 << 20, np.float32)
+    g = np.ones_like(w)
+    opt = adamcpp.Adam([w], lr=1e-3)
+    opt.step([g])
+    stop = threading.Event()
+    steps = [0]
+
+    def stepping() -> None:
+        while not stop.is_set() and steps[0] < 100_000:
+            opt.step([g])
+            steps[0] += 1
+
+    worker = threading.Thread(target=stepping)
+    worker.start()
+    try:
+        for k in range(8):
+            adamcpp.save({**opt.state_dict(), "model": {"w": w}}, tmp_path / f"{k}.safetensors")
+    finally:
+        stop.set()
+        worker.join()
+    assert steps[0] > 0
+    for k in range(8):
+        loaded = adamcpp.load(tmp_path / f"{k}.safetensors")
+        assert loaded["model"]["w"].shape == w.shape
 
 
 def _second_moment_optimizers():
@@ -1153,3 +1226,62 @@ def test_a_negative_or_nan_second_moment_is_refused_at_load(tmp_path, mode, entr
     opt.step(grads)  # nothing was loaded: the step stays finite
     assert all(np.isfinite(p).all() and not np.array_equal(p, b) for p, b in zip(ps, before))
 
+
+_KILLED_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    import adamcpp
+
+    os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the temporary file written
+    adamcpp.save({"state": {}, "param_groups": [], "x": np.zeros(10)}, sys.argv[1])
+    """
+)
+_PAUSED_SAVE = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import adamcpp
+
+    real_fsync = os.fsync
+
+    def paused(fd):
+        os.fsync = real_fsync
+        print("writing", flush=True)
+        sys.stdin.readline()
+        real_fsync(fd)
+
+    os.fsync = paused
+    adamcpp.save({"state": {}, "param_groups": [], "x": np.full(10, 7.0)}, sys.argv[1])
+    print("saved", flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_save_removes_the_temporary_files_of_dead_writers_of_its_target(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    live = subprocess.Popen([sys.executable, "-c", _PAUSED_SAVE, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdin is not None and live.stdout.readline() == "writing\n"
+        (writing,) = listing(tmp_path)
+        killed = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(path)], capture_output=True)
+        assert killed.returncode == -9
+        (stale,) = set(listing(tmp_path)) - {writing}
+        assert all(f.startswith(".ck.safetensors.") and f.endswith(".tmp") for f in (stale, writing))
+        adamcpp.save(_small(), tmp_path / "ck")  # another target ("ck" is a prefix of its name): kept
+        assert listing(tmp_path) == sorted([stale, writing, "ck"])
+        adamcpp.save(_small(), path)  # the dead writer's file goes, the live writer's stays
+        assert listing(tmp_path) == sorted([writing, "ck", "ck.safetensors"])
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert live.stdout.readline() == "saved\n"
+        live.wait(timeout=60)
+    finally:
+        if live.poll() is None:
+            live.kill()
+        live.wait()
+        live.stdin.close()  # type: ignore[union-attr]
+        live.stdout.close()  # type: ignore[union-attr]
+    assert live.returncode == 0 and listing(tmp_path) == ["ck", "ck.safetensors"]
+    assert adamcpp.load(path)["x"][0] == 7.0

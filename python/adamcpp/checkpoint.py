@@ -72,11 +72,12 @@ import json
 import math
 import numbers
 import os
+import platform
 import re
 import secrets
 import stat
 from collections.abc import Mapping
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -97,6 +98,8 @@ _KEY_SHA256 = "adamcpp.sha256"
 _METADATA = "__metadata__"
 _MAX_HEADER = 100_000_000  # the safetensors limit
 _MAX_DIM = 2**62
+_CHUNK = 1 << 20  # the bytes save copies, hashes and writes at a time
+_NAME_MAX = 255  # the longest file name (bytes) of common file systems
 
 # safetensors dtype name -> NumPy dtype as stored (little-endian). Element sizes
 # decide the order of the data (largest first), which keeps every tensor aligned.
@@ -131,6 +134,7 @@ _SCHEDULES: Dict[str, type] = {
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9]{1,9}")
 _CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")
+_TEMP_SUFFIX = re.compile(r"([0-9a-f]{8})-([0-9]{1,10})\.[0-9a-f]{8}\.tmp")  # machine, writer's pid, random
 
 
 def _canonical(obj: Any) -> bytes:
@@ -287,12 +291,20 @@ def save(state_dict: Mapping[str, Any], path: PathLike) -> None:
     The write is atomic: a temporary file in the same directory is written,
     flushed to disk and renamed over ``path`` (then the directory is flushed),
     so ``path`` always holds the old file or the new one; on any error the
-    temporary file is removed and the error propagates. A symbolic link at
-    ``path`` is followed: its target is replaced.
+    temporary file is removed and the error propagates (temporary files of
+    ``path`` left by killed writers of this machine are removed first). A
+    symbolic link at ``path`` is followed: its target is replaced.
+
+    Nothing is written before the whole state dict is encoded; each array is
+    then read once, 1 MiB at a time, as it is written and hashed, so an array
+    another thread updates meanwhile is stored as read (a torn snapshot that
+    loads) and memory beyond the arrays stays bounded.
 
     Raises TypeError for a value that cannot be stored (a plain callable ``lr``:
-    use a schedule object), ValueError for a malformed state dict, OSError for
-    I/O errors. Nothing is written before the whole state dict is encoded.
+    use a schedule object), ValueError for a malformed state dict,
+    IsADirectoryError for a path ending in or naming a directory,
+    PermissionError for a write-protected file (no write bit, whoever the
+    caller is), OSError for I/O errors.
     """
     document, tensors = _encode_state_dict(state_dict)
     names = sorted(tensors, key=lambda n: (-tensors[n][1].dtype.itemsize, n))
@@ -308,19 +320,27 @@ def save(state_dict: Mapping[str, Any], path: PathLike) -> None:
         _KEY_DOCUMENT: json.dumps(document, separators=(",", ":"), ensure_ascii=True, allow_nan=False),
     }
     header[_METADATA] = metadata
-    digest = hashlib.sha256(_canonical(header))  # the header without the checksum, then the data
-    for name in names:
-        digest.update(_byte_view(tensors[name][1]))
-    metadata[_KEY_SHA256] = digest.hexdigest()
+    digest = hashlib.sha256(_canonical(header))  # the header without the checksum, then the data as written
+    metadata[_KEY_SHA256] = "0" * 64  # its place, filled in once the data is written
     text = _canonical(header)
     text += b" " * _padding(len(text))
+    # The only '"adamcpp.sha256":"' of the header: quotes inside the document's JSON string are escaped.
+    at = 8 + text.index(b'"%s":"' % _KEY_SHA256.encode()) + len(_KEY_SHA256) + 4
 
-    def chunks() -> Iterator[Any]:
-        yield len(text).to_bytes(8, "little") + text
+    def write(fd: int) -> None:
+        _write_all(fd, len(text).to_bytes(8, "little") + text)
+        buffer = np.empty(min(_CHUNK, offset), np.uint8)
         for name in names:
-            yield _byte_view(tensors[name][1])
+            data = tensors[name][1].reshape(-1).view(np.uint8)
+            for i in range(0, data.size, _CHUNK):
+                piece = buffer[: min(_CHUNK, data.size - i)]
+                piece[...] = data[i : i + _CHUNK]  # one read of a live array: the bytes hashed are the bytes written
+                digest.update(piece.data)
+                _write_all(fd, piece)
+        os.lseek(fd, at, os.SEEK_SET)
+        _write_all(fd, digest.hexdigest().encode("ascii"))
 
-    _write_atomic(path, chunks())
+    _write_atomic(path, write)
 
 
 def _write_all(fd: int, chunk: Any) -> None:
@@ -332,22 +352,39 @@ def _write_all(fd: int, chunk: Any) -> None:
         view = view[written:]
 
 
-def _write_atomic(path: PathLike, chunks: Iterator[Any]) -> None:
+def _write_atomic(path: PathLike, write: Callable[[int], None]) -> None:
     """Temporary file in the target's directory, write, fsync, rename over the
     target, fsync the directory; the temporary file never outlives an error."""
-    target = os.path.realpath(os.fsdecode(os.fspath(path)))
+    label = os.fsdecode(os.fspath(path))
+    if os.path.basename(label) in ("", ".", ".."):
+        raise IsADirectoryError(
+            errno.EISDIR, f"{label}: the path ends in a directory (a trailing separator, '.' or '..'); name a file"
+        )
+    target = os.path.realpath(label)
+    try:
+        old: Optional[os.stat_result] = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"{target}: is a directory; name the checkpoint file")
+    if old is not None and (not old.st_mode & 0o222 or not os.access(target, os.W_OK)):
+        raise PermissionError(
+            errno.EACCES,
+            f"{target}: write-protected (mode {oct(stat.S_IMODE(old.st_mode))}); adamcpp.save replaces only a file "
+            "that could be written (chmod u+w it, or save elsewhere)",
+        )
     directory, base = os.path.split(target)
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+    prefix = _temp_prefix(base)
+    machine = hashlib.sha256(platform.node().encode()).hexdigest()[:8]
+    _remove_stale(directory, prefix, machine)
+    tmp = os.path.join(directory, f"{prefix}{machine}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # O_EXCL: never reuse an existing file; mode 0o666 minus the umask, like open(path, "wb").
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         try:
-            with contextlib.suppress(FileNotFoundError):
-                mode = stat.S_IMODE(os.stat(target).st_mode)
-                if hasattr(os, "fchmod"):
-                    os.fchmod(fd, mode)  # replacing a file keeps its permissions, as writing into it would
-            for chunk in chunks:
-                _write_all(fd, chunk)
+            if old is not None and hasattr(os, "fchmod"):
+                os.fchmod(fd, stat.S_IMODE(old.st_mode))  # replacing a file keeps its permissions, as writing would
+            write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -357,6 +394,38 @@ def _write_atomic(path: PathLike, chunks: Iterator[Any]) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _temp_prefix(base: str) -> str:
+    """Where a target's temporary file names start: '.{base}.', or a digest of
+    a name too long to take the 34 bytes at most that a temporary name adds."""
+    if len(os.fsencode(base)) <= _NAME_MAX - 40:
+        return f".{base}."
+    return f".{hashlib.sha256(os.fsencode(base)).hexdigest()[:32]}.long."
+
+
+def _remove_stale(directory: str, prefix: str, machine: str) -> None:
+    """Removes the temporary files of the same target written on this machine
+    by a process that no longer runs (a killed save). Not on Windows, where
+    os.kill cannot ask whether a process exists."""
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            m = _TEMP_SUFFIX.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
+            if m is not None and m[1] == machine and not _running(int(m[2])):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or not a pid: left alone
+        return True
+    return True
 
 
 def _fsync_directory(directory: str) -> None:
