@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -1182,6 +1183,110 @@ def test_a_checkpoint_saved_while_another_thread_steps_the_parameter_loads(tmp_p
     for k in range(8):
         loaded = adamcpp.load(tmp_path / f"{k}.safetensors")
         assert loaded["model"]["w"].shape == w.shape
+
+
+def _announcing(path, nbytes: int) -> None:
+    """A sparse file whose header announces a U8 tensor of `nbytes` bytes (zeros
+    on disk), behind a checksum that does not match them."""
+    doc = {"param_groups": [], "state": {}, "extra": {"x": {"tensor": {"name": "x", "dtype": "U8", "shape": [nbytes]}}}}
+    meta = {"adamcpp.format": "state_dict", "adamcpp.format_version": "1", "adamcpp.state_dict": json.dumps(doc)}
+    blob = forge({"__metadata__": meta, "x": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}, b"")
+    path.write_bytes(blob)
+    os.truncate(path, len(blob) + nbytes)
+
+
+def _overcommits_anything() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_overcommits_anything(), reason="vm.overcommit_memory=1 grants any allocation")
+def test_a_file_announcing_more_than_memory_holds_is_refused_by_tensor(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    _announcing(path, 2**40)
+    with pytest.raises(ValueError, match=r"huge\.safetensors: tensor 'x': U8 \[1099511627776\].* cannot be allocated"):
+        adamcpp.load(path)
+
+
+_PEAK = textwrap.dedent(
+    """
+    import re, sys
+    import adamcpp
+    try:
+        adamcpp.load(sys.argv[1])
+    except ValueError as exc:
+        print(exc)
+    with open("/proc/self/status") as f:  # this process's peak (ru_maxrss would include the parent's before exec)
+        print(re.search(r"VmHWM:\\s*(\\d+) kB", f.read())[1])
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_the_checksum_is_verified_before_the_tensors_take_memory(tmp_path):
+    path = tmp_path / "sparse.safetensors"
+    _announcing(path, 2**30)
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, timeout=120, check=True)
+    message, peak_kib = out.stdout.splitlines()
+    assert "checksum mismatch" in message
+    assert int(peak_kib) * 1024 < 2**28, "the 1 GiB announced was read into memory before the checksum was verified"
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_values_nested_too_deeply_are_refused_on_save_and_load(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    for bad in (_nested(900), _nested(65)):
+        with pytest.raises(ValueError, match=r"state_dict\['deep'\](\[0\])+: nested too deeply \(more than 64 levels"):
+            adamcpp.save({**_small(), "deep": bad}, path)
+    cycle: List[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        adamcpp.save({**_small(), "cycle": cycle}, path)
+    assert listing(tmp_path) == []
+    adamcpp.save({**_small(), "deep": _nested(63)}, path)  # within the bound: round trips
+    assert adamcpp.load(path)["deep"] == _nested(63)
+    header, data = parse(path.read_bytes())
+    doc = document(header)
+    doc["extra"]["deep"] = "DEEP"
+    h = json.loads(json.dumps(header))
+    h["__metadata__"]["adamcpp.state_dict"] = json.dumps(doc).replace('"DEEP"', "[" * 900 + "]" * 900)
+    refused(path, forge(h, data), r"\['deep'\](\[0\])+: nested too deeply")
+
+
+def test_numpy_scalars_the_named_dtype_cannot_hold_exactly_are_refused(saved):
+    path, _, blob = saved
+    header, data = parse(blob)
+    doc = document(header)
+
+    def with_scalar(body: Any) -> bytes:
+        d = json.loads(json.dumps(doc))
+        d["extra"]["x"] = {"numpy": body}
+        return forge(with_document(header, d), data)
+
+    bad = [
+        ["float16", 1e300], ["float32", 1e39], ["float16", 0.1], ["float32", 1e-50], ["float64", 1], ["float32", True],
+        ["int8", 300], ["int8", -129], ["uint8", -1], ["uint64", 2**64], ["int64", 1.0], ["int32", False],
+        ["bool", 2], ["bool", 1],
+    ]
+    for body in bad:
+        refused(path, with_scalar(body), re.escape(f"['x']: {body[1]!r} is not a NumPy {body[0]} (out of range, or not"))
+    good = [
+        (["float16", 65504.0], np.float16(65504)), (["float32", -0.0], np.float32(-0.0)),
+        (["float32", {"float": "-inf"}], np.float32("-inf")), (["float64", {"float": "nan"}], np.float64("nan")),
+        (["int8", -128], np.int8(-128)), (["uint64", 2**64 - 1], np.uint64(2**64 - 1)), (["bool", True], np.True_),
+    ]
+    for body, value in good:
+        path.write_bytes(with_scalar(body))
+        assert_same(value, adamcpp.load(path)["x"])
 
 
 def _second_moment_optimizers():

@@ -77,7 +77,7 @@ import re
 import secrets
 import stat
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -98,7 +98,8 @@ _KEY_SHA256 = "adamcpp.sha256"
 _METADATA = "__metadata__"
 _MAX_HEADER = 100_000_000  # the safetensors limit
 _MAX_DIM = 2**62
-_CHUNK = 1 << 20  # the bytes save copies, hashes and writes at a time
+_MAX_DEPTH = 64  # nesting of a document value (lists, tuples, dicts, schedules)
+_CHUNK = 1 << 20  # the bytes save copies and hashes at a time, and load hashes before it reads into arrays
 _NAME_MAX = 255  # the longest file name (bytes) of common file systems
 
 # safetensors dtype name -> NumPy dtype as stored (little-endian). Element sizes
@@ -157,8 +158,13 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: Dict[str, Tuple[str, np.ndarray]] = {}  # name -> (code, little-endian C-order data)
         self._where: Dict[str, str] = {}
+        self._depth = 0
 
     def value(self, value: Any, where: str, name: str) -> Any:
+        with _nesting(self, where, ValueError):
+            return self._value(value, where, name)
+
+    def _value(self, value: Any, where: str, name: str) -> Any:
         if value is None or value is True or value is False:
             return value
         if isinstance(value, np.ndarray):
@@ -234,6 +240,18 @@ class _Encoder:
         return {"tensor": {"name": name, "dtype": code, "shape": [int(n) for n in arr.shape]}}
 
 
+@contextlib.contextmanager
+def _nesting(coder: Any, where: str, error: type) -> Iterator[None]:
+    """One level deeper into a value; `error` past _MAX_DEPTH levels (a cycle, or a hostile document)."""
+    if coder._depth >= _MAX_DEPTH:
+        raise error(f"{where}: nested too deeply (more than {_MAX_DEPTH} levels: a cycle?)")
+    coder._depth += 1
+    try:
+        yield
+    finally:
+        coder._depth -= 1
+
+
 def _encode_state_dict(state_dict: Any) -> Tuple[Dict[str, Any], Dict[str, Tuple[str, np.ndarray]]]:
     """The document and the tensors of a state dict, validating its layout."""
     if not isinstance(state_dict, Mapping):
@@ -301,10 +319,10 @@ def save(state_dict: Mapping[str, Any], path: PathLike) -> None:
     loads) and memory beyond the arrays stays bounded.
 
     Raises TypeError for a value that cannot be stored (a plain callable ``lr``:
-    use a schedule object), ValueError for a malformed state dict,
-    IsADirectoryError for a path ending in or naming a directory,
-    PermissionError for a write-protected file (no write bit, whoever the
-    caller is), OSError for I/O errors.
+    use a schedule object), ValueError for a malformed state dict (or a value
+    nested deeper than 64 levels), IsADirectoryError for a path ending in or
+    naming a directory, PermissionError for a write-protected file (no write
+    bit, whoever the caller is), OSError for I/O errors.
     """
     document, tensors = _encode_state_dict(state_dict)
     names = sorted(tensors, key=lambda n: (-tensors[n][1].dtype.itemsize, n))
@@ -588,6 +606,7 @@ class _Decoder:
 
     def __init__(self, tensors: Dict[str, _TensorInfo], arrays: Dict[str, np.ndarray]):
         self.tensors, self.arrays = tensors, arrays
+        self._depth = 0
 
     def mapping(self, doc: Any, where: str) -> Dict[str, Any]:
         if not isinstance(doc, dict):
@@ -595,6 +614,10 @@ class _Decoder:
         return {key: self.value(v, f"{where}[{key!r}]") for key, v in doc.items()}
 
     def value(self, doc: Any, where: str) -> Any:
+        with _nesting(self, where, _Refused):
+            return self._value(doc, where)
+
+    def _value(self, doc: Any, where: str) -> Any:
         if doc is None or isinstance(doc, (bool, int, float, str)):
             return doc
         if isinstance(doc, list):
@@ -609,13 +632,17 @@ class _Decoder:
         if tag == "float" and body in ("nan", "inf", "-inf"):
             return float(body)
         if tag == "numpy" and isinstance(body, list) and len(body) == 2 and body[0] in _SCALAR_TYPES:
-            item = self.value(body[1], where)
-            if isinstance(item, (bool, int, float)):
-                try:
-                    return np.dtype(body[0]).type(item)
-                except (OverflowError, ValueError, TypeError):
-                    pass
-            raise _Refused(f"{where}: {item!r} is not a NumPy {body[0]}")
+            item, dtype = self.value(body[1], where), np.dtype(body[0])
+            # save writes the exact value (.item()) of the scalar's own Python type; nothing else is one
+            exact = type(item) is {"b": bool, "f": float}.get(dtype.kind, int)
+            if exact and dtype.kind in "iu":
+                exact = np.iinfo(body[0]).min <= item <= np.iinfo(body[0]).max
+            if exact:
+                with np.errstate(all="ignore"):
+                    scalar = dtype.type(item)
+                if scalar.item() == item or (item != item and scalar != scalar):  # the value, or NaN
+                    return scalar
+            raise _Refused(f"{where}: {item!r} is not a NumPy {body[0]} (out of range, or not exactly representable)")
         if tag == "tensor":
             return self._tensor(body, where)
         if tag == "schedule":
@@ -691,8 +718,11 @@ def load(path: PathLike) -> Dict[str, Any]:
     Everything is verified before anything is returned: the format marker and
     version, the header's canonical form, the tensor table, the SHA-256 checksum
     over metadata, table and data, and that the metadata and the tensors agree.
-    A truncated, damaged or foreign file, or one in a newer format version,
-    raises ValueError naming the file and the problem (OSError for I/O errors).
+    The checksum is verified through a fixed buffer before any array is written
+    to, then again as the data is read into the arrays (the data is read twice).
+    A truncated, damaged or foreign file, or one in a newer format version, or
+    one announcing tensors that cannot be allocated, raises ValueError naming
+    the file and the problem (OSError for I/O errors).
     Arrays are new, writeable and owned by the returned dict (never views of
     the file); schedules are rebuilt from their fields. No pickle, no np.load.
     """
@@ -700,30 +730,47 @@ def load(path: PathLike) -> Dict[str, Any]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            header, infos, recorded = _read_header(f, size)
+            header, infos, recorded = _read_header(f, size)  # the tensors' sizes add up to the file's
             metadata = header[_METADATA]
-            digest = hashlib.sha256(_canonical(_without_checksum(header)))
             bfloat16 = _bfloat16_for(infos)
-            arrays: Dict[str, np.ndarray] = {}
-            for t in infos:
-                try:
-                    arr = np.empty(t.shape, dtype=_DTYPES[t.code])
-                except ValueError as exc:  # a zero-size shape with absurd dimensions
-                    raise _Refused(f"tensor {t.name!r}: shape {list(t.shape)} ({exc})") from None
-                view = _byte_view(arr)
-                _read_into(f, view)
-                digest.update(view)
-                arr = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
-                arrays[t.name] = arr.view(bfloat16) if t.code == "BF16" and bfloat16 is not None else arr
-        if not hmac.compare_digest(digest.hexdigest(), recorded):
-            raise _Refused(
-                "checksum mismatch: the file is damaged (the SHA-256 of its header and data differs from the one "
-                "it records)"
-            )
+            start = f.tell()
+            arrays = {t.name: _allocate(t) for t in infos}  # address space: no page is written before the checksum
+            buffer = memoryview(bytearray(min(_CHUNK, size - start)))
+            pieces = (buffer[: min(_CHUNK, size - i)] for i in range(start, size, _CHUNK))
+            if not hmac.compare_digest(_digest(f, header, pieces), recorded):
+                raise _Refused(
+                    "checksum mismatch: the file is damaged (the SHA-256 of its header and data differs from the "
+                    "one it records)"
+                )
+            f.seek(start)  # into the arrays, verified again: what is returned is what was verified
+            if not hmac.compare_digest(_digest(f, header, (_byte_view(a) for a in arrays.values())), recorded):
+                raise _Refused("the file changed while it was read (its checksum held, then did not)")
+        for t in infos:
+            arr = arrays[t.name]
+            arr = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+            arrays[t.name] = arr.view(bfloat16) if t.code == "BF16" and bfloat16 is not None else arr
         document = _parse_json(metadata[_KEY_DOCUMENT], "the state dict document")
         return _decode_state_dict(document, _Decoder({t.name: t for t in infos}, arrays))
     except _Refused as exc:
         raise ValueError(f"{label}: {exc}") from None
+
+
+def _allocate(t: _TensorInfo) -> np.ndarray:
+    try:
+        return np.empty(t.shape, dtype=_DTYPES[t.code])
+    except (ValueError, MemoryError) as exc:  # more than memory holds, or a zero-size shape of absurd dimensions
+        raise _Refused(
+            f"tensor {t.name!r}: {t.code} {list(t.shape)} ({t.end - t.begin} bytes) cannot be allocated ({exc})"
+        ) from None
+
+
+def _digest(f: Any, header: Dict[str, Any], views: Iterable[memoryview]) -> str:
+    """The checksum of the header and of the data read into `views`, in order."""
+    digest = hashlib.sha256(_canonical(_without_checksum(header)))
+    for view in views:
+        _read_into(f, view)
+        digest.update(view)
+    return digest.hexdigest()
 
 
 def _bfloat16_for(infos: List[_TensorInfo]) -> Optional[np.dtype]:
