@@ -5,7 +5,9 @@
 Every rank runs the scenario and writes what it saw to OUTDIR/SCENARIO.RANK.json
 (after each check, so a hung or crashed job still leaves a trail); the test
 asserts on those reports. An unexpected exception is recorded, then the job is
-aborted (one rank left in a collective would otherwise wait for the others).
+aborted (one rank left in a collective would otherwise wait for the others);
+scenario fail_between_steps leaves its failure uncaught, to see what the job
+does with it.
 
 Gradients are small dyadic rationals (k/64, |k| <= 512), so their sum over up
 to 8 ranks is exact in float32 in any order: the single-process reference is
@@ -29,7 +31,7 @@ import numpy as np
 from mpi4py import MPI
 
 import adamcpp
-from adamcpp.distributed import ZeroRedundancyOptimizer, padding
+from adamcpp.distributed import ZeroRedundancyOptimizer, consolidate_shards, padding
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -372,6 +374,65 @@ def scenario_errors(report: Report) -> None:
     ]
 
 
+def frozen(zero: ZeroRedundancyOptimizer, params: List[np.ndarray]) -> Callable[[], bool]:
+    """A check that the parameters and the local optimizer's state are still those of now."""
+    before = [p.copy() for p in params]
+    state = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in zero.optim.state]
+
+    def unchanged() -> bool:
+        same_state = len(state) == len(zero.optim.state) and all(
+            all((np.array_equal(v, s[k]) if isinstance(v, np.ndarray) else v == s[k]) for k, v in old.items())
+            for old, s in zip(state, zero.optim.state)
+        )
+        return bitwise(params, before) and same_state
+
+    return unchanged
+
+
+def scenario_disagree(report: Report) -> None:
+    """An option or hyperparameter set on the last rank only: every rank raises
+    the same error naming it, nothing changes anywhere, and nothing hangs
+    (the per-step options would send the ranks into different collectives, a
+    group's hyperparameter or grad_scale would update the last rank's shard
+    alone)."""
+    shapes = [(3, 4), (5,), (CHUNK + 3,)]
+    params = initial(shapes, [np.float32] * 3)
+    zero = ZeroRedundancyOptimizer(params, adamcpp.Adam, lr=1e-2)
+    g = grads_of(0, RANK, shapes, [np.float32] * 3)
+    zero.step(g)
+    last = RANK == SIZE - 1
+    group = zero.param_groups[0]
+
+    def on_last_rank(name: str, set_it: Callable[[], Any], undo: Callable[[], Any], call=lambda: zero.step(g)):
+        unchanged = frozen(zero, params)
+        if last:
+            set_it()
+        try:
+            report[name] = [expect_error(call), unchanged()]
+        finally:
+            if last:
+                undo()
+
+    on_last_rank("nonfinite", lambda: setattr(zero, "nonfinite", "skip"), lambda: setattr(zero, "nonfinite", "propagate"))
+    on_last_rank("max_grad_norm", lambda: setattr(zero, "max_grad_norm", 1.0), lambda: setattr(zero, "max_grad_norm", None))
+    on_last_rank("grad_scale", lambda: None, lambda: None, lambda: zero.step(g, grad_scale=2.0 if last else 1.0))
+    for key, value in [
+        ("lr", 2e-2),
+        ("betas", (0.8, 0.99)),
+        ("eps", 1e-6),
+        ("weight_decay", 0.1),
+        ("amsgrad", True),
+        ("state_dtype", "bfloat16"),
+        ("lr", adamcpp.schedules.CosineDecay(1e-2, 10)),
+    ]:
+        saved = group[key]
+        on_last_rank(
+            f"{key}={value!r}", lambda: group.__setitem__(key, value), lambda: group.__setitem__(key, saved)
+        )
+    on_last_rank("consolidate_to", lambda: None, lambda: None, lambda: zero.consolidate_state_dict(to=SIZE - 1 if last else 0))
+    report["step_after"] = [zero.step(g), same_everywhere(params)]
+
+
 SAVE_SHAPES = [(40, 30), (9,), (CHUNK * 2 + 5,), (3, 3)]
 SAVE_STEPS = 3
 
@@ -400,7 +461,19 @@ def scenario_ckpt_save(report: Report) -> None:
         sd = zero.state_dict()
         adamcpp.save(sd, os.path.join(outdir, "consolidated.safetensors"))
         np.savez(os.path.join(outdir, "params.npz"), *params)
+    # Another run of the same model for as many steps (other gradients), and this run one step later: shard
+    # sets that must not be mixed with this one.
+    other = [v.copy() for v in values]
+    zero_b = ZeroRedundancyOptimizer(
+        other, adamcpp.AdamW, lr=adamcpp.schedules.CosineDecay(1e-2, 20), amsgrad=True, **ckpt_state_options()
+    )
+    for step in range(SAVE_STEPS):
+        zero_b.step(grads_of(step + 100, RANK, SAVE_SHAPES, dtypes))
+    adamcpp.save(zero_b.shard_state_dict(), os.path.join(outdir, f"other.{RANK}.safetensors"))
+    zero.step(grads_of(SAVE_STEPS, RANK, SAVE_SHAPES, dtypes))
+    adamcpp.save(zero.shard_state_dict(), os.path.join(outdir, f"later.{RANK}.safetensors"))
     report["saved"] = True
+    report["run_id"] = [zero.run_id, zero_b.run_id]
     report["local_state_bytes"] = sum(
         v.nbytes for s in zero.optim.state for v in s.values() if isinstance(v, np.ndarray)
     )
@@ -420,6 +493,7 @@ def scenario_ckpt_load(report: Report) -> None:
     options = ckpt_state_options()
     zero = ZeroRedundancyOptimizer(params, adamcpp.AdamW, lr=1.0, amsgrad=True, **options)  # lr from the shards
     zero.load_shard_state_dicts(shards)
+    report["run_id_adopted"] = zero.run_id == shards[0]["zero"]["run"]
     ref_params = [v.copy() for v in values]
     ref = adamcpp.AdamW(ref_params, amsgrad=True, **options)
     ref.load_state_dict(adamcpp.load(os.path.join(outdir, "consolidated.safetensors")))
@@ -437,9 +511,42 @@ def scenario_ckpt_load(report: Report) -> None:
     whole = adamcpp.load(os.path.join(outdir, "consolidated.safetensors"))
     zero.load_state_dict(whole)
     report["whole_loaded"] = zero.param_groups[0]["lr"] == whole["param_groups"][0]["lr"]
+    report["run_id_kept"] = zero.run_id == whole["zero_run"] == shards[0]["zero"]["run"]
+    # The ranks load checkpoints of different runs (or steps): refused everywhere, nothing loaded.
+    other = consolidate_shards(
+        [adamcpp.load(os.path.join(outdir, n)) for n in sorted(os.listdir(outdir)) if n.startswith("other.")]
+    )
+    later = consolidate_shards(
+        [adamcpp.load(os.path.join(outdir, n)) for n in sorted(os.listdir(outdir)) if n.startswith("later.")]
+    )
+    unchanged = frozen(zero, params)
+    last = RANK == SIZE - 1 and SIZE > 1
+    report["other_run_on_one_rank"] = [expect_error(lambda: zero.load_state_dict(other if last else whole)), unchanged()]
+    report["later_on_one_rank"] = [expect_error(lambda: zero.load_state_dict(later if last else whole)), unchanged()]
     report["foreign_shards"] = expect_error(
         lambda: zero.load_shard_state_dicts(shards[:1] if len(shards) > 1 else [{"state": {}}])
     )
+
+
+class LeftUncaught(Exception):
+    """A scenario's failure that main() leaves uncaught: what it does to the job is under test."""
+
+
+def scenario_fail_between_steps(report: Report) -> None:
+    """The last rank fails between two steps (argv[3]: "raise" an uncaught
+    exception, or "exit" with sys.exit(3)) while the others go on to the next
+    step, a collective that it never joins: the job must end, not wait."""
+    shapes = [(3, 4), (5,)]
+    params = initial(shapes, [np.float32] * 2)
+    zero = ZeroRedundancyOptimizer(params, adamcpp.Adam, lr=1e-2)
+    zero.step(grads_of(0, RANK, shapes, [np.float32] * 2))
+    report["stepped"] = True
+    if RANK == SIZE - 1:
+        if sys.argv[3] == "exit":
+            sys.exit(3)
+        raise LeftUncaught(f"rank {RANK} fails between steps")
+    zero.step(grads_of(1, RANK, shapes, [np.float32] * 2))
+    report["second_step"] = True  # never: the job ends
 
 
 SCENARIOS = {
@@ -447,6 +554,8 @@ SCENARIOS = {
     "errors": scenario_errors,
     "ckpt_save": scenario_ckpt_save,
     "ckpt_load": scenario_ckpt_load,
+    "disagree": scenario_disagree,
+    "fail_between_steps": scenario_fail_between_steps,
 }
 
 
@@ -457,6 +566,8 @@ def main() -> None:
         SCENARIOS[scenario](report)
         report.data["done"] = True
         report.flush()
+    except (LeftUncaught, SystemExit):
+        raise
     except BaseException:
         report.data["crash"] = traceback.format_exc()
         report.flush()

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -41,21 +42,21 @@ def mpiexec() -> str:
     return found
 
 
-def mpirun(n: int, args: List[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPIEXEC_TIMEOUT=str(TIMEOUT))
+def mpirun(n: int, args: List[str], cwd: Path = ROOT, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPIEXEC_TIMEOUT=str(timeout))
     return subprocess.run(
         [mpiexec(), "-n", str(n), sys.executable, *args],
         capture_output=True,
         text=True,
-        timeout=TIMEOUT + 60,
+        timeout=timeout + 60,
         env=env,
         cwd=str(cwd),
     )
 
 
-def run_scenario(n: int, scenario: str, outdir: Path, *extra: str) -> List[Dict[str, Any]]:
+def run_scenario(n: int, scenario: str, outdir: Path, *extra: str, timeout: int = TIMEOUT) -> List[Dict[str, Any]]:
     """Runs a worker scenario on n ranks; returns each rank's report (checks by name)."""
-    proc = mpirun(n, [str(WORKER), scenario, str(outdir), *extra])
+    proc = mpirun(n, [str(WORKER), scenario, str(outdir), *extra], timeout=timeout)
     reports = []
     for r in range(n):
         path = outdir / f"{scenario}.{r}.json"
@@ -183,6 +184,60 @@ def test_bad_input_on_one_rank_raises_on_every_rank(n, tmp_path):
     assert first["propagate_nan_clip"] == [True, True, True, True, True, True]
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_options_or_hyperparameters_that_differ_across_ranks_raise_on_every_rank(n, tmp_path):
+    """nonfinite, max_grad_norm, grad_scale or a group's hyperparameter set on
+    the last rank only (which would send the ranks into different collectives
+    and hang, or update the last rank's shard alone): every rank raises the
+    same error naming it, and nothing changes on any rank; the same for
+    consolidate_state_dict(to=...)."""
+    reports = run_scenario(n, "disagree", tmp_path, timeout=60)
+    first = reports[0]
+    for r, rep in enumerate(reports[1:], start=1):
+        assert rep == first, f"rank {r} saw it differently: {rep} vs {first}"
+    where = f"rank 0 and rank {n - 1}"
+    tail = "expected the same on every rank, nothing was updated"
+    expected = {
+        "nonfinite": f"nonfinite: differs across ranks ({where}: 'propagate' vs 'skip'); {tail}",
+        "max_grad_norm": f"max_grad_norm: differs across ranks ({where}: None vs 1.0); {tail}",
+        "grad_scale": f"grad_scale: differs across ranks ({where}: 1.0 vs 2.0); {tail}",
+        "lr=0.02": f"param_groups[0]['lr']: differs across ranks ({where}: 0.01 vs 0.02); {tail}",
+        "betas=(0.8, 0.99)": f"param_groups[0]['betas']: differs across ranks ({where}: (0.9, 0.999) vs (0.8, 0.99)); "
+        f"{tail}",
+        "eps=1e-06": f"param_groups[0]['eps']: differs across ranks ({where}: 1e-08 vs 1e-06); {tail}",
+        "weight_decay=0.1": f"param_groups[0]['weight_decay']: differs across ranks ({where}: 0.0 vs 0.1); {tail}",
+        "amsgrad=True": f"param_groups[0]['amsgrad']: differs across ranks ({where}: False vs True); {tail}",
+        "state_dtype='bfloat16'": f"param_groups[0]['state_dtype']: differs across ranks ({where}: 'float32' vs "
+        f"'bfloat16'); {tail}",
+        "lr=CosineDecay(lr=0.01, decay_steps=10, final_lr=0.0)": f"param_groups[0]['lr']: differs across ranks "
+        f"({where}: 0.01 vs 'CosineDecay(lr=0.01, decay_steps=10, final_lr=0.0)'); {tail}",
+        "consolidate_to": f"to: differs across ranks ({where}: 0 vs {n - 1}); expected the same on every rank, "
+        "nothing was gathered",
+    }
+    for name, message in expected.items():
+        assert first[name] == [["ValueError", message], True], name
+    assert first["step_after"] == [True, True]
+
+
+@pytest.mark.parametrize("how, launch", [("raise", []), ("raise", ["-m", "mpi4py"]), ("exit", ["-m", "mpi4py"])])
+def test_a_rank_that_fails_between_steps_ends_the_job(how, launch, tmp_path):
+    """The last rank raises (or calls sys.exit(3)) between steps while rank 0
+    waits in the next step: the job ends within seconds with a nonzero status
+    instead of waiting for MPIEXEC_TIMEOUT. Under a plain `python3` launch the
+    optimizer's excepthook aborts the job; under `python3 -m mpi4py` (the
+    launch the docs show) mpi4py does, for sys.exit too."""
+    limit = 60
+    start = time.monotonic()
+    proc = mpirun(2, [*launch, str(WORKER), "fail_between_steps", str(tmp_path), how], timeout=limit)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, proc.stderr
+    assert elapsed < limit / 3, f"the job took {elapsed:.1f} s (MPIEXEC_TIMEOUT {limit} s)\n{proc.stderr}"
+    first = json.loads((tmp_path / "fail_between_steps.0.json").read_text())["checks"]
+    assert first == {"stepped": True}, first
+    if how == "raise" and not launch:
+        assert "adamcpp.distributed: rank 1: uncaught LeftUncaught" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("saved, loaded, state", [(2, 3, "float32"), (3, 1, "float32"), (3, 2, "bfloat16")])
 def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, state, tmp_path):
     """Per-rank shard files (adamcpp.save) written by `saved` ranks are loaded
@@ -213,7 +268,59 @@ def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, state, tmp_pa
         assert rep["steps"] == [[True, True]] * 3, f"rank {r}: {rep['steps']}"
         assert rep["whole_loaded"] is True
         assert rep["foreign_shards"][0] == "ValueError"
+        assert rep["run_id_adopted"] is True and rep["run_id_kept"] is True
+        if loaded > 1:
+            where = f"rank 0 and rank {loaded - 1}"
+            tail = "expected the same on every rank, nothing was loaded"
+            assert rep["other_run_on_one_rank"][1] is True and rep["later_on_one_rank"][1] is True
+            assert rep["other_run_on_one_rank"][0][0] == "ValueError"
+            assert rep["other_run_on_one_rank"][0][1].startswith(f"state_dict['zero_run']: differs across ranks ({where}: ")
+            assert rep["other_run_on_one_rank"][0][1].endswith(tail)
+            assert rep["later_on_one_rank"][0] == [
+                "ValueError", f"step: differs across ranks ({where}: [3] vs [4]); {tail}"
+            ]
     assert reports[0]["state_dict"] == ""
+
+
+def test_shards_of_another_run_or_step_or_with_a_gap_are_refused(tmp_path):
+    """Shard files of two runs of the same model with the same step count, or
+    of one run at two steps, would consolidate into a state neither run had:
+    each shard carries its run's identity (agreed at construction, kept by the
+    consolidated state dict and by a run that loads either) and the step
+    counts, and a mix is refused. So is a shard set that does not cover every
+    element of every parameter exactly once."""
+    run_scenario(2, "ckpt_save", tmp_path, "float32")
+
+    def shards(prefix: str) -> List[Dict[str, Any]]:
+        return [adamcpp.load(str(tmp_path / f"{prefix}.{r}.safetensors")) for r in range(2)]
+
+    mine, other, later = shards("shard"), shards("other"), shards("later")
+    run, other_run = mine[0]["zero"]["run"], other[0]["zero"]["run"]
+    assert isinstance(run, str) and len(run) == 32 and run != other_run
+    assert mine[1]["zero"]["run"] == run and later[1]["zero"]["run"] == run
+    assert consolidate_shards(mine)["zero_run"] == run
+    assert adamcpp.load(str(tmp_path / "consolidated.safetensors"))["zero_run"] == run
+    with pytest.raises(
+        ValueError, match=rf"^shards\[1\]: from another run than shards\[0\] \(run {run} vs {other_run}\)"
+    ):
+        consolidate_shards([mine[0], other[1]])
+    with pytest.raises(
+        ValueError, match=r"^shards\[1\]: saved at another step than shards\[0\] \(group step counts \[3\] vs \[4\]\)"
+    ):
+        consolidate_shards([mine[0], later[1]])
+    # A shard that lost its last range: those elements are in no shard.
+    gap = [dict(sd, zero=dict(sd["zero"])) for sd in mine]
+    rec = gap[1]["zero"]["runs"][-1]
+    gap[1]["zero"]["runs"] = gap[1]["zero"]["runs"][:-1]
+    off, size = mine[0]["zero"]["params"][2][1:3]  # rank 1's range starts inside params[2]
+    with pytest.raises(ValueError, match=rf"^shards: elements \[{rec[1] - off}, {size}\) of params\[2\] are in no shard"):
+        consolidate_shards(gap)
+    # A range held by two shards.
+    twice = [dict(sd, zero=dict(sd["zero"]), state=dict(sd["state"])) for sd in mine]
+    twice[1]["zero"]["runs"] = twice[1]["zero"]["runs"] + [mine[0]["zero"]["runs"][0]]
+    twice[1]["state"][len(twice[1]["zero"]["runs"]) - 1] = mine[0]["state"][0]
+    with pytest.raises(ValueError, match=r"^shards: elements \[\d+, \d+\) of params\[0\] are in more than one shard"):
+        consolidate_shards(twice)
 
 
 def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
@@ -244,7 +351,7 @@ def test_example_trains_to_single_process_accuracy():
     """examples/train_mlp_mpi.py on 2 ranks: the article's MLP, data-parallel with sharded Adam state,
     reaches the single-process accuracy (train_mlp.py: 0.9722 on digits after 50 epochs, seed 0)."""
     pytest.importorskip("sklearn")
-    proc = mpirun(2, [str(ROOT / "examples" / "train_mlp_mpi.py"), "--quiet"])
+    proc = mpirun(2, ["-m", "mpi4py", str(ROOT / "examples" / "train_mlp_mpi.py"), "--quiet"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ranks      2 "), proc.stdout
     final = [line for line in proc.stdout.splitlines() if line.startswith("  final ")]

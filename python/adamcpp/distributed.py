@@ -8,8 +8,11 @@ sums the ranks' gradients with a reduce-scatter (each rank receives the sum
 over its shard), steps its shard with a local adamcpp optimizer (the 1/N
 average folded into grad_scale), then all-gathers the updated parameters in
 place. Whatever can fail is checked before the first collective that writes,
-and the ranks agree through O(1)-sized all-reduces, so that an error on one
-rank is raised on every rank and nothing changes anywhere.
+and the ranks agree through O(1)-sized all-reduces (which also compare a
+digest of what every rank must have the same: a step's options and
+hyperparameters), so that an error on one rank is raised on every rank and
+nothing changes anywhere. A rank that fails outside a call aborts the job
+(_abort_on_uncaught): the others would wait for it forever.
 
 mpi4py is imported only when an optimizer is built without a communicator:
 `import adamcpp` never imports it.
@@ -18,10 +21,14 @@ mpi4py is imported only when an optimizer is built without a communicator:
 from __future__ import annotations
 
 import builtins
+import hashlib
 import math
+import os
+import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
@@ -74,7 +81,7 @@ def _mpi() -> Any:
     except ImportError as exc:
         raise ImportError(
             "adamcpp.distributed needs mpi4py and an MPI library: pip install 'adamcpp[mpi]' (mpi4py and the MPICH "
-            "wheel), then launch with mpiexec -n N python script.py"
+            "wheel), then launch with mpiexec -n N python -m mpi4py script.py"
         ) from exc
     return MPI
 
@@ -126,6 +133,42 @@ def _rebuild_error(name: str, message: str) -> BaseException:
     return RuntimeError(message)
 
 
+# The optimizers over more than one rank alive in this process, and the excepthook that
+# _abort_on_uncaught chains to (installed with the first of them).
+_LIVE: weakref.WeakSet[ZeroRedundancyOptimizer] = weakref.WeakSet()
+_chained_hook: Optional[Callable[..., Any]] = None
+
+
+def _abort_on_uncaught(kind: Any, value: Any, tb: Any) -> None:
+    """sys.excepthook while a ZeroRedundancyOptimizer over several ranks
+    lives: after the usual report, aborts the job (comm.Abort), since the
+    other ranks would wait forever in their next collective for this one."""
+    if _chained_hook is not None:
+        _chained_hook(kind, value, tb)
+    for zero in list(_LIVE):
+        print(
+            f"adamcpp.distributed: rank {zero.rank}: uncaught {kind.__name__} while a ZeroRedundancyOptimizer is in "
+            "use; aborting the job, whose other ranks would wait for this one",
+            file=sys.stderr,
+            flush=True,
+        )
+        zero.comm.Abort(1)
+
+
+def _abort_when_uncaught(zero: ZeroRedundancyOptimizer) -> None:
+    global _chained_hook
+    _LIVE.add(zero)
+    if _chained_hook is None:  # once: a hook set later that calls the previous one keeps this one
+        _chained_hook = sys.excepthook
+        sys.excepthook = _abort_on_uncaught
+
+
+def _digest(data: bytes) -> Tuple[int, int]:
+    """Two 62-bit integers of a BLAKE2b digest of `data`."""
+    d = hashlib.blake2b(data, digest_size=16).digest()
+    return int.from_bytes(d[:8], "little") >> 2, int.from_bytes(d[8:], "little") >> 2
+
+
 class _Run:
     """A range [start, stop) of flat buffer `buffer` inside this rank's shard
     whose parameters share a group (and, after a load, a step count and the
@@ -153,6 +196,8 @@ class ZeroRedundancyOptimizer:
     every rank. ``optimizer_class`` is Adam, AdamW or SGD, and ``**defaults``
     its arguments (``nonfinite`` and ``max_grad_norm`` apply across ranks).
     ``comm`` is an mpi4py communicator (default ``MPI.COMM_WORLD``).
+    ``run_id`` names the run in its checkpoints (rank 0's random bytes,
+    agreed at construction, adopted from a checkpoint that is loaded).
 
     ``step(local_grads)`` averages the gradients over the ranks and updates the
     caller's parameters in place on every rank; ``optim`` is the local
@@ -179,8 +224,10 @@ class ZeroRedundancyOptimizer:
             signature = self._setup(params, optimizer_class, dict(defaults))
         except Exception as exc:  # every rank must hear of it before anything else happens
             error = exc
-        self._agree(error, signature, check_signatures=True)
+        self.run_id: str = self._agree_setup(error, signature)
         self._start()
+        if self.world_size > 1:
+            _abort_when_uncaught(self)
 
     # ----------------------------------------------------------- construction
     def _setup(self, params: Any, optimizer_class: Any, defaults: Dict[str, Any]) -> Dict[str, Any]:
@@ -229,6 +276,7 @@ class ZeroRedundancyOptimizer:
             self._owns_flat = True
         self._slots = [self.flat._slots[j] for j in self._index]  # (buffer, offset, size)
         self._group_steps = [0] * len(self.param_groups)
+        self._hyper_text: Dict[int, Tuple[Any, bytes]] = {}
         return {
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
             "form": "flat" if source is not None else ("dict" if keys is not None else "list"),
@@ -404,26 +452,56 @@ class ZeroRedundancyOptimizer:
             np.copyto(p, v, casting="no")
 
     # -------------------------------------------------------------- agreement
-    def _agree(self, error: Optional[BaseException], signature: Any = None, *, check_signatures: bool = False) -> None:
-        """Every rank learns whether any rank failed; if one did, every rank
-        raises that error (the lowest failing rank's), with the same message.
-        Without errors, an O(1) all-reduce; with them, one small all-gather."""
+    def _agree_setup(self, error: Optional[BaseException], signature: Any) -> str:
+        """Construction's agreement: every rank's error or setup, in one small
+        all-gather; an error or a difference raises on every rank. Returns the
+        run identity, rank 0's random bytes."""
+        token = os.urandom(16).hex() if self.rank == 0 else None
+        infos = self.comm.allgather((self._error_info(error), signature, token))
+        failed = [(r, info) for r, (info, _, _) in enumerate(infos) if info is not None]
+        if failed:
+            self._raise_failed(failed, error)
+        mismatch = self._signature_mismatch([sig for _, sig, _ in infos])
+        if mismatch is not None:
+            raise ValueError(mismatch)
+        return str(infos[0][2])
+
+    def _agree(
+        self,
+        error: Optional[BaseException],
+        same: Optional[bytes] = None,
+        describe: Callable[[], List[Tuple[str, Any]]] = list,
+        nothing: str = "",
+    ) -> None:
+        """Every rank learns whether any rank failed, and whether `same` (what
+        must be equal everywhere) is the same on every rank, in one all-reduce
+        of five int64 (the error flag and a digest with its negation: the
+        maximum of both gives the digest's maximum and minimum). If a rank
+        failed, every rank raises that error (the lowest failing rank's), with
+        the same message; if `same` differs, every rank raises a ValueError
+        naming the first of `describe()`'s (label, value) pairs that differs
+        (one small all-gather, on failure only)."""
         MPI = self._MPI
-        if check_signatures:
-            infos = self.comm.allgather((self._error_info(error), signature))
-            failed = [(r, info) for r, (info, _) in enumerate(infos) if info is not None]
-            if not failed:
-                mismatch = self._signature_mismatch([sig for _, sig in infos])
-                if mismatch is not None:
-                    raise ValueError(mismatch)
-                return
-        else:
-            flag = np.array([0 if error is None else 1], np.int32)
-            self.comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-            if not flag[0]:
-                return
+        a, b = _digest(same) if same is not None else (0, 0)
+        flag = np.array([0 if error is None else 1, a, -a, b, -b], np.int64)
+        self.comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        failed, a_max, a_min, b_max, b_min = flag.tolist()
+        if failed:
             gathered = self.comm.allgather(self._error_info(error))
-            failed = [(r, info) for r, info in enumerate(gathered) if info is not None]
+            self._raise_failed([(r, info) for r, info in enumerate(gathered) if info is not None], error)
+        if a_max == -a_min and b_max == -b_min:
+            return
+        described = self.comm.allgather(describe())
+        for r, items in enumerate(described[1:], start=1):
+            for (label, va), (_, vb) in zip(described[0], items):
+                if va != vb:
+                    raise ValueError(
+                        f"{label}: differs across ranks (rank 0 and rank {r}: {va!r} vs {vb!r}); expected the same on "
+                        f"every rank, {nothing}"
+                    )
+        raise ValueError(f"the validated options differ across ranks; expected the same on every rank, {nothing}")
+
+    def _raise_failed(self, failed: List[Tuple[int, Tuple[str, str]]], error: Optional[BaseException]) -> None:
         r, (name, message) = failed[0]
         if self.world_size > 1:
             message = f"rank {r}: {message}"
@@ -511,17 +589,36 @@ class ZeroRedundancyOptimizer:
         self._group_refs = list(groups)
         self._params_refs = [g["params"] for g in groups]
 
-    def _hypers(self) -> List[Optional[float]]:
+    def _hypers(self) -> Tuple[List[Optional[float]], bytes]:
         """Validates every group's hyperparameters (kept until the group is
         edited, as an optimizer does) and evaluates the schedules at each
-        group's update count; returns each group's lr value (None: a number)."""
+        group's update count; returns each group's lr value (None: a number)
+        and the text of every group's validated hyperparameters."""
         lrs: List[Optional[float]] = []
+        texts = []
         probe = self._probe
         for gi, g in enumerate(self.param_groups):
-            group_hyper(g, gi, probe._hyper)
+            hyper = group_hyper(g, gi, probe._hyper)
+            cached = self._hyper_text.get(gi)
+            if cached is None or cached[0] is not hyper:
+                cached = self._hyper_text[gi] = (hyper, repr(tuple(hyper)).encode())
+            texts.append(cached[1])
             lr = g["lr"]
             lrs.append(scheduled_lr(lr, self._group_steps[gi], gi) if callable(lr) else None)
-        return lrs
+        return lrs, b";".join(texts)
+
+    def _step_options(self, grad_scale: Any, lrs: List[Optional[float]]) -> List[Tuple[str, Any]]:
+        """What the step's agreement compares, by name, for its message."""
+        items = [
+            ("nonfinite", _describe(self.nonfinite)),
+            ("max_grad_norm", _describe(self.max_grad_norm)),
+            ("grad_scale", _describe(grad_scale)),
+        ]
+        for gi, g in enumerate(self.param_groups):
+            items.extend((f"param_groups[{gi}]['{k}']", _describe(g.get(k))) for k in sorted(self.defaults))
+            if lrs[gi] is not None:
+                items.append((f"param_groups[{gi}]['lr']({self._group_steps[gi]})", lrs[gi]))
+        return items
 
     def _sync_local_groups(self, lrs: List[Optional[float]]) -> None:
         """The local optimizer's groups follow this optimizer's (a schedule's value as a number)."""
@@ -598,16 +695,22 @@ class ZeroRedundancyOptimizer:
         MPI = self._MPI
         comm = self.comm
         error: Optional[BaseException] = None
+        same = None
+        lrs: List[Optional[float]] = []
         try:
             self._check_structure()
             nonfinite = check_nonfinite(self.nonfinite)
             max_norm = check_max_grad_norm(self.max_grad_norm)
             grad_list = self._local_grads(grads)
             scale = check_grad_scale(grad_scale)
-            lrs = self._hypers()
+            lrs, hypers = self._hypers()
+            # every rank must step with the same options and hyperparameters: others would enter other
+            # collectives, or update their shard differently
+            values = [nonfinite, max_norm, scale, *(-1.0 if lr is None else lr for lr in lrs)]
+            same = struct.pack(f"<q{len(values) - 1}d", *values) + hypers
         except Exception as exc:
             error = exc
-        self._agree(error)
+        self._agree(error, same, lambda: self._step_options(grad_scale, lrs), "nothing was updated")
         self._consolidated = None
         flat = self.flat
         if grad_list is not None:
@@ -751,13 +854,15 @@ class ZeroRedundancyOptimizer:
 
     def _consolidate(self, to: int) -> None:
         error: Optional[BaseException] = None
+        same = None
         try:
             if isinstance(to, bool) or not isinstance(to, (int, np.integer)) or not 0 <= int(to) < self.world_size:
                 raise ValueError(f"to: expected a rank in [0, {self.world_size}), got {to!r}")
             self._check_structure()
+            same = b"%d" % int(to)
         except Exception as exc:
             error = exc
-        self._agree(error)
+        self._agree(error, same, lambda: [("to", int(to))], "nothing was gathered")
         to = int(to)
         records, states = self._shard_image()
         plain = [
@@ -831,7 +936,7 @@ class ZeroRedundancyOptimizer:
                 else:
                     entry[k] = v
             state[i] = entry
-        return {"state": state, "param_groups": self._group_entries()}
+        return {"state": state, "param_groups": self._group_entries(), "zero_run": self.run_id}
 
     def _group_entries(self) -> List[Dict[str, Any]]:
         groups, index = [], 0
@@ -875,6 +980,7 @@ class ZeroRedundancyOptimizer:
                     "buffers": [[dt.str, int(buf.size)] for dt, buf in zip(self.flat.dtypes, self.flat.buffers)],
                     "params": self._param_records(),
                     "group_steps": list(self._group_steps),
+                    "run": self.run_id,
                 },
             }
         finally:
@@ -906,7 +1012,10 @@ class ZeroRedundancyOptimizer:
                 plan = self._plan_full(whole())
             except Exception as exc:
                 error = exc
-            self._agree(error)
+            # every rank must load the same checkpoint: the same run, at the same step
+            agreed = [("state_dict['zero_run']", plan[4]), ("step", plan[3])] if plan is not None else []
+            same = repr(agreed).encode() if plan is not None else None
+            self._agree(error, same, lambda: agreed, "nothing was loaded")
             assert plan is not None
             self._commit(*plan)
         finally:
@@ -927,6 +1036,9 @@ class ZeroRedundancyOptimizer:
         messages) without copying it, and returns what this rank keeps."""
         probe = self._probe
         new_groups, saved_entries = read_state_dict(state_dict, self.param_groups, self.defaults, probe._hyper)
+        run_id = state_dict.get("zero_run", self.run_id)  # a run that loads a checkpoint continues its run
+        if not isinstance(run_id, str):
+            raise ValueError(f"state_dict['zero_run']: expected the run identity (a str), got {type(run_id).__name__}")
         entries: List[Optional[Mapping[str, Any]]] = [None] * len(self._params)
         steps = [0] * len(self._params)
         for i, pid, entry in saved_entries:
@@ -985,7 +1097,7 @@ class ZeroRedundancyOptimizer:
         for g in self.param_groups:
             group_steps.append(steps[first] if g["params"] else 0)
             first += len(g["params"])
-        return new_groups, runs, run_states, group_steps
+        return new_groups, runs, run_states, group_steps, run_id
 
     def _commit(
         self,
@@ -993,7 +1105,9 @@ class ZeroRedundancyOptimizer:
         runs: List[_Run],
         run_states: List[Dict[str, Any]],
         group_steps: List[int],
+        run_id: str,
     ) -> None:
+        self.run_id = run_id
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
         self._params_refs = [g["params"] for g in self.param_groups]
@@ -1032,7 +1146,9 @@ def consolidate_shards(
     """One whole state dict in PyTorch's layout from the shard state dicts of
     every rank of a sharded run (`shard_state_dict()` of ranks 0..N-1, in any
     order): what a single-process optimizer loads, or what
-    `ZeroRedundancyOptimizer.load_state_dict` re-shards. No MPI needed."""
+    `ZeroRedundancyOptimizer.load_state_dict` re-shards. No MPI needed. The
+    shards must come from one save of one run (the same run identity and step
+    counts) and hold every element of every parameter exactly once."""
     if isinstance(shards, Mapping) or not isinstance(shards, Sequence) or not shards:
         raise TypeError("shards: expected a list of shard state dicts (one per rank of the saved run)")
     metas = []
@@ -1046,7 +1162,16 @@ def consolidate_shards(
     if ranks != list(range(world)) or any(int(m["world_size"]) != world for m in metas):
         raise ValueError(f"shards: expected the shards of ranks 0..{world - 1} of one run, got ranks {ranks}")
     layout = {"buffers": metas[0]["buffers"], "params": metas[0]["params"]}
+    run, steps = metas[0].get("run"), list(metas[0].get("group_steps", []))
+    together = "every shard must come from the same save of the same run"
     for k, m in enumerate(metas):
+        if m.get("run") != run:  # (shards saved before run identities had none)
+            raise ValueError(f"shards[{k}]: from another run than shards[0] (run {run} vs {m.get('run')}); {together}")
+        if list(m.get("group_steps", [])) != steps:
+            raise ValueError(
+                f"shards[{k}]: saved at another step than shards[0] (group step counts {steps} vs "
+                f"{list(m.get('group_steps', []))}); {together}"
+            )
         if [list(x) for x in m["buffers"]] != [list(x) for x in layout["buffers"]] or [
             list(x) for x in m["params"]
         ] != [list(x) for x in layout["params"]]:
@@ -1073,6 +1198,8 @@ def consolidate_shards(
         )
         if size == 0:  # a zero-size parameter: the state of its group's parts, with empty arrays
             covering = [(rec, st) for rec, st in runs if rec[3] == group][:1]
+        else:
+            _check_coverage(i, off, size, [rec for rec, _ in covering])
         if not covering:
             continue
         keys0 = [k for k in covering[0][1]]
@@ -1096,4 +1223,29 @@ def consolidate_shards(
             entry[name] = out.reshape(shape)
         params_out[i] = entry
     groups = [dict(g) for g in shards[0]["param_groups"]]
-    return {"state": params_out, "param_groups": groups}
+    whole: Dict[str, Any] = {"state": params_out, "param_groups": groups}
+    if run is not None:
+        whole["zero_run"] = run
+    return whole
+
+
+def _check_coverage(i: int, off: int, size: int, ranges: List[List[int]]) -> None:
+    """That `ranges` (sorted by start) hold elements [off, off + size) of
+    their buffer, parameter i's, exactly once."""
+    at = off
+    for _, a, z, _ in ranges:
+        a, z = max(a, off), min(z, off + size)
+        if a < at:
+            raise ValueError(
+                f"shards: elements [{a - off}, {min(at, z) - off}) of params[{i}] are in more than one shard "
+                "(expected every element of every parameter in exactly one shard)"
+            )
+        if a > at:
+            break
+        at = z
+    if at < off + size:
+        stop = next((a for _, a, _, _ in ranges if a > at), off + size)
+        raise ValueError(
+            f"shards: elements [{at - off}, {min(stop, off + size) - off}) of params[{i}] are in no shard "
+            "(expected every element of every parameter in exactly one shard)"
+        )
