@@ -73,6 +73,7 @@ _api.PyCapsule_GetPointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 
 VERSIONED = b"dltensor_versioned"
 UNVERSIONED = b"dltensor"
+MISSING = object()  # FakeInterface(version=MISSING): an interface without a 'version'
 _addresses = itertools.count(1 << 32, 1 << 24)  # made-up device addresses, 16 MiB apart
 
 
@@ -127,6 +128,7 @@ class FakeDLPack:
         versioned: bool = True,
         refuse: Optional[BaseException] = None,
         lanes: int = 1,
+        byte_offset: int = 0,
     ) -> None:
         self.shape = tuple(shape)
         self.dtype = dtype
@@ -138,6 +140,7 @@ class FakeDLPack:
         self.versioned = versioned
         self.refuse = refuse
         self.lanes = lanes
+        self.byte_offset = byte_offset
 
     def __dlpack_device__(self) -> Tuple[int, int]:
         return (self.device_type, self.device)
@@ -155,7 +158,7 @@ class FakeDLPack:
             DLDataType(self.dtype[0], self.dtype[1], self.lanes),
             ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64)),
             ctypes.cast(strides, ctypes.POINTER(ctypes.c_int64)) if strides is not None else None,
-            0,
+            self.byte_offset,
         )
         if self.versioned and max_version is not None and max_version[0] >= 1:
             managed: Any = DLManagedTensorVersioned(DLPackVersion(1, 0), None, _deleter, READ_ONLY * self.read_only,
@@ -188,7 +191,7 @@ class FakeInterface:
         address: Optional[int] = None,
         strides: Optional[Sequence[int]] = None,
         read_only: bool = False,
-        version: int = 3,
+        version: Any = 3,
         stream: Optional[int] = None,
         mask: Any = None,
     ) -> None:
@@ -196,10 +199,11 @@ class FakeInterface:
             "shape": tuple(shape),
             "typestr": typestr,
             "data": (fake_address() if address is None else address, read_only),
-            "version": version,
             "strides": None if strides is None else tuple(strides),
         }
-        if version >= 3:
+        if version is not MISSING:
+            self.interface["version"] = version
+        if not isinstance(version, int) or version >= 3:
             self.interface["stream"] = stream
         if mask is not None:
             self.interface["mask"] = mask

@@ -23,11 +23,13 @@ import pytest
 from cuda_mocks import (
     KDL_BFLOAT,
     KDL_CPU,
+    KDL_CUDA,
     KDL_CUDA_HOST,
     KDL_CUDA_MANAGED,
     KDL_FLOAT,
     KDL_INT,
     LEDGER,
+    MISSING,
     FakeDLPack,
     FakeInterface,
     OldFakeDLPack,
@@ -396,6 +398,136 @@ def test_a_numpy_optimizer_takes_no_stream():
         "stream: only an optimizer of CUDA arrays takes a stream (its parameters are NumPy arrays)"
     )
     assert opt.state[0]["step"] == 0
+
+
+# ----------------------------------------------------------- hostile headers
+# A producer's header is read with checked arithmetic: a size, offset, range, version or device that does not
+# fit is refused with a ValueError naming the array (never undefined behaviour: these run under .ci/sanitize).
+
+INT64_MAX = 2**63 - 1
+TOP = 2**64 - 16  # an address 16 bytes below the end of the address space
+
+
+def refused(make, text, exc=ValueError, first=True):
+    """`make()` is refused with `text` as params[0] (construction) and params[1]; a malformed header (a
+    ValueError) already by cuda_inspect (as "array"), which reads without applying the rules."""
+    if first:
+        assert message(exc, adamcpp.Adam, [make()]) == text
+    assert message(exc, adamcpp.Adam, [FakeDLPack((3,)), make()]) == text.replace("params[0]", "params[1]")
+    if exc is ValueError:
+        assert message(exc, _core.cuda_inspect, make()) == text.replace("params[0]", "array")
+
+
+def test_dlpack_byte_offset_is_checked():
+    base = fake_address()
+    assert _core.cuda_inspect(FakeDLPack((4,), address=base, byte_offset=16))["ptr"] == base + 16
+    refused(lambda: FakeDLPack((3,), byte_offset=2**63),
+            "params[0]: the DLPack tensor's byte_offset: expected at most 2^63 - 1, got 9223372036854775808")
+    refused(lambda: FakeDLPack((3,), address=TOP, byte_offset=32),
+            "params[0]: expected memory inside the address space, got a data pointer 0xfffffffffffffff0 plus a "
+            "byte_offset of 32")
+
+
+def test_interface_typestr_sizes_are_checked():
+    refused(lambda: FakeInterface((3,), "<f300000000"),
+            "params[0]: expected dtype float32 or float64 (native byte order), got <f300000000", TypeError)
+    refused(lambda: FakeInterface((3,), "<f99999999999999999999999"),
+            "params[0]: expected dtype float32 or float64 (native byte order), got <f99999999999999999999999",
+            TypeError)
+    assert _core.cuda_inspect(FakeInterface((3,), "<f300000000"))["dtype"] == "<f300000000"
+    assert _core.cuda_inspect(FakeInterface((3,), "<f2"))["dtype"] == "float16"  # NumPy's names where it has one
+
+
+def test_interface_typestr_is_reported_as_given():
+    for typestr in ("<f4x", "<f4 ", "<f+4", "<f-4", "<f04", "<f", "<i4x"):
+        refused(lambda typestr=typestr: FakeInterface((3,), typestr),
+                f"params[0]: expected dtype float32 or float64 (native byte order), got {typestr}", TypeError)
+        assert _core.cuda_inspect(FakeInterface((3,), typestr))["dtype"] == typestr
+
+
+@pytest.mark.parametrize("kind", ["dlpack", "interface"])
+def test_element_and_byte_counts_are_checked(kind):
+    make = FakeDLPack if kind == "dlpack" else FakeInterface
+    too_many = "params[0]: expected at most 2^63 - 1 elements, got shape "
+    refused(lambda: make((2**62, 8)), too_many + "(4611686018427387904, 8)")
+    refused(lambda: make((2**32, 2**32)), too_many + "(4294967296, 4294967296)")
+    refused(lambda: make((2**31, 2**31, 2)), too_many + "(2147483648, 2147483648, 2)")
+    refused(lambda: make((2**61,)),
+            "params[0]: expected at most 2^63 - 1 bytes, got shape (2305843009213693952,) of float32")
+    # Empty arrays stay empty whatever their other dimensions.
+    assert _core.cuda_inspect(make((2**62, 8, 0)))["shape"] == (2**62, 8, 0)
+    assert _core.cuda_inspect(make((0, INT64_MAX)))["shape"] == (0, INT64_MAX)
+
+
+@pytest.mark.parametrize("kind", ["dlpack", "interface"])
+def test_a_null_data_pointer_needs_an_empty_array(kind):
+    make = FakeDLPack if kind == "dlpack" else FakeInterface
+    null = "params[0]: expected a non-null data pointer for {} elements, got a null one"
+    refused(lambda: make((3,), address=0), null.format(3))
+    refused(lambda: make((2, 2), address=0), null.format(4))
+    assert _core.cuda_inspect(make((0,), address=0))["ptr"] == 0
+    assert _core.cuda_inspect(make((2, 0), address=0))["ptr"] == 0
+
+
+@pytest.mark.parametrize("kind", ["dlpack", "interface"])
+def test_a_range_past_the_end_of_the_address_space(kind):
+    make = FakeDLPack if kind == "dlpack" else FakeInterface
+    refused(lambda: make((8,), address=TOP),
+            "params[0]: expected memory inside the address space, got 32 bytes at 0xfffffffffffffff0")
+    refused(lambda: make((2**60,), address=2**63 + 2**62), (
+        "params[0]: expected memory inside the address space, got 4611686018427387904 bytes at 0xc000000000000000"))
+    # Its end (one past its last byte) must be an address too.
+    refused(lambda: make((4,), address=TOP),
+            "params[0]: expected memory inside the address space, got 16 bytes at 0xfffffffffffffff0")
+    assert _core.cuda_inspect(make((3,), address=TOP))["ptr"] == TOP
+    assert _core.cuda_inspect(make((0,), address=2**64 - 4))["ptr"] == 2**64 - 4
+
+
+def test_interface_version_is_read():
+    for version in (2, 3):
+        assert _core.cuda_inspect(FakeInterface((3,), version=version))["shape"] == (3,)
+    for version, shown in ((1, "1"), (99, "99"), (0, "0"), (-3, "-3"), ("x", "'x'"), (3.0, "3.0"), (None, "None"),
+                           (True, "True"), (2**70, str(2**70))):
+        refused(lambda version=version: FakeInterface((3,), version=version),
+                f"params[0]: __cuda_array_interface__['version']: expected 2 or 3, got {shown}")
+    refused(lambda: FakeInterface((3,), version=MISSING),
+            "params[0]: __cuda_array_interface__ lacks 'version' (expected 2 or 3)")
+
+
+def test_a_negative_dlpack_device_index_is_refused():
+    for index in (-1, -2**31, 2**31, 2**40):
+        refused(lambda index=index: FakeDLPack((3,), device=index),
+                f"params[0]: __dlpack_device__()[1]: expected a CUDA device index from 0 to 2147483647, got {index}")
+
+    class CapsuleSaysMinusOne(FakeDLPack):  # __dlpack_device__ names cuda:0, the capsule itself -1
+        def __dlpack_device__(self):
+            return (KDL_CUDA, 0)
+
+    refused(lambda: CapsuleSaysMinusOne((3,), device=-1),
+            "params[0]: the DLPack tensor's device_id: expected a CUDA device index from 0 to 2147483647, got -1")
+    # The one-device rule holds at every step: a negative index never passes as "unknown".
+    params, opt = make_adam()
+    grads = grads_like(params)
+    grads[1] = FakeDLPack((4, 5), device=-1)
+    assert message(ValueError, opt.step, grads) == (
+        "grads[1]: __dlpack_device__()[1]: expected a CUDA device index from 0 to 2147483647, got -1"
+    )
+    assert_untouched(opt)
+
+
+def test_dlpack_device_type_is_read_at_full_width():
+    # (Not a CUDA device type for adamcpp.cuda.is_cuda_array either: alone, such an array makes no CUDA optimizer.)
+    for device_type in (2**32 + KDL_CUDA, 2**32 + KDL_CUDA_MANAGED, -2**31 - 1, 2**63 - 1, 2**64 + KDL_CUDA):
+        refused(lambda device_type=device_type: FakeDLPack((3,), device_type=device_type),
+                f"params[0]: __dlpack_device__()[0]: expected a DLPack device type (a 32-bit integer), got "
+                f"{device_type}", first=False)
+    refused(lambda: FakeDLPack((3,), device_type="2"),
+            "params[0]: __dlpack_device__()[0]: expected a DLPack device type (a 32-bit integer), got '2'")
+
+
+def test_interface_streams_are_handles():
+    refused(lambda: FakeInterface((3,), stream=-1),
+            "params[0]: __cuda_array_interface__['stream']: expected a CUDA stream handle >= 0, got -1")
 
 
 # ------------------------------------------------------- state and copies

@@ -31,25 +31,31 @@ struct DeviceArrayView {
   bool on_cuda = false;  // CUDA device memory (or CUDA managed memory)
   int device_type = 0;   // the DLPack device type, where the producer said (1: the CPU)
   int device = -1;       // the CUDA device; -1 when only CUDA can tell (an interface pointer)
-  char* data = nullptr;
+  char* data = nullptr;  // non-null unless empty; data + nbytes() does not wrap the address space
   int ndim = 0;
   std::int64_t dims[kMaxDims] = {};
-  std::uint64_t numel = 0;
-  int dtype = -1;          // DType, or -1 for anything but float32/float64
-  std::string dtype_name;  // set only when dtype is -1 (for the message)
+  std::uint64_t numel = 0;  // at most 2^63 - 1
+  int dtype = -1;           // DType, or -1 for anything but float32/float64
+  std::string dtype_name;   // set only when dtype is -1 (for the message)
   std::size_t itemsize = 0;
+  std::uint64_t bytes = 0;  // numel * itemsize, at most 2^63 - 1 (computed with overflow checks)
   bool readonly = false;
   bool contiguous = true;
   bool aligned = true;
   StreamId interface_stream = 0;  // a version 3 interface's stream to wait for, or 0
 
-  std::size_t nbytes() const { return static_cast<std::size_t>(numel) * itemsize; }
+  std::size_t nbytes() const { return static_cast<std::size_t>(bytes); }
 };
 
 // Reads `o`. A DLPack capsule it is given is held in `sc` (the producer keeps
 // the memory alive until the call ends); `stream` is the consumer's stream of
 // the handshake. A producer that raises, or a malformed capsule or interface,
-// is an error naming labels(role, i).
+// is an error naming labels(role, i): every number of a foreign header is
+// read at full width and every count, size and address derived from it is
+// computed with overflow checks (more than 2^63 - 1 elements or bytes, a null
+// pointer with elements, a range past the end of the address space, a
+// negative or out-of-range device, an interface version other than 2 or 3
+// are refused).
 DeviceArrayView view_array(PyObject* o, StreamId stream, StepScratch& sc, int role, std::size_t i,
                            const Labels& labels);
 
