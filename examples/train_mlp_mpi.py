@@ -2,8 +2,11 @@
 """Train the Adam article's MLP data-parallel over MPI, with the optimizer state
 sharded across the processes (adamcpp.distributed.ZeroRedundancyOptimizer).
 
-    mpiexec -n 2 python3 examples/train_mlp_mpi.py            # 2 processes on this machine
-    mpiexec -n 4 -f hosts python3 examples/train_mlp_mpi.py   # 4 processes over the machines in `hosts`
+    mpiexec -n 2 python3 -m mpi4py examples/train_mlp_mpi.py            # 2 processes on this machine
+    mpiexec -n 4 -f hosts python3 -m mpi4py examples/train_mlp_mpi.py   # 4 processes over the machines in `hosts`
+
+(`-m mpi4py`: a rank that fails, by an exception or sys.exit, aborts the whole job
+instead of leaving the other ranks waiting for it.)
 
 The model, data, loss and defaults are train_mlp.py's (digits by default, Adam at
 1e-3, batches of 32, 50 epochs). Every rank holds the whole model in one
@@ -43,7 +46,7 @@ from adamcpp.distributed import ZeroRedundancyOptimizer, padding
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Data-parallel training of train_mlp.py's MLP over MPI with sharded Adam state "
-        "(run it under mpiexec -n N).",
+        "(run it as mpiexec -n N python3 -m mpi4py train_mlp_mpi.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", metavar="NPZ", help="MNIST-style .npz; default: sklearn digits")
