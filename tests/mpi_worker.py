@@ -121,6 +121,21 @@ def expect_error(call: Callable[[], Any]) -> Any:
     return None
 
 
+def frozen(zero: ZeroRedundancyOptimizer, params: List[np.ndarray]) -> Callable[[], bool]:
+    """A check that the parameters and the local optimizer's state are still those of now."""
+    before = [p.copy() for p in params]
+    state = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in zero.optim.state]
+
+    def unchanged() -> bool:
+        same_state = len(state) == len(zero.optim.state) and all(
+            all((np.array_equal(v, s[k]) if isinstance(v, np.ndarray) else v == s[k]) for k, v in old.items())
+            for old, s in zip(state, zero.optim.state)
+        )
+        return bitwise(params, before) and same_state
+
+    return unchanged
+
+
 # ---------------------------------------------------------------------- scenarios
 
 SHAPES = [(30, 40), (7,), (0,), (), (CHUNK + 100,), (5, 5)]
@@ -295,16 +310,7 @@ def scenario_errors(report: Report) -> None:
     report["broadcast_at_construction"] = bitwise(params, values)
     g = grads_of(0, RANK, shapes, [np.float32] * 3)
     zero.step(g)
-    before = [p.copy() for p in params]
-    state_before = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in zero.optim.state]
-
-    def unchanged() -> bool:
-        same_state = all(
-            all((np.array_equal(v, s[k]) if isinstance(v, np.ndarray) else v == s[k]) for k, v in old.items())
-            for old, s in zip(state_before, zero.optim.state)
-        )
-        return bitwise(params, before) and same_state
-
+    unchanged = frozen(zero, params)
     bad = list(g)
     if RANK == 1:
         bad[1] = bad[1].astype(np.float64)
@@ -345,8 +351,7 @@ def scenario_errors(report: Report) -> None:
     }
     if RANK != 1:
         sd_bad["state"][0]["exp_avg"] = np.zeros((3, 4))
-    before = [p.copy() for p in params]
-    state_before = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in zero.optim.state]
+    unchanged = frozen(zero, params)
     report["bad_load_on_one_rank"] = [expect_error(lambda: zero.load_state_dict(sd_bad)), unchanged()]
     report["repr"] = repr(zero)
     flat = adamcpp.FlatParams([v.copy() for v in values])
@@ -374,21 +379,6 @@ def scenario_errors(report: Report) -> None:
     ]
 
 
-def frozen(zero: ZeroRedundancyOptimizer, params: List[np.ndarray]) -> Callable[[], bool]:
-    """A check that the parameters and the local optimizer's state are still those of now."""
-    before = [p.copy() for p in params]
-    state = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in zero.optim.state]
-
-    def unchanged() -> bool:
-        same_state = len(state) == len(zero.optim.state) and all(
-            all((np.array_equal(v, s[k]) if isinstance(v, np.ndarray) else v == s[k]) for k, v in old.items())
-            for old, s in zip(state, zero.optim.state)
-        )
-        return bitwise(params, before) and same_state
-
-    return unchanged
-
-
 def scenario_disagree(report: Report) -> None:
     """An option or hyperparameter set on the last rank only: every rank raises
     the same error naming it, nothing changes anywhere, and nothing hangs
@@ -413,8 +403,12 @@ def scenario_disagree(report: Report) -> None:
             if last:
                 undo()
 
-    on_last_rank("nonfinite", lambda: setattr(zero, "nonfinite", "skip"), lambda: setattr(zero, "nonfinite", "propagate"))
-    on_last_rank("max_grad_norm", lambda: setattr(zero, "max_grad_norm", 1.0), lambda: setattr(zero, "max_grad_norm", None))
+    on_last_rank(
+        "nonfinite", lambda: setattr(zero, "nonfinite", "skip"), lambda: setattr(zero, "nonfinite", "propagate")
+    )
+    on_last_rank(
+        "max_grad_norm", lambda: setattr(zero, "max_grad_norm", 1.0), lambda: setattr(zero, "max_grad_norm", None)
+    )
     on_last_rank("grad_scale", lambda: None, lambda: None, lambda: zero.step(g, grad_scale=2.0 if last else 1.0))
     for key, value in [
         ("lr", 2e-2),
@@ -425,11 +419,14 @@ def scenario_disagree(report: Report) -> None:
         ("state_dtype", "bfloat16"),
         ("lr", adamcpp.schedules.CosineDecay(1e-2, 10)),
     ]:
-        saved = group[key]
         on_last_rank(
-            f"{key}={value!r}", lambda: group.__setitem__(key, value), lambda: group.__setitem__(key, saved)
+            f"{key}={value!r}",
+            lambda key=key, value=value: group.__setitem__(key, value),
+            lambda key=key, saved=group[key]: group.__setitem__(key, saved),
         )
-    on_last_rank("consolidate_to", lambda: None, lambda: None, lambda: zero.consolidate_state_dict(to=SIZE - 1 if last else 0))
+    on_last_rank(
+        "consolidate_to", lambda: None, lambda: None, lambda: zero.consolidate_state_dict(to=SIZE - 1 if last else 0)
+    )
     report["step_after"] = [zero.step(g), same_everywhere(params)]
 
 
@@ -521,7 +518,10 @@ def scenario_ckpt_load(report: Report) -> None:
     )
     unchanged = frozen(zero, params)
     last = RANK == SIZE - 1 and SIZE > 1
-    report["other_run_on_one_rank"] = [expect_error(lambda: zero.load_state_dict(other if last else whole)), unchanged()]
+    report["other_run_on_one_rank"] = [
+        expect_error(lambda: zero.load_state_dict(other if last else whole)),
+        unchanged(),
+    ]
     report["later_on_one_rank"] = [expect_error(lambda: zero.load_state_dict(later if last else whole)), unchanged()]
     report["foreign_shards"] = expect_error(
         lambda: zero.load_shard_state_dicts(shards[:1] if len(shards) > 1 else [{"state": {}}])

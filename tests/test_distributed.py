@@ -274,10 +274,13 @@ def test_shard_files_reshard_to_any_number_of_ranks(saved, loaded, state, tmp_pa
             tail = "expected the same on every rank, nothing was loaded"
             assert rep["other_run_on_one_rank"][1] is True and rep["later_on_one_rank"][1] is True
             assert rep["other_run_on_one_rank"][0][0] == "ValueError"
-            assert rep["other_run_on_one_rank"][0][1].startswith(f"state_dict['zero_run']: differs across ranks ({where}: ")
+            assert rep["other_run_on_one_rank"][0][1].startswith(
+                f"state_dict['zero_run']: differs across ranks ({where}: "
+            )
             assert rep["other_run_on_one_rank"][0][1].endswith(tail)
             assert rep["later_on_one_rank"][0] == [
-                "ValueError", f"step: differs across ranks ({where}: [3] vs [4]); {tail}"
+                "ValueError",
+                f"step: differs across ranks ({where}: [3] vs [4]); {tail}",
             ]
     assert reports[0]["state_dict"] == ""
 
@@ -313,7 +316,9 @@ def test_shards_of_another_run_or_step_or_with_a_gap_are_refused(tmp_path):
     rec = gap[1]["zero"]["runs"][-1]
     gap[1]["zero"]["runs"] = gap[1]["zero"]["runs"][:-1]
     off, size = mine[0]["zero"]["params"][2][1:3]  # rank 1's range starts inside params[2]
-    with pytest.raises(ValueError, match=rf"^shards: elements \[{rec[1] - off}, {size}\) of params\[2\] are in no shard"):
+    with pytest.raises(
+        ValueError, match=rf"^shards: elements \[{rec[1] - off}, {size}\) of params\[2\] are in no shard"
+    ):
         consolidate_shards(gap)
     # A range held by two shards.
     twice = [dict(sd, zero=dict(sd["zero"]), state=dict(sd["state"])) for sd in mine]
