@@ -844,7 +844,8 @@ PYBIND11_MODULE(_core, m) {
         "Run the fused 16-bit layouts (default), or convert every mixed-precision tensor in blocks (tests, bench).");
   m.def("fused_layouts_enabled", &fused_layouts_enabled, "Whether the fused 16-bit layouts run.");
   m.def("get_num_threads", &get_num_threads, "Threads used by a step.");
-  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the threads used by a step (>= 1).");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "Set the threads used by a step (>= 1), or 0: follow OpenMP's limit at every step.");
   m.attr("openmp") = have_openmp();
   m.attr("version") = ADAMCPP_VERSION;
   m.attr("compiler") = ADAMCPP_COMPILER;
