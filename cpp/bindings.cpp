@@ -763,9 +763,7 @@ void triad(py::handle a, py::handle b, py::handle c, double s) {
 
 }  // namespace
 
-#ifdef ADAMCPP_WITH_CUDA
 void register_cuda(py::module_& m);
-#endif
 
 }  // namespace adamcpp
 
@@ -851,7 +849,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("compiler") = ADAMCPP_COMPILER;
   m.attr("chunk_elements") = kChunkElements;
   m.attr("parallel_min_elements") = kParallelMinElements;
-#ifdef ADAMCPP_WITH_CUDA
-  register_cuda(m);  // the CUDA unit's entries (cuda/cuda_bindings.cpp)
-#endif
+  register_cuda(m);  // the CUDA entries (cuda/cuda_bindings.cpp), in every build (cuda_compiled says if they can run)
 }
