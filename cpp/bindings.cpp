@@ -763,9 +763,7 @@ void triad(py::handle a, py::handle b, py::handle c, double s) {
 
 }  // namespace
 
-#ifdef ADAMCPP_WITH_CUDA
 void register_cuda(py::module_& m);
-#endif
 
 }  // namespace adamcpp
 
@@ -844,13 +842,12 @@ PYBIND11_MODULE(_core, m) {
         "Run the fused 16-bit layouts (default), or convert every mixed-precision tensor in blocks (tests, bench).");
   m.def("fused_layouts_enabled", &fused_layouts_enabled, "Whether the fused 16-bit layouts run.");
   m.def("get_num_threads", &get_num_threads, "Threads used by a step.");
-  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the threads used by a step (>= 1).");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "Set the threads used by a step (>= 1), or 0: follow OpenMP's limit at every step.");
   m.attr("openmp") = have_openmp();
   m.attr("version") = ADAMCPP_VERSION;
   m.attr("compiler") = ADAMCPP_COMPILER;
   m.attr("chunk_elements") = kChunkElements;
   m.attr("parallel_min_elements") = kParallelMinElements;
-#ifdef ADAMCPP_WITH_CUDA
-  register_cuda(m);  // the CUDA unit's entries (cuda/cuda_bindings.cpp)
-#endif
+  register_cuda(m);  // the CUDA entries (cuda/cuda_bindings.cpp), in every build (cuda_compiled says if they can run)
 }

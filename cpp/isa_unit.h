@@ -13,8 +13,10 @@
 #define ADAMCPP_STR2(x) #x
 #define ADAMCPP_STR(x) ADAMCPP_STR2(x)
 
-#if defined(_MSC_VER)
+#if defined(__GNUC__) || defined(__clang__)
+#define ADAMCPP_RESTRICT __restrict__
+#elif defined(_MSC_VER)
 #define ADAMCPP_RESTRICT __restrict
 #else
-#define ADAMCPP_RESTRICT __restrict__
+#define ADAMCPP_RESTRICT
 #endif

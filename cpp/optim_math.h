@@ -3,8 +3,9 @@
 // storage formats (float16, bfloat16; to nearest or stochastically, with the
 // counter-based generator that keys stochastic rounding).
 //
-// This header is plain inline arithmetic (it includes only <cstdint> and the
-// plain optim_types.h), so the same function serves the CPU kernels (compiled
+// This header is plain inline arithmetic (it includes only <cstdint>, the
+// plain optim_types.h and, for compilers without GCC's builtins,
+// <cmath>/<cstring>), so the same function serves the CPU kernels (compiled
 // once per ISA target) and a CUDA translation unit (where it becomes
 // __host__ __device__). Every operation is an IEEE basic operation or integer
 // arithmetic, so every ISA and the GPU give the same bits.
@@ -29,6 +30,18 @@
 
 #include "optim_types.h"
 
+// GCC, Clang and nvcc's host pass spell sqrt, fma and memcpy as builtins (no
+// header, no errno); any other compiler (MSVC), or any build defining
+// ADAMCPP_STD_MATH (tests/test_portable_source.py compiles that branch with
+// GCC), calls the standard library, which computes the same correctly rounded
+// IEEE operations.
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(ADAMCPP_STD_MATH)
+#define ADAMCPP_BUILTIN_MATH 1
+#else
+#include <cmath>
+#include <cstring>
+#endif
+
 #ifndef ADAMCPP_MATH_NS
 #define ADAMCPP_MATH_NS portable
 #endif
@@ -40,16 +53,20 @@ namespace ADAMCPP_MATH_NS {
 ADAMCPP_HD float sqrt_of(float x) {
 #if defined(__CUDA_ARCH__)
   return ::sqrtf(x);
-#else
+#elif defined(ADAMCPP_BUILTIN_MATH)
   return __builtin_sqrtf(x);
+#else
+  return std::sqrt(x);
 #endif
 }
 
 ADAMCPP_HD double sqrt_of(double x) {
 #if defined(__CUDA_ARCH__)
   return ::sqrt(x);
-#else
+#elif defined(ADAMCPP_BUILTIN_MATH)
   return __builtin_sqrt(x);
+#else
+  return std::sqrt(x);
 #endif
 }
 
@@ -60,16 +77,20 @@ ADAMCPP_HD double sqrt_of(double x) {
 ADAMCPP_HD float fma_of(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);
-#else
+#elif defined(ADAMCPP_BUILTIN_MATH)
   return __builtin_fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
 #endif
 }
 
 ADAMCPP_HD double fma_of(double a, double b, double c) {
 #if defined(__CUDA_ARCH__)
   return __fma_rn(a, b, c);
-#else
+#elif defined(ADAMCPP_BUILTIN_MATH)
   return __builtin_fma(a, b, c);
+#else
+  return std::fma(a, b, c);
 #endif
 }
 
@@ -204,7 +225,11 @@ ADAMCPP_HD std::uint32_t bits_of(float x) {
   return __float_as_uint(x);
 #else
   std::uint32_t u;
+#if defined(ADAMCPP_BUILTIN_MATH)
   __builtin_memcpy(&u, &x, sizeof u);
+#else
+  std::memcpy(&u, &x, sizeof u);
+#endif
   return u;
 #endif
 }
@@ -214,7 +239,11 @@ ADAMCPP_HD float float_of(std::uint32_t u) {
   return __uint_as_float(u);
 #else
   float x;
+#if defined(ADAMCPP_BUILTIN_MATH)
   __builtin_memcpy(&x, &u, sizeof x);
+#else
+  std::memcpy(&x, &u, sizeof x);
+#endif
   return x;
 #endif
 }

@@ -28,6 +28,10 @@ Helpers (importable as ``from conftest import ...``):
   flat(arrays, dtype=None)                  -> one array, concatenated (in dtype if given)
   Recorder(fn)                              an lr schedule that records every t it
                                             is called with in .seen (it pickles)
+  source_tree(*parts)                       -> the checkout's root when the tests run from one
+                                            that has every path in parts (docs, examples,
+                                            bench, cpp, ...), else None: tests that read
+                                            the tree skip against an installed package
   SIMD_SUPPORTED                            compiled targets this CPU runs
   using_simd(name)                          context manager: run under a SIMD
                                             target, restore the previous one
@@ -46,7 +50,8 @@ import copy
 import os
 import sys
 import zlib
-from typing import Any, Callable, Iterator, List, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -60,6 +65,16 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 SIMD_SUPPORTED: List[str] = list(adamcpp.build_info()["simd_supported"])
+
+
+def source_tree(*parts: str) -> Optional[Path]:
+    """The root of the adamcpp checkout these tests sit in, when it has every path in `parts`; None when the
+    tests were copied out of it (run against an installed wheel), so the tests that read docs/, examples/,
+    bench/ or cpp/ skip with the reason instead of failing."""
+    root = Path(_HERE).parent
+    if not (root / "pyproject.toml").is_file() or not all((root / part).exists() for part in parts):
+        return None
+    return root
 
 
 @contextlib.contextmanager

@@ -835,6 +835,28 @@ def test_num_threads_round_trip():
     assert adamcpp.get_num_threads() == before
 
 
+@pytest.mark.skipif(not adamcpp.build_info()["openmp"], reason="a build without OpenMP runs one thread")
+def test_threads_follow_openmp_limits_until_set():
+    """By default a step reads OpenMP's limit for the calling thread each time, so threadpoolctl's
+    threadpool_limits (and omp_set_num_threads) limit adamcpp too; set_num_threads(n) overrides it until
+    set_num_threads(None)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    adamcpp.set_num_threads(None)
+    try:
+        following = adamcpp.get_num_threads()
+        with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+            assert adamcpp.get_num_threads() == 1
+            p = np.zeros(1 << 16, np.float32)
+            assert Adam([p]).step([np.ones_like(p)])
+        assert adamcpp.get_num_threads() == following
+        adamcpp.set_num_threads(3)
+        with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+            assert adamcpp.get_num_threads() == 3
+    finally:
+        adamcpp.set_num_threads(None)
+    assert adamcpp.get_num_threads() == following
+
+
 def test_results_do_not_depend_on_thread_count(restore_threads):
     n = max(2 * int(adamcpp.build_info().get("parallel_min_elements", 65536)), 1 << 17)
     outs = []

@@ -18,6 +18,7 @@ import pytest
 
 import adamcpp
 from adamcpp import bench
+from conftest import source_tree
 
 # Tiny and fast: one repetition of ~1 ms samples, a 32 KB bandwidth probe.
 FAST = ["--threads", "1", "--repeats", "1", "--min-time", "0.001", "--stream-elements", "4096", "--no-progress"]
@@ -341,6 +342,8 @@ def test_traffic_probe_refuses_mismatched_arrays():
         adamcpp._core.traffic(p, np.zeros(8), np.zeros(8, np.float32), np.zeros(8, np.float32))
 
 
+@pytest.mark.skipif(source_tree("bench/paired_precision.py") is None,
+                    reason="needs the source tree's bench/ (tests run against an installed package)")
 def test_paired_precision_script_reports_the_traffic_bound(tmp_path):
     """bench/paired_precision.py runs end to end and writes ratios with the
     traffic probes' bound beside them."""

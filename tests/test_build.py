@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -46,18 +47,47 @@ def _reference() -> np.ndarray:
     return np.concatenate(params)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
-def test_builds_and_runs_without_openmp(tmp_path):
-    build = tmp_path / "build"
-    configure = [
-        "cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-        "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON", "-DADAMCPP_CUDA=OFF", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-        f"-DPython_EXECUTABLE={sys.executable}", "-DSKBUILD_PROJECT_VERSION=0.0.0",
+def _configure(build: pathlib.Path, *defines: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [
+        "cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DADAMCPP_CUDA=OFF",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}", *defines,
     ]
     if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
-    subprocess.run(configure, check=True, capture_output=True, text=True)
+        command += ["-G", "Ninja"]
+    return subprocess.run(command, check=check, capture_output=True, text=True)
+
+
+needs_cmake = pytest.mark.skipif(
+    shutil.which("cmake") is None or not (ROOT / "CMakeLists.txt").is_file(),
+    reason="needs cmake and the source tree's CMakeLists.txt (tests run against an installed package)",
+)
+
+
+@needs_cmake
+def test_openmp_missing_is_loud_and_on_requires_it(tmp_path):
+    """ADAMCPP_OPENMP=AUTO without an OpenMP warns that steps will run on one thread; ON fails the build;
+    a plain CMake build (no scikit-build-core) still gets pyproject.toml's version."""
+    auto = _configure(tmp_path / "auto", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON")
+    assert "CMake Warning" in auto.stderr and "ONE thread" in auto.stderr, auto.stderr
+    version = re.search(r'^version *= *"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    cache = (tmp_path / "auto" / "CMakeCache.txt").read_text()
+    assert "ADAMCPP_OPENMP:STRING=AUTO" in cache
+    defines = "".join(p.read_text() for p in (tmp_path / "auto").rglob("*") if p.name in ("build.ninja", "flags.make"))
+    assert f'ADAMCPP_VERSION=\\"{version.group(1)}\\"' in defines
+    on = _configure(tmp_path / "on", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON", "-DADAMCPP_OPENMP=ON", check=False)
+    assert on.returncode != 0 and "ADAMCPP_OPENMP=ON" in on.stderr, on.stderr
+    off = _configure(tmp_path / "off", "-DADAMCPP_OPENMP=OFF")
+    assert "ONE thread" not in off.stderr and "OpenMP: OFF" in off.stdout, off.stdout
+    bad = _configure(tmp_path / "bad", "-DADAMCPP_OPENMP=sometimes", check=False)
+    assert bad.returncode != 0 and "ADAMCPP_OPENMP must be AUTO, ON or OFF" in bad.stderr
+
+
+@pytest.mark.slow
+@needs_cmake
+def test_builds_and_runs_without_openmp(tmp_path):
+    build = tmp_path / "build"
+    _configure(build, "-DADAMCPP_OPENMP=OFF", "-DSKBUILD_PROJECT_VERSION=0.0.0")
     subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True, text=True)
     so = next(build.glob("_core*.so"))
     pkg = tmp_path / "pkg" / "adamcpp"

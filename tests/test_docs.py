@@ -1,4 +1,5 @@
-"""Every ```python block of README.md, docs/guide.md and docs/api.md runs.
+"""Every ```python block of README.md, docs/guide.md, docs/api.md and the PyPI page (packaging/README.pypi.md)
+runs; the PyPI page links nowhere into the repository (PyPI cannot follow relative links).
 
 The blocks of one file run in order in one namespace (later snippets build on
 earlier ones), in a fresh interpreter per file: a snippet that changes
@@ -19,8 +20,13 @@ from typing import List, Tuple
 
 import pytest
 
+from conftest import source_tree
+
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/guide.md", "docs/api.md"]
+DOCS = ["README.md", "docs/guide.md", "docs/api.md", "packaging/README.pypi.md"]
+needs_docs = pytest.mark.skipif(
+    source_tree(*DOCS) is None, reason="needs the source tree's README.md and docs/ (tests run against an installed package)"
+)
 
 # An opening fence "```python" (nothing else on the line) up to the next "```".
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -53,6 +59,7 @@ print(f"ran {len(blocks)} block(s) of {path}")
 """
 
 
+@needs_docs
 @pytest.mark.parametrize("relpath", DOCS)
 def test_python_blocks_run(relpath: str) -> None:
     path = ROOT / relpath
@@ -70,6 +77,7 @@ def test_python_blocks_run(relpath: str) -> None:
     assert f"ran {len(blocks)} block(s)" in done.stdout
 
 
+@needs_docs
 def test_guide_shows_the_comparison_plot() -> None:
     guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
     assert re.search(r"!\[[^\]]*\]\(compare\.png\)", guide), "docs/guide.md must embed ![...](compare.png)"
@@ -81,3 +89,14 @@ def test_guide_shows_the_comparison_plot() -> None:
 def test_block_extraction_reports_lines() -> None:
     text = "intro\n```python\nx = 1\n```\ntext\n```bash\nls\n```\n```python\ny = x\n```\n"
     assert python_blocks(text) == [(3, "x = 1\n"), (10, "y = x\n")]
+
+
+@needs_docs
+def test_pypi_page_has_no_relative_links() -> None:
+    """PyPI renders the project page without the repository: every link and image must be absolute."""
+    page = (ROOT / "packaging" / "README.pypi.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)]+)\)", page) + re.findall(r"<img[^>]+src=\"([^\"]+)\"", page)
+    relative = [t for t in targets if not re.match(r"https?://", t)]
+    assert not relative, f"packaging/README.pypi.md links relatively to {relative}"
+    assert "pip install adamcpp" in page
+

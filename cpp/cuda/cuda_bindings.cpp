@@ -399,10 +399,11 @@ std::string version_string(int v) { return std::to_string(v / 1000) + "." + std:
 py::dict info() {
   const RuntimeInfo& r = runtime_info();
   py::dict d;
-  d["compiled"] = true;
-  d["toolkit"] = r.toolkit;
+  const bool compiled = unit_compiled();
+  d["compiled"] = compiled;
+  d["toolkit"] = compiled ? py::object(py::str(r.toolkit)) : py::object(py::none());
   d["architectures"] = r.architectures;
-  d["runtime_version"] = version_string(r.runtime_version);
+  d["runtime_version"] = compiled ? py::object(py::str(version_string(r.runtime_version))) : py::object(py::none());
   d["driver_version"] =
       r.driver_version > 0 ? py::object(py::str(version_string(r.driver_version))) : py::object(py::none());
   d["device_count"] = r.device_count;
@@ -427,6 +428,7 @@ py::dict info() {
 
 void register_cuda(py::module_& m) {
   using namespace cuda;
+  m.attr("cuda_compiled") = unit_compiled();
   cuda::register_device_array(m);
   py::class_<cuda::Workspace>(m, "CudaWorkspace",
                               "An optimizer's CUDA resources (a ring of table slots: pinned staging, device buffers, "

@@ -216,6 +216,8 @@ RuntimeInfo probe() {
 
 }  // namespace
 
+bool unit_compiled() { return true; }
+
 const RuntimeInfo& runtime_info() {
   static const RuntimeInfo info = probe();  // thread-safe, once
   return info;

@@ -46,6 +46,10 @@ struct RuntimeInfo {
   std::string reason;  // why not available (empty when available)
 };
 
+// Whether this build has the unit proper (cuda_unit.cu); without it (cuda_absent.cpp) the probe reports it
+// absent and every device operation throws.
+bool unit_compiled();
+
 const RuntimeInfo& runtime_info();
 
 // Throws std::runtime_error naming the reason unless `device` can run the unit's kernels.

@@ -8,7 +8,7 @@ optimizer state and hyperparameters.
 from __future__ import annotations
 
 import os as _os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from . import _core, _precision, checkpoint, cuda, functional, schedules
 from ._common import describe_number as _describe_number
@@ -26,17 +26,22 @@ if _forced:
 
 
 def get_num_threads() -> int:
-    """Threads a step uses (default: OMP_NUM_THREADS, else the number of cores)."""
+    """Threads a step uses: the count given to set_num_threads, else OpenMP's limit for the calling thread
+    (OMP_NUM_THREADS, threadpoolctl's threadpool_limits, else the number of cores), read at every step."""
     return _core.get_num_threads()
 
 
 _MAX_THREADS = 2**31 - 1
 
 
-def set_num_threads(n: int) -> None:
-    """Sets the threads a step uses (an int >= 1). Results do not depend on it."""
+def set_num_threads(n: Optional[int]) -> None:
+    """Sets the threads a step uses (an int >= 1), or with None follows OpenMP's limit again (the default).
+    Results do not depend on it."""
+    if n is None:
+        _core.set_num_threads(0)
+        return
     if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n: expected an int >= 1, got {type(n).__name__}")
+        raise TypeError(f"n: expected an int >= 1 or None, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n}")
     if n > _MAX_THREADS:

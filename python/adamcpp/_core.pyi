@@ -180,8 +180,11 @@ def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 
 # ---------------------------------------------------------------------------
-# The CUDA unit (cpp/cuda/): present only in a build with it (adamcpp.cuda.COMPILED).
+# The CUDA entries (cpp/cuda/): in every build; they run only where the CUDA unit was compiled in
+# (cuda_compiled, adamcpp.cuda.COMPILED), and refuse to touch a device otherwise.
 # docs/api.md, "The native contract", describes these entries.
+
+cuda_compiled: bool
 
 class DeviceArray:
     """adamcpp's device buffer: one C-contiguous float32/float64 allocation on a CUDA device, exported through

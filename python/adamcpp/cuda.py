@@ -13,19 +13,16 @@ step on device arrays initialise the CUDA driver (not a context).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import _core
+from ._core import CudaWorkspace, DeviceArray
 
-if TYPE_CHECKING:
-    from ._core import CudaWorkspace, DeviceArray
-else:
-    DeviceArray = getattr(_core, "DeviceArray", None)
-
-#: Whether this build has the CUDA unit (nvcc was found when it was built).
-COMPILED: bool = hasattr(_core, "cuda_info")
+#: Whether this build has the CUDA unit (nvcc was found when it was built). Every build has the CUDA entries of
+#: adamcpp._core; without the unit they refuse to touch a device.
+COMPILED: bool = bool(_core.cuda_compiled)
 
 _NOT_COMPILED = (
     "adamcpp was built without the CUDA unit (no nvcc was found when it was built, or ADAMCPP_CUDA=OFF); "
