@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, source_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +32,10 @@ import adamcpp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+pytestmark = [
+    pytest.mark.skipif(NVCC is None, reason="nvcc is not installed"),
+    pytest.mark.skipif(source_tree("cpp") is None, reason="needs the source tree's cpp/ (tests run against an installed package)"),
+]
 
 # Sizes around every boundary: the 4-element vector groups, the 4096-element blocks, the 8192-element
 # norm chunks.

@@ -27,6 +27,7 @@ import adamcpp
 pytest.importorskip("mpi4py", reason="the mpi extra (mpi4py + MPICH) is not installed")
 
 from adamcpp.distributed import consolidate_shards
+from conftest import source_tree
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "mpi_worker.py"
@@ -352,6 +353,8 @@ def test_consolidate_shards_refuses_foreign_input(tmp_path):
         consolidate_shards([{"state": {}, "param_groups": []}])
 
 
+@pytest.mark.skipif(source_tree("examples") is None,
+                    reason="needs the source tree's examples/ (tests run against an installed package)")
 def test_example_trains_to_single_process_accuracy():
     """examples/train_mlp_mpi.py on 2 ranks: the article's MLP, data-parallel with sharded Adam state,
     reaches the single-process accuracy (train_mlp.py: 0.9722 on digits after 50 epochs, seed 0)."""

@@ -141,3 +141,58 @@ def test_standard_branch_is_taken_under_the_define():
         pytest.skip("needs the source tree's cpp/ (tests run against an installed package)")
     text = (CPP / "optim_math.h").read_text(encoding="utf-8")
     assert "!defined(ADAMCPP_STD_MATH)" in text and "std::fma(a, b, c)" in text and "std::sqrt(x)" in text
+
+
+CHECKED = r"""
+#include <cstdint>
+#include <cstdio>
+#include "checked_math.h"
+using adamcpp::add_fits;
+using adamcpp::mul_fits;
+
+template <typename T>
+void run(const T* values, int n, std::uint64_t& h) {
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      T r = 0;
+      const bool m = mul_fits<T>(values[i], values[j], &r);
+      h = (h ^ (m ? 1u + static_cast<std::uint64_t>(r) : 0u)) * 1099511628211ull;
+      r = 0;
+      const bool a = add_fits<T>(values[i], values[j], &r);
+      h = (h ^ (a ? 1u + static_cast<std::uint64_t>(r) : 0u)) * 1099511628211ull;
+    }
+  }
+}
+
+int main() {
+  std::uint64_t h = 1469598103934665603ull;
+  std::int8_t s8[256];
+  std::uint8_t u8[256];
+  for (int i = 0; i < 256; ++i) s8[i] = static_cast<std::int8_t>(i - 128), u8[i] = static_cast<std::uint8_t>(i);
+  run(s8, 256, h);  // every pair of the 8-bit types: the rules, exhaustively
+  run(u8, 256, h);
+  const std::int64_t s64[] = {INT64_MIN, INT64_MIN + 1, -4294967296LL, -3037000500LL, -3037000499LL, -2, -1, 0, 1, 2,
+                              3037000499LL, 3037000500LL, 4294967296LL, INT64_MAX - 1, INT64_MAX};
+  const std::uint64_t u64[] = {0, 1, 2, 4294967295ull, 4294967296ull, 4294967297ull, 1ull << 63, UINT64_MAX - 1,
+                               UINT64_MAX};
+  run(s64, 15, h);
+  run(u64, 9, h);
+  std::printf("%016llx\n", static_cast<unsigned long long>(h));
+}
+"""
+
+
+@pytest.mark.skipif(CPP is None, reason="needs the source tree's cpp/ (tests run against an installed package)")
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to compile the two branches")
+def test_checked_arithmetic_fallback_agrees_with_the_builtins(tmp_path):
+    """checked_math.h's comparisons (the branch MSVC takes) decide overflow exactly as GCC's builtins do: every pair
+    of int8 and uint8 values, and the edges of int64 and uint64."""
+    source = tmp_path / "checked.cpp"
+    source.write_text(CHECKED, encoding="utf-8")
+    digests = []
+    for defines in ([], ["-DADAMCPP_STD_MATH"]):
+        exe = tmp_path / f"checked{len(defines)}"
+        subprocess.run(["g++", "-std=c++17", "-O2", *defines, f"-I{CPP}", str(source), "-o", str(exe)], check=True)
+        digests.append(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+    assert digests[0] == digests[1], digests
+

@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "../checked_math.h"
 #include "device_buffer.h"
 #include "dlpack_abi.h"
 
@@ -66,15 +67,6 @@ constexpr std::uint64_t kMaxSize = static_cast<std::uint64_t>(std::numeric_limit
 constexpr const char* kMaxSizeText = "2^63 - 1";
 constexpr const char* kDeviceIndex = "a CUDA device index from 0 to 2147483647";
 
-// a * b and a + b, false where the exact result does not fit.
-template <typename T>
-bool mul_fits(T a, T b, T* out) {
-  return !__builtin_mul_overflow(a, b, out);
-}
-template <typename T>
-bool add_fits(T a, T b, T* out) {
-  return !__builtin_add_overflow(a, b, out);
-}
 
 std::string hex(std::uintptr_t p) {
   char buf[2 + 2 * sizeof(p) + 1];
