@@ -67,7 +67,6 @@ constexpr std::uint64_t kMaxSize = static_cast<std::uint64_t>(std::numeric_limit
 constexpr const char* kMaxSizeText = "2^63 - 1";
 constexpr const char* kDeviceIndex = "a CUDA device index from 0 to 2147483647";
 
-
 std::string hex(std::uintptr_t p) {
   char buf[2 + 2 * sizeof(p) + 1];
   std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(p));
