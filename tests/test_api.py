@@ -10,9 +10,7 @@ in test_properties.py.)
 
 from __future__ import annotations
 
-import ast
 import inspect
-import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -20,7 +18,6 @@ import pytest
 
 import adamcpp
 from adamcpp import Adam, AdamW
-from adamcpp import _core
 from adamcpp.functional import adam as functional_adam
 
 from conftest import Recorder, assert_bitwise_equal
@@ -892,26 +889,6 @@ def test_public_modules_have_docstrings():
         obj = getattr(adamcpp, name)
         if callable(obj):
             assert inspect.getdoc(obj), name
-
-
-def test_core_stub_lists_every_public_name():
-    stub = os.path.join(os.path.dirname(adamcpp.__file__), "_core.pyi")
-    assert os.path.isfile(stub), f"missing type stub {stub}"
-    with open(stub, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), stub)
-    declared = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            declared.add(node.name)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            declared.add(node.target.id)
-        elif isinstance(node, ast.Assign):
-            declared.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    public = {n for n in dir(_core) if not n.startswith("_")}
-    missing = sorted(public - declared)
-    assert not missing, f"_core.pyi lacks {missing}"
-    extra = sorted(n for n in declared - public if not n.startswith("_"))
-    assert not extra, f"_core.pyi declares names _core does not have: {extra}"
 
 
 def test_repr_mentions_groups():

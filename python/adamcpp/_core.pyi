@@ -55,6 +55,7 @@ def adam_step(
     patterns: _Patterns,
     names: Optional[Sequence[object]],
     norm_grads: Optional[Sequence[np.ndarray]] = None,
+    rounding_pieces: Optional[Sequence[Optional[np.ndarray]]] = None,
 ) -> Tuple[bool, Optional[float]]:
     """One fused Adam step of an optimizer over every tensor.
 
@@ -65,7 +66,12 @@ def adam_step(
     each role (ADAM_ROLES) in messages and `names` are dict-form keys. With
     clipping, the norm is taken over `norm_grads` when given (a flat
     optimizer's per-parameter views) instead of the step's tensors.
-    Returns (applied, grad_norm).
+    `rounding_pieces` (one entry per tensor) keys stochastic rounding by
+    parameter: None, or an int64 array of rows (start, parameter, first) saying
+    that the tensor's elements from `start` round as elements first, first + 1,
+    ... of parameter `parameter` would in a list optimizer (starts increasing
+    from 0); None for the whole argument or an entry: the tensor rounds as
+    itself. Returns (applied, grad_norm).
     """
 
 def sgd_step(
@@ -208,7 +214,11 @@ class DeviceArray:
     def __cuda_array_interface__(self) -> Dict[str, Any]: ...
     def numpy(self) -> np.ndarray: ...
     def copy(self) -> DeviceArray: ...
-    def __deepcopy__(self, memo: Any) -> DeviceArray: ...
+    def __deepcopy__(self, memo: Any, /) -> DeviceArray: ...
+    def __reduce__(self) -> Tuple[Any, Tuple[np.ndarray, int]]:
+        """Pickles through the host: (rebuild, (host copy, device))."""
+
+    def __repr__(self) -> str: ...
     def __dlpack__(
         self,
         *,
