@@ -11,7 +11,7 @@ import os as _os
 from typing import Any, Dict, Optional
 
 from . import _core, _precision, checkpoint, cuda, functional, schedules
-from ._common import describe_number as _describe_number
+from ._validation import describe_number as _describe_number
 from .checkpoint import load, save
 from .flat import FlatParams
 from .optim import SGD, Adam, AdamW, Optimizer, global_norm

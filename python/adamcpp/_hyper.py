@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import _core
-from ._common import (
+from ._validation import (
     check_betas,
     check_bool,
     check_eps_style,

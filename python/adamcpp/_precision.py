@@ -9,9 +9,17 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ._common import is_bfloat16, is_half
-
 INSTALL_HINT = "pip install ml_dtypes, or pip install 'adamcpp[bf16]'"
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16 (recognised by name: adamcpp never imports ml_dtypes for this)."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def is_half(dtype: np.dtype) -> bool:
+    """A 16-bit float dtype: float16 or bfloat16."""
+    return dtype == np.float16 or is_bfloat16(dtype)
 
 
 def bfloat16() -> np.dtype:

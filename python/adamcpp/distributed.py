@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _core, _precision
 from . import flat as _flat
-from ._common import (
+from ._validation import (
     NONFINITE_POLICIES,
     check_grad_scale,
     check_layout,

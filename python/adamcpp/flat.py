@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Un
 import numpy as np
 
 from . import _core
-from ._common import (
-    MAX_STEP_COUNT,
+from ._validation import (
     NONFINITE_POLICIES,
     check_grad_scale,
     check_max_grad_norm,
     check_nonfinite,
     check_param_array,
-    describe_number,
+    check_step_count,
 )
 
 if TYPE_CHECKING:
@@ -398,30 +397,6 @@ def _follows(a: np.ndarray, b: np.ndarray, a_size: int, b_size: int) -> bool:
     )
 
 
-def _int_text(v: int) -> str:
-    text = str(v)
-    return describe_number(v) if len(text) > 40 else text
-
-
-def check_live_step(value: Any, where: str) -> int:
-    """A step count in the state before a step: what the native step accepts
-    (an int, or an integer type with __index__, in [0, MAX_STEP_COUNT]), with
-    its messages."""
-    if type(value) is int and 0 <= value <= MAX_STEP_COUNT:
-        return value
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{where}: expected an int step count, got {type(value).__name__}")
-    v = operator.index(value)
-    if v < 0:
-        raise ValueError(f"{where}: expected an integer >= 0, got {_int_text(v)}")
-    if v > MAX_STEP_COUNT:
-        raise ValueError(
-            f"{where}: expected an integer <= {MAX_STEP_COUNT} (step counts are signed 64-bit integers, "
-            f"and a step adds one), got {_int_text(v)}"
-        )
-    return v
-
-
 class _Span:
     """The name of a range of several parameters in messages: params[0..999]."""
 
@@ -611,10 +586,9 @@ class _FlatStorage:
                 if "step" not in st:
                     raise ValueError(f"state[{i}]['step']: missing from the optimizer state")
                 step = st["step"]
+                checked = check_step_count(step, f"state[{i}]['step']", live=True)
                 if type(step) is not int:
-                    st["step"] = check_live_step(step, f"state[{i}]['step']")  # an edit: the native owner re-reads
-                else:
-                    check_live_step(step, f"state[{i}]['step']")
+                    st["step"] = checked  # an edit: the native owner re-reads
         joined: List[_Segment] = []
         for s in self.segments:
             if joined and self._joinable(joined[-1], s):

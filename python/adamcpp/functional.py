@@ -7,8 +7,8 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core, cuda
-from ._common import check_bool, check_grad_scale
 from ._hyper import adam_hyper
+from ._validation import check_bool, check_grad_scale
 
 ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 

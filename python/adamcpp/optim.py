@@ -20,7 +20,8 @@ import numpy as np
 
 from . import _core, _precision, cuda
 from . import flat as _flat_storage
-from ._common import (
+from ._hyper import AdamHyper, SgdHyper, adam_hyper, sgd_hyper
+from ._validation import (
     check_float,
     check_grad_scale,
     check_max_grad_norm,
@@ -28,7 +29,6 @@ from ._common import (
     check_param_array,
     check_step_count,
 )
-from ._hyper import AdamHyper, SgdHyper, adam_hyper, sgd_hyper
 
 ParamsLike = Union[
     Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]], _flat_storage.FlatParams

@@ -28,7 +28,7 @@ import math
 import numbers
 from typing import Any, Callable, Iterable, Tuple
 
-from ._common import check_float
+from ._validation import check_float
 
 __all__ = [
     "Schedule",

@@ -1,4 +1,6 @@
-"""Validation helpers shared by the optimizers, the functional API and the schedules.
+"""Input checks shared by the optimizers, flat mode, ZeRO, the functional API
+and the schedules: hyperparameters, the arrays a step updates in place, step
+counts, and the native indices of option names.
 
 Every check here runs before any buffer is written. Messages name the offending
 parameter and say what was expected.
@@ -7,12 +9,14 @@ parameter and say what was expected.
 from __future__ import annotations
 
 import numbers
+import operator
 from math import isfinite as _isfinite
 from typing import Any, Optional
 
 import numpy as np
 
 from . import _core
+from ._precision import is_half
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # The native core's names, index = the value it reads.
@@ -21,16 +25,6 @@ NONFINITE_POLICIES = {name: i for i, name in enumerate(_core.NONFINITE_POLICIES)
 STATE_DTYPES = _core.STATE_DTYPES
 ROUNDINGS = _core.ROUNDINGS
 MAX_SEED = 2**64 - 1
-
-
-def is_bfloat16(dtype: np.dtype) -> bool:
-    """ml_dtypes' bfloat16 (recognised by name: adamcpp never imports ml_dtypes for this)."""
-    return dtype.name == "bfloat16" and dtype.itemsize == 2
-
-
-def is_half(dtype: np.dtype) -> bool:
-    """A 16-bit float dtype: float16 or bfloat16."""
-    return dtype == np.float16 or is_bfloat16(dtype)
 
 
 def is_float_dtype(dtype: np.dtype) -> bool:
@@ -178,26 +172,40 @@ def check_param_array(p: Any, label: str, half: bool = True) -> np.ndarray:
     return p
 
 
-# A stored step count must leave room for the step that adds one (signed 64-bit in the native step).
+# A step count must leave room for the step that adds one (signed 64-bit in the native step).
 MAX_STEP_COUNT = 2**63 - 2
 
 
-def check_step_count(value: Any, where: str) -> int:
-    """A stored step count: a non-negative integral number (an int, a NumPy
-    scalar or a 0-d array such as torch's float step tensor) up to
-    MAX_STEP_COUNT."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        v = value  # any size: NumPy could not hold the largest
+def check_step_count(value: Any, where: str, *, live: bool = False) -> int:
+    """A step count in [0, MAX_STEP_COUNT], the one rule for every place that reads one.
+
+    A loaded count (the default: a state dict's, in load_state_dict) is any
+    non-negative integral number: an int, a NumPy scalar or a 0-d array such
+    as torch's float step tensor. A live count (``live=True``: one in the
+    state before a step, after an edit) is what the native step accepts, an
+    int or an integer type with __index__, refused with the native step's
+    messages (cpp/array_checks.cpp, step_error)."""
+    if type(value) is int and 0 <= value <= MAX_STEP_COUNT:
+        return value
+    if live:
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"{where}: expected an int step count, got {type(value).__name__}")
+        v = operator.index(value)
+        if v < 0:
+            raise ValueError(f"{where}: expected an integer >= 0, got {describe_number(v)}")
     else:
-        arr = np.asarray(value)
-        if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr):
+        if isinstance(value, int) and not isinstance(value, bool):
+            v = value  # any size: NumPy could not hold the largest
+        else:
+            arr = np.asarray(value)
+            if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr):
+                raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+            x = arr.item()
+            if float(x) != int(x):
+                raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+            v = int(x)
+        if v < 0:
             raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
-        x = arr.item()
-        if float(x) != int(x):
-            raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
-        v = int(x)
-    if v < 0:
-        raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
     if v > MAX_STEP_COUNT:
         raise ValueError(
             f"{where}: expected an integer <= {MAX_STEP_COUNT} (step counts are signed 64-bit integers, "
