@@ -82,7 +82,7 @@ def test_guide_shows_the_comparison_plot() -> None:
     guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
     assert re.search(r"!\[[^\]]*\]\(compare\.png\)", guide), "docs/guide.md must embed ![...](compare.png)"
     image = ROOT / "docs" / "compare.png"
-    assert image.is_file(), "docs/compare.png is missing (python3 examples/train_mlp.py --compare --plot docs/compare.png)"
+    assert image.is_file(), "docs/compare.png is missing (python3 bench/mlp_study.py --compare --plot docs/compare.png)"
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "docs/compare.png is not a PNG file"
 
 
