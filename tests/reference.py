@@ -89,7 +89,10 @@ __all__ = [
     "rounding_key",
     "random_bits",
     "bf16_bits_stochastic",
+    "f16_special_bits",
+    "f16_bits_nearest",
     "f16_bits_stochastic",
+    "f16_widened",
     "round_to",
     "emulated_mixed_step",
 ]
@@ -393,8 +396,8 @@ def linearized_step(p, grad, m, v, vmax, s: Dict[str, np.ndarray], *, decoupled:
 
     shape = np.shape(p)
     zeros = np.zeros(shape)
-    J = np.zeros((4, 4) + shape)
-    C = np.zeros((4, len(tp.roundings)) + shape)
+    J = np.zeros((4, 4, *shape))
+    C = np.zeros((4, len(tp.roundings), *shape))
     for i, out in enumerate((P1, M1, V1, VM1)):
         adj = tp.gradient(out)
         for j, leaf in enumerate(state):
@@ -434,7 +437,7 @@ class ErrorBound:
     def record(self, p, grad, m, v, vmax, s: StepScalars):
         if vmax is None:
             vmax = np.zeros_like(p)
-        self._steps.append(tuple(np.array(x, dtype=np.float64).ravel() for x in (p, grad, m, v, vmax)) + (s,))
+        self._steps.append((*(np.array(x, dtype=np.float64).ravel() for x in (p, grad, m, v, vmax)), s))
         self._cache = None
 
     def bounds(self) -> Dict[str, np.ndarray]:
@@ -449,7 +452,7 @@ class ErrorBound:
             # W[:, :, t] = J_{T-1} ... J_{t+1}: the sensitivity of the final
             # state to the errors made in step t.
             W = np.empty_like(J)
-            w = np.zeros((4, 4) + J.shape[3:])
+            w = np.zeros((4, 4, *J.shape[3:]))
             for k in range(4):
                 w[k, k] = 1.0
             for t in range(J.shape[2] - 1, -1, -1):
@@ -503,7 +506,8 @@ class ReferenceAdam:
             raise ValueError("track_error needs mode='reference'")
         self.bound: Optional[ErrorBound] = None
         if track_error:
-            self.bound = ErrorBound(self.hyper["decoupled_weight_decay"], self.hyper["amsgrad"], self.hyper["eps_style"])
+            h = self.hyper
+            self.bound = ErrorBound(h["decoupled_weight_decay"], h["amsgrad"], h["eps_style"])
 
     def step(self, grad: np.ndarray, *, grad_scale: float = 1.0, step: Optional[int] = None) -> None:
         """Applies step number `step` (default: self.t + 1) and sets self.t to it."""
@@ -695,10 +699,53 @@ def bf16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+# float16 and NaN. adamcpp converts a NaN between float32 and float16 by its bits alone (cpp/optim_math.h: the
+# sign and the top of the payload kept, the quiet bit neither set nor cleared), the rule of NumPy's software
+# conversion. NumPy's own astype is that software routine on x86-64, but a hardware instruction where the build
+# target has one (NumPy 2's aarch64 wheels: FCVT), which quiets a signalling NaN and raises FE_INVALID (NumPy's
+# "invalid value encountered in cast"). So the references below take NumPy's cast for numbers and Inf only (IEEE
+# rounding, the same everywhere) and the rule for NaN.
+def f16_special_bits(x: np.ndarray) -> np.ndarray:
+    """The float16 bits of float32 Inf and NaN by adamcpp's rule: Inf stays Inf;
+    a NaN keeps its sign and the top 10 bits of its payload, never 0 (so a
+    signalling NaN stays signalling). Other elements: 0."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
+    a = b & np.uint32(0x7FFFFFFF)
+    payload = np.maximum((a & np.uint32(0x7FFFFF)) >> np.uint32(13), np.uint32(1))
+    special = np.where(a == np.uint32(0x7F800000), np.uint32(0x7C00), np.uint32(0x7C00) | payload)
+    return np.where(a >= np.uint32(0x7F800000), sign | special, np.uint32(0)).astype(np.uint16)
+
+
+def f16_bits_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits to nearest, ties to even, values from 65520 on to
+    Inf: NumPy's astype for numbers and Inf, f16_special_bits for NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    nan = _is_nan_bits(x.view(np.uint32))  # by the bits: comparing a signalling NaN raises FE_INVALID on some CPUs
+    with np.errstate(over="ignore"):
+        h = np.where(nan, np.float32(0), x).astype(np.float16).view(np.uint16)
+    return np.where(nan, f16_special_bits(x), h).astype(np.uint16)
+
+
+def f16_widened(h: np.ndarray) -> np.ndarray:
+    """float16 -> float32, exactly, from the bits: a NaN keeps its sign and
+    payload (a signalling one stays signalling), a subnormal m * 2**-24 is an
+    exact float32 product."""
+    u = np.ascontiguousarray(h).view(np.uint16).astype(np.uint32)
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    exponent = (u >> np.uint32(10)) & np.uint32(0x1F)
+    mantissa = u & np.uint32(0x3FF)
+    normal = sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
+    special = sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))
+    subnormal = sign | (mantissa.astype(np.float32) * np.float32(2.0**-24)).view(np.uint32)
+    bits = np.where(exponent == 0x1F, special, np.where(exponent == 0, subnormal, normal))
+    return bits.astype(np.uint32).view(np.float32).reshape(np.shape(h))
+
+
 def f16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
     """float32 -> float16 bits, stochastically: the 13 dropped bits of a normal
     result against 13 random bits, a subnormal result's units of 2**-24 with
-    16 fraction bits against 16; Inf and NaN as NumPy converts them."""
+    16 fraction bits against 16; Inf and NaN by f16_special_bits."""
     b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
     r = np.asarray(r, dtype=np.uint64) & np.uint64(0xFFFF)
     sign = (b >> np.uint64(16)) & np.uint64(0x8000)
@@ -712,8 +759,7 @@ def f16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
     fixed = np.where(shift >= 48, np.uint64(0), fixed)
     subnormal = (fixed + r) >> np.uint64(16)
     h = np.where(a >= 0x38800000, normal, subnormal)
-    with np.errstate(invalid="ignore", over="ignore"):
-        special = np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16).astype(np.uint64)
+    special = f16_special_bits(x).astype(np.uint64)
     h = np.where(a >= 0x7F800000, special & np.uint64(0x7FFF), h)
     return (sign | h).astype(np.uint16)
 
@@ -750,11 +796,13 @@ def bfloat16_dtype():
 
 def round_to(x: np.ndarray, dtype, stochastic: bool, r: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 values stored as `dtype` (float32 itself, float16 or bfloat16),
-    to nearest (NumPy's/ml_dtypes' astype) or stochastically with bits r."""
+    to nearest (f16_bits_nearest, ml_dtypes' astype) or stochastically with bits r."""
     dtype = np.dtype(dtype)
     x = np.asarray(x, dtype=np.float32)
     if dtype == np.float32:
         return x.copy()
+    if not stochastic and dtype == np.float16:
+        return f16_bits_nearest(x).view(np.float16).reshape(x.shape)
     if not stochastic:
         with np.errstate(over="ignore", invalid="ignore"):
             return x.astype(dtype)
