@@ -725,20 +725,10 @@ def test_master_weights_off_then_on_continues_from_the_weights(dtype, mode):
     16-bit parameters, so no master copies.)"""
     lr = 0.05
     p0, grads = _toggle_problem(dtype)
-    if mode == "flat":
-        flat = adamcpp.FlatParams([p.copy() for p in p0])
-        params, opt = list(flat.params), adamcpp.Adam(flat, lr=lr)
-    else:
-        params = [p.copy() for p in p0]
-        opt = adamcpp.Adam(params, lr=lr)
+    params, opt, step = _adam_in_mode(mode, p0, lr)
     for on, gk in zip(TOGGLE, grads):
         opt.param_groups[0]["master_weights"] = on
-        if mode == "flat":
-            for view, g in zip(flat.grads, gk):
-                view[...] = g
-            assert opt.step(flat.grads)
-        else:
-            assert opt.step(gk)
+        step(gk)
         assert all(("master_param" in s) == on for s in opt.state), "a master copy only where it is current"
     want = _toggle_emulation(p0, grads, lr)
     sd = opt.state_dict()
@@ -747,6 +737,28 @@ def test_master_weights_off_then_on_continues_from_the_weights(dtype, mode):
         same_bits(np.ravel(sd["state"][i]["exp_avg"]), m, f"exp_avg of params[{i}]")
         same_bits(np.ravel(sd["state"][i]["exp_avg_sq"]), v, f"exp_avg_sq of params[{i}]")
         same_bits(np.ravel(sd["state"][i]["master_param"]), master, f"master_param of params[{i}]")
+
+
+def _adam_in_mode(mode, arrays, lr):
+    """Adam over copies of `arrays`, as a list ("list") or through one FlatParams ("flat"): (the parameters, the
+    optimizer, a function that steps it with a list of gradients and asserts the step applied)."""
+    if mode == "flat":
+        flat = adamcpp.FlatParams([a.copy() for a in arrays])
+        opt = adamcpp.Adam(flat, lr=lr)
+
+        def step(gk):
+            for view, g in zip(flat.grads, gk):
+                view[...] = g
+            assert opt.step(flat.grads)
+
+        return list(flat.params), opt, step
+    params = [a.copy() for a in arrays]
+    opt = adamcpp.Adam(params, lr=lr)
+
+    def step(gk):
+        assert opt.step(gk)
+
+    return params, opt, step
 
 
 @pytest.mark.parametrize("mode", ["list", "flat"])
@@ -763,12 +775,7 @@ def test_master_copy_of_a_loaded_group_without_master_weights_is_not_read_back(d
     sd = opt0.state_dict()
     assert all("master_param" in s for s in sd["state"].values())
     sd["param_groups"][0]["master_weights"] = False
-    if mode == "flat":
-        flat = adamcpp.FlatParams(first)
-        params, opt = list(flat.params), adamcpp.Adam(flat, lr=lr)
-    else:
-        params = [p.copy() for p in first]
-        opt = adamcpp.Adam(params, lr=lr)
+    params, opt, step = _adam_in_mode(mode, first, lr)
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["master_weights"] is False
     assert not any("master_param" in s for s in opt.state)
@@ -776,12 +783,7 @@ def test_master_copy_of_a_loaded_group_without_master_weights_is_not_read_back(d
         if t == 0:
             continue
         opt.param_groups[0]["master_weights"] = on
-        if mode == "flat":
-            for view, g in zip(flat.grads, gk):
-                view[...] = g
-            assert opt.step(flat.grads)
-        else:
-            assert opt.step(gk)
+        step(gk)
     for i, (p, _m, _v, master) in enumerate(_toggle_emulation(p0, grads, lr)):
         same_bits(params[i], p, f"params[{i}]")
         same_bits(np.ravel(opt.state[i]["master_param"]), master, f"master_param of params[{i}]")
