@@ -565,6 +565,21 @@ double global_norm(py::handle grads_obj, py::handle patterns, py::handle names) 
   return std::sqrt(sum_squares(tensors.data(), n, sc.workspace));
 }
 
+// What a step does after the global norm (step_scalars.h's after_norm, the
+// rule the CPU step and the CUDA unit apply), for the Python layer's steps
+// that take the norm themselves: (grad_norm, or None without clipping; the
+// coefficient, 1 without clipping; the scale at which to look for a
+// non-finite gradient, or None when no check is needed).
+py::tuple after_norm_of(double sum_squares, double grad_scale, double max_grad_norm, int nonfinite) {
+  const StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
+  const AfterNorm after = after_norm(sum_squares, policy.grad_scale, policy.max_grad_norm, policy.nonfinite);
+  py::object norm = policy.max_grad_norm >= 0.0 ? py::object(py::float_(after.grad_norm)) : py::object(py::none());
+  py::object check_scale = py::none();
+  if (after.check == NonfiniteCheck::at_grad_scale) check_scale = py::float_(grad_scale);
+  if (after.check == NonfiniteCheck::at_clipped_scale) check_scale = py::float_(grad_scale * after.coef);
+  return py::make_tuple(norm, after.coef, check_scale);
+}
+
 ArrayView probe_buffer(py::handle h, const char* what, DType dtype, const ArrayView* like);
 
 // The gradients of a call that only reads them, checked and held (the GIL
@@ -803,6 +818,10 @@ PYBIND11_MODULE(_core, m) {
         "Per-chunk sums of squares of the concatenated gradients (what global_norm adds, in order) into `out`.");
   m.def("first_nonfinite", &first_nonfinite_grad, py::arg("grads"), py::arg("grad_scale"), py::arg("patterns"),
         py::arg("names"), "Index of the first gradient with a NaN or Inf after grad_scale, or -1.");
+  m.def("after_norm", &after_norm_of, py::arg("sum_squares"), py::arg("grad_scale"), py::arg("max_grad_norm"),
+        py::arg("nonfinite"),
+        "What a step does after the global norm: (grad_norm or None, the clipping coefficient, the scale at which\n"
+        "to look for a non-finite gradient or None). max_grad_norm < 0: no clipping.");
   m.def("params_unchanged", &params_unchanged, py::arg("param_groups"), py::arg("flat"), py::arg("group_of"),
         "Whether param_groups still holds exactly the arrays of `flat`, grouped as `group_of` says.");
 

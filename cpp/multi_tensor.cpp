@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 
 #include "dispatch.h"
 #include "step_scalars.h"
@@ -207,29 +206,19 @@ void update(const SgdTensor* tensors, std::size_t count, Workspace& ws) {
 template <typename Tensor>
 StepOutcome run_any_step(Tensor* tensors, std::size_t count, const StepPolicy& policy, Workspace& ws) {
   StepOutcome out{false, -1, std::nan("")};
-  bool check = policy.nonfinite != Nonfinite::propagate;
-  if (policy.max_grad_norm >= 0.0) {
-    const double sum = policy.norm_tensors != nullptr ? sum_squares_of(policy.norm_tensors, policy.norm_count, ws)
-                                                      : sum_squares_of(tensors, count, ws);
-    const double raw_norm = std::sqrt(sum);
-    out.grad_norm = std::fabs(policy.grad_scale) * raw_norm;
-    const double coef = clip_coefficient(policy.max_grad_norm, out.grad_norm);
-    if (std::isnan(coef)) {
-      // Only a NaN or Inf gradient makes the norm NaN: find it at the caller's scale.
-      if (check) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
-      check = false;
-    }
-    for (std::size_t i = 0; i < count; ++i) tensors[i].grad_scale *= coef;
-    // No scaled element exceeds the clipped norm, so a clipped norm well inside
-    // float32's range proves every element finite without a second pass, as
-    // long as the scale itself is a finite float32 (a zero gradient times an
-    // infinite scale is NaN) and every unscaled element converts to a finite
-    // float32 (a float64 gradient of a float32 parameter).
-    constexpr double kFloatMax = static_cast<double>(std::numeric_limits<float>::max());
-    const double scale = std::fabs(policy.grad_scale * coef);
-    if (out.grad_norm * coef < 0.5 * kFloatMax && scale <= kFloatMax && raw_norm < 0.5 * kFloatMax) check = false;
+  const bool clip = policy.max_grad_norm >= 0.0;
+  double sum = 0.0;
+  if (clip) {
+    sum = policy.norm_tensors != nullptr ? sum_squares_of(policy.norm_tensors, policy.norm_count, ws)
+                                         : sum_squares_of(tensors, count, ws);
   }
-  if (check) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
+  const AfterNorm after = after_norm(sum, policy.grad_scale, policy.max_grad_norm, policy.nonfinite);
+  if (after.check == NonfiniteCheck::at_grad_scale) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
+  if (clip) {
+    out.grad_norm = after.grad_norm;
+    for (std::size_t i = 0; i < count; ++i) tensors[i].grad_scale *= after.coef;
+  }
+  if (after.check == NonfiniteCheck::at_clipped_scale) out.nonfinite_tensor = find_nonfinite(tensors, count, ws);
   if (out.nonfinite_tensor < 0) {
     update(tensors, count, ws);
     out.applied = true;

@@ -1,9 +1,11 @@
 // adamcpp: the per-step host math, beside the per-element math of
 // optim_math.h: bias corrections, step sizes, the decay factor, the sign for
-// `maximize` and the clipping coefficient, in double, once per tensor per step.
+// `maximize` and the clipping coefficient, in double, once per tensor per step,
+// and what a step does after the global norm (after_norm).
 // Plain C++ with no Python, usable from a CUDA unit's host code.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -143,6 +145,52 @@ inline void set_sgd_step(SgdTensor& t, const SgdHyper& h, double grad_scale) {
 ADAMCPP_HOST_DEVICE inline double clip_coefficient(double max_norm, double norm) {
   const double ratio = max_norm / (norm + 1e-6);
   return ratio != ratio ? ratio : (ratio < 1.0 ? ratio : 1.0);
+}
+
+// Where a step looks for a non-finite gradient after the norm: nowhere, at
+// the call's grad_scale (before any clipping coefficient), or at grad_scale
+// times the clipping coefficient.
+enum class NonfiniteCheck : int { none = 0, at_grad_scale = 1, at_clipped_scale = 2 };
+
+// What a step does after the global norm, decided once for the CPU step, the
+// CUDA unit and the Python layer (_core.after_norm).
+struct AfterNorm {
+  double grad_norm;      // |grad_scale| * sqrt(sum_squares); NaN without clipping
+  double coef;           // the clipping coefficient (NaN when the norm is NaN); 1 without clipping
+  NonfiniteCheck check;  // where the non-finite check looks, if anywhere
+};
+
+// The decision of a step whose gradients' (unscaled) sum of squares is
+// `sum_squares`; max_grad_norm < 0: no clipping (sum_squares is not read).
+// With "skip"/"raise" the check is needed unless the norm proves it is not:
+// no scaled element exceeds the clipped norm, so a clipped norm well inside
+// float32's range proves every element finite without a pass over them, as
+// long as the multiplier itself is a finite float32 (a zero gradient times an
+// infinite scale is NaN) and every unscaled element converts to a finite
+// float32 (a float64 gradient of a float32 parameter: the unscaled norm in
+// range too). A NaN norm (only a NaN or Inf gradient makes it NaN) makes
+// the coefficient NaN: the check then looks at the call's grad_scale.
+ADAMCPP_HOST_DEVICE inline AfterNorm after_norm(double sum_squares, double grad_scale, double max_grad_norm,
+                                                Nonfinite policy) {
+  const bool check = policy != Nonfinite::propagate;
+  AfterNorm r{static_cast<double>(NAN), 1.0, check ? NonfiniteCheck::at_grad_scale : NonfiniteCheck::none};
+  if (max_grad_norm < 0.0) return r;
+#if defined(__CUDA_ARCH__)
+  const double raw_norm = ::sqrt(sum_squares);
+  r.grad_norm = ::fabs(grad_scale) * raw_norm;
+  r.coef = clip_coefficient(max_grad_norm, r.grad_norm);
+  const double scale = ::fabs(grad_scale * r.coef);
+#else
+  const double raw_norm = std::sqrt(sum_squares);
+  r.grad_norm = std::fabs(grad_scale) * raw_norm;
+  r.coef = clip_coefficient(max_grad_norm, r.grad_norm);
+  const double scale = std::fabs(grad_scale * r.coef);
+#endif
+  if (!check || r.coef != r.coef) return r;
+  const double float_max = static_cast<double>(FLT_MAX);
+  const bool proven_finite = r.grad_norm * r.coef < 0.5 * float_max && scale <= float_max && raw_norm < 0.5 * float_max;
+  r.check = proven_finite ? NonfiniteCheck::none : NonfiniteCheck::at_clipped_scale;
+  return r;
 }
 
 }  // namespace adamcpp

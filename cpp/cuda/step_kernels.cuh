@@ -9,7 +9,6 @@
 // The including unit defines ADAMCPP_MATH_NS before including this file.
 #pragma once
 
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -284,28 +283,24 @@ ADAMCPP_HD void norm_chunk(const TableView<Step>& tab, std::uint64_t chunk) {
   tab.chunk_sums[chunk] = part;
 }
 
-// What a step does after the norm, decided as the CPU's run_step decides
-// (multi_tensor.cpp): the coefficient, and which scale the non-finite check
-// uses (if any). max_grad_norm < 0 (global_norm): only the sum is kept.
+// The check modes are after_norm's decisions (step_scalars.h), by value.
+static_assert(kCheckNone == static_cast<std::int32_t>(NonfiniteCheck::none) &&
+                  kCheckUnclipped == static_cast<std::int32_t>(NonfiniteCheck::at_grad_scale) &&
+                  kCheckClipped == static_cast<std::int32_t>(NonfiniteCheck::at_clipped_scale),
+              "CheckMode must number NonfiniteCheck's values");
+
+// What a step does after the norm: after_norm's decision (step_scalars.h, the
+// CPU step's), written into the status: the coefficient, and which scale the
+// non-finite check uses (if any). max_grad_norm < 0 (global_norm): only the
+// sum is kept.
 ADAMCPP_HD void decide_after_norm(StepStatus* st, double sum_squares) {
   st->sum_squares = sum_squares;
   if (st->max_grad_norm < 0.0) return;
-  const double norm = fabs(st->call_grad_scale) * sqrt(sum_squares);
-  const double coef = clip_coefficient(st->max_grad_norm, norm);
-  st->grad_norm = norm;
-  st->coef = coef;
-  bool check = st->policy != static_cast<std::int32_t>(Nonfinite::propagate);
-  std::int32_t mode = kCheckNone;
-  if (coef != coef) {
-    // Only a NaN or Inf gradient makes the norm NaN: find it at the caller's scale.
-    if (check) mode = kCheckUnclipped;
-    check = false;
-  }
-  // A clipped norm well inside float32's range proves every scaled element finite.
-  const double float_max = static_cast<double>(FLT_MAX);
-  if (norm * coef < 0.5 * float_max && fabs(st->call_grad_scale * coef) <= float_max) check = false;
-  if (check) mode = kCheckClipped;
-  st->check_mode = mode;
+  const AfterNorm after =
+      after_norm(sum_squares, st->call_grad_scale, st->max_grad_norm, static_cast<Nonfinite>(st->policy));
+  st->grad_norm = after.grad_norm;
+  st->coef = after.coef;
+  st->check_mode = static_cast<std::int32_t>(after.check);
 }
 
 // A value another block of the same kernel wrote (read from L2, never a stale L1 line).

@@ -123,6 +123,16 @@ def first_nonfinite(
     """Index of the first gradient with a NaN or Inf after multiplying by
     grad_scale in its element type, or -1."""
 
+def after_norm(
+    sum_squares: float, grad_scale: float, max_grad_norm: float, nonfinite: int
+) -> Tuple[Optional[float], float, Optional[float]]:
+    """What a step does after the global norm, decided as the native steps
+    decide: (grad_norm, None when max_grad_norm < 0; the clipping coefficient,
+    1.0 without clipping and NaN when the norm is NaN; the scale at which to
+    look for a non-finite gradient, None when no check is needed).
+    `sum_squares` is the gradients' unscaled sum of squares; nonfinite indexes
+    NONFINITE_POLICIES."""
+
 def params_unchanged(param_groups: Sequence[dict], flat: Sequence[np.ndarray], group_of: Sequence[int]) -> bool:
     """Whether param_groups still holds exactly the arrays of `flat`, grouped as `group_of` says."""
 
