@@ -559,10 +559,10 @@ def test_copies_of_an_unstarted_optimizer():
     params, opt = make_adam(2, max_grad_norm=1.0)
     twin = copy.deepcopy(opt)
     assert twin.state == opt.state and twin.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    assert twin._cuda is not None and twin._cuda is not opt._cuda
+    assert twin.layout.mode == "device" and twin.layout.device is not opt.layout.device
     assert twin.last_grad_norm is None
     clone = pickle.loads(pickle.dumps(opt))  # the fakes pickle as plain objects
-    assert clone._cuda is not None and len(clone.state) == 2
+    assert clone.layout.mode == "device" and len(clone.state) == 2
 
 
 def test_a_build_without_the_unit_names_itself(monkeypatch):

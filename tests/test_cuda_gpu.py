@@ -89,7 +89,7 @@ class Pair:
         self.to_device = to_device
 
     def gradients(self, poison: float = 0.0) -> List[np.ndarray]:
-        grads = [self.rng.standard_normal(p.shape).astype(p.dtype) for p in self.cpu._flat]
+        grads = [self.rng.standard_normal(p.shape).astype(p.dtype) for p in self.cpu.layout.params]
         if poison:
             k = int(self.rng.integers(len(grads)))
             if grads[k].size:
@@ -107,7 +107,7 @@ class Pair:
         return outcomes[0]
 
     def compare(self, what: str) -> None:
-        for k, (p, q) in enumerate(zip(self.cpu._flat, self.gpu._flat)):
+        for k, (p, q) in enumerate(zip(self.cpu.layout.params, self.gpu.layout.params)):
             assert_bitwise_equal(host(q), p, f"{what}: params[{k}]")
             for key, v in self.cpu.state[k].items():
                 w = self.gpu.state[k].get(key)
@@ -163,13 +163,13 @@ def test_a_skipped_step_changes_nothing_on_the_device():
                 nonfinite="skip")
     pair.step(pair.gradients())
     before = [{k: (host(v) if k != "step" else v) for k, v in s.items()} for s in pair.gpu.state]
-    params = [host(p) for p in pair.gpu._flat]
+    params = [host(p) for p in pair.gpu.layout.params]
     assert pair.step(pair.gradients(float("nan")))[0] is False
     for s, b in zip(pair.gpu.state, before):
         assert s["step"] == b["step"]
         for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             assert_bitwise_equal(host(s[k]), b[k], k)
-    for p, q in zip(pair.gpu._flat, params):
+    for p, q in zip(pair.gpu.layout.params, params):
         assert_bitwise_equal(host(p), q, "param")
 
 
@@ -378,7 +378,7 @@ def test_streams():
         seen = torch.from_dlpack(state)  # the consumer's stream waits for the step's
         assert seen.data_ptr() == state.ptr
     side.synchronize()
-    assert_bitwise_equal(param.cpu().numpy(), host(default._flat[0]), "param on a side stream")
+    assert_bitwise_equal(param.cpu().numpy(), host(default.layout.params[0]), "param on a side stream")
     assert_bitwise_equal(host(state), host(default.state[0]["exp_avg"]), "exp_avg on a side stream")
 
 
@@ -422,24 +422,24 @@ def test_checkpoints_move_between_cpu_and_gpu():
     sd = pair.gpu.state_dict()
     assert isinstance(sd["state"][0]["exp_avg"], np.ndarray)
     # GPU -> CPU and CPU -> GPU, then both continue like the originals.
-    cpu2 = adamcpp.AdamW([{"params": [host(p) for p in pair.gpu._flat], "amsgrad": True}])
+    cpu2 = adamcpp.AdamW([{"params": [host(p) for p in pair.gpu.layout.params], "amsgrad": True}])
     cpu2.load_state_dict(sd)
-    gpu2 = adamcpp.AdamW([{"params": [cuda.to_device(p) for p in pair.cpu._flat], "amsgrad": True}])
+    gpu2 = adamcpp.AdamW([{"params": [cuda.to_device(p) for p in pair.cpu.layout.params], "amsgrad": True}])
     gpu2.load_state_dict(pair.cpu.state_dict())
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "opt.safetensors")
         adamcpp.save(sd, path)
-        gpu3 = adamcpp.AdamW([{"params": [p.copy() for p in pair.gpu._flat], "amsgrad": True}])
+        gpu3 = adamcpp.AdamW([{"params": [p.copy() for p in pair.gpu.layout.params], "amsgrad": True}])
         gpu3.load_state_dict(adamcpp.load(path))
     gpu4 = copy.deepcopy(pair.gpu)
     gpu5 = pickle.loads(pickle.dumps(pair.gpu))
     grads = pair.gradients()
     pair.step(grads)
     for other in (cpu2, gpu2, gpu3, gpu4, gpu5):
-        on_gpu = other._cuda is not None
+        on_gpu = other.layout.mode == "device"
         assert other.step([cuda.to_device(g) if on_gpu else g.copy() for g in grads])
-        for k, p in enumerate(other._flat):
-            assert_bitwise_equal(host(p) if on_gpu else p, pair.cpu._flat[k], "continued")
+        for k, p in enumerate(other.layout.params):
+            assert_bitwise_equal(host(p) if on_gpu else p, pair.cpu.layout.params[k], "continued")
 
 
 @needs_torch

@@ -184,7 +184,7 @@ class AdamRun:
         return out
 
     def compare(self, what: str) -> None:
-        for k, p in enumerate(self.cpu.param_groups and self.cpu._flat):
+        for k, p in enumerate(self.cpu.param_groups and self.cpu.layout.params):
             assert_bitwise_equal(self.params[k], p, f"{what}: params[{k}]")
             s = self.cpu.state[k]
             assert_bitwise_equal(self.m[k], s["exp_avg"], f"{what}: exp_avg[{k}]")
@@ -339,7 +339,7 @@ def test_sgd_every_variant(emulator, nonfinite, max_grad_norm):
         if out.applied:
             started = [True] * 8
         for k in range(8):
-            assert_bitwise_equal(params[k], cpu._flat[k], f"step {t}: params[{k}]")
+            assert_bitwise_equal(params[k], cpu.layout.params[k], f"step {t}: params[{k}]")
             b = cpu.state[k]["momentum_buffer"]
             if b is not None:
                 assert_bitwise_equal(bufs[k], b, f"step {t}: momentum_buffer[{k}]")

@@ -53,7 +53,7 @@ def make_pair(cls, arrays, groups=None, **kwargs):
     else:
         opt_flat = cls([{"params": [views[i] for i in idx], **over} for idx, over in groups], **kwargs)
         opt_list = cls([{"params": [copies[i] for i in idx], **over} for idx, over in groups], **kwargs)
-    assert opt_flat._fs is not None and opt_list._fs is None
+    assert opt_flat.layout.mode == "flat" and opt_list.layout.mode != "flat"
     return flat, opt_flat, copies, opt_list
 
 
@@ -235,21 +235,21 @@ def test_flatparams_refuses_impossible_sizes_before_allocating(arrays, kwargs, m
     def no_allocation(count, dtype):
         raise AssertionError("allocated")
 
-    monkeypatch.setattr(adamcpp.flat, "_aligned_zeros", no_allocation)
+    monkeypatch.setattr(adamcpp.flat, "aligned_zeros", no_allocation)
     with pytest.raises(ValueError) as info:
         FlatParams(arrays, **kwargs)
     assert str(info.value).startswith(message), str(info.value)
 
 
 def test_flatparams_out_of_memory_names_the_entry(monkeypatch):
-    real = adamcpp.flat._aligned_zeros
+    real = adamcpp.flat.aligned_zeros
 
     def scarce(count, dtype):
         if count > 1000:
             raise MemoryError("Unable to allocate")
         return real(count, dtype)
 
-    monkeypatch.setattr(adamcpp.flat, "_aligned_zeros", scarce)
+    monkeypatch.setattr(adamcpp.flat, "aligned_zeros", scarce)
     with pytest.raises(MemoryError) as info:
         FlatParams({"small": np.zeros(3, np.float32), "big": (40, 40), "bias": (2,)})
     assert str(info.value) == (
@@ -298,7 +298,7 @@ def test_flatparams_copies_keep_views_shared(how, tmp_path):
         assert not np.shares_memory(flat2.params[k], flat.params[k])
     assert flat2.buffers[0].ctypes.data % ALIGNMENT == 0
     # The copy's views are its own: an optimizer over them is flat.
-    assert adamcpp.Adam(flat2)._fs is not None
+    assert adamcpp.Adam(flat2).layout.mode == "flat"
 
 
 # ------------------------------------------------------ flat against list, bitwise
@@ -322,7 +322,7 @@ def test_flat_matches_list_bitwise(name, dtypes):
     cls, kwargs = CASES[name]
     params, grads = problem([*SHAPES, (40,), (3, 3)], steps=5, dtypes=dtypes)
     flat, opt_flat, copies, opt_list = make_pair(cls, params, **kwargs)
-    assert len(opt_flat._fs.segments) == len(dtypes)  # one range per dtype: one native tensor each
+    assert len(opt_flat.layout.segments) == len(dtypes)  # one range per dtype: one native tensor each
     run_both(flat, opt_flat, copies, opt_list, grads, grad_scale=0.75)
 
 
@@ -363,13 +363,13 @@ def test_groups_map_to_ranges_and_match_list():
     sched = Recorder(adamcpp.schedules.CosineDecay(1e-2, 10))
     groups = [([0, 2, 4], {"lr": sched}), ([1, 3, 5], {"weight_decay": 0.0, "betas": (0.8, 0.99)})]
     flat, opt_flat, copies, opt_list = make_pair(adamcpp.AdamW, params, groups, lr=1e-2, weight_decay=0.1)
-    assert len(opt_flat._fs.segments) == 6  # each parameter: its neighbours are in the other group
+    assert len(opt_flat.layout.segments) == 6  # each parameter: its neighbours are in the other group
     run_both(flat, opt_flat, copies, opt_list, grads)
     assert sched.seen == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # once per step and optimizer
 
     # contiguous groups: one range each
     flat, opt_flat, copies, opt_list = make_pair(adamcpp.Adam, params, [([0, 1, 2], {}), ([3, 4, 5], {"lr": 0.1})])
-    assert [s.members for s in opt_flat._fs.segments] == [(0, 1, 2), (3, 4, 5)]
+    assert [s.members for s in opt_flat.layout.segments] == [(0, 1, 2), (3, 4, 5)]
     run_both(flat, opt_flat, copies, opt_list, grads)
 
 
@@ -387,7 +387,7 @@ def test_part_of_a_flatparams():
         opt_ref.step([gs[0], gs[2]])
     assert_same(opt, [flat.params[0], flat.params[2]], opt_ref, ref)
     assert np.array_equal(flat.params[1], middle)
-    assert [s.members for s in opt._fs.segments] == [(0,), (1,)]
+    assert [s.members for s in opt.layout.segments] == [(0,), (1,)]
 
 
 def test_clipping_norm_is_the_list_norm():
@@ -523,7 +523,7 @@ def test_state_edits_fall_back_to_per_parameter_stepping(edit):
 def test_split_and_join():
     params, grads = problem([(5,), (3,), (2,), (6,)], steps=4)
     flat, opt_flat, copies, opt_list = make_pair(adamcpp.Adam, params, lr=1e-2)
-    fs = opt_flat._fs
+    fs = opt_flat.layout
     m1 = opt_flat.state[1]["exp_avg"]
     run_both(flat, opt_flat, copies, opt_list, grads[:1])
     for opt in (opt_flat, opt_list):
@@ -677,7 +677,7 @@ def test_views_reshaped_in_place_keep_the_layout():
         assert_same(opt_flat, laid_out, opt_list, copies, f"step {k}")
 
     both(0)
-    assert len(opt_flat._fs.segments) == 1
+    assert len(opt_flat.layout.segments) == 1
     sd = opt_flat.state_dict()
     assert sd["state"][0]["exp_avg"].shape == (3, 4)
     opt_flat.load_state_dict(sd)
@@ -686,7 +686,7 @@ def test_views_reshaped_in_place_keep_the_layout():
     for opt in (opt_flat, opt_list):  # each reshaped parameter in a range of its own
         for i in (0, 1):
             opt.state[i]["exp_avg"] = np.array(opt.state[i]["exp_avg"])
-    assert [s.members for s in opt_flat._fs.segments] == [(0,), (1,), (2,)]
+    assert [s.members for s in opt_flat.layout.segments] == [(0,), (1,), (2,)]
     both(2)
     opt_flat.load_state_dict(opt_flat.state_dict())
     both(3)
@@ -698,7 +698,7 @@ def test_views_reshaped_before_the_optimizer_keep_the_layout():
     flat, opt_flat, copies, opt_list = make_pair(adamcpp.Adam, params, lr=1e-2)
     flat.params[0].shape = (2, 6)
     late = adamcpp.Adam(flat, lr=1e-2)
-    assert late.state[0]["exp_avg"].shape == (3, 4) and len(late._fs.segments) == 1
+    assert late.state[0]["exp_avg"].shape == (3, 4) and len(late.layout.segments) == 1
     feed(flat, grads[0])
     assert late.step(flat.grads) and opt_list.step([g.copy() for g in grads[0]])
     assert_same(late, [flat.params[0].reshape(3, 4), flat.params[1]], opt_list, copies)
@@ -706,13 +706,13 @@ def test_views_reshaped_before_the_optimizer_keep_the_layout():
 
 def test_views_of_a_flatparams_or_not():
     flat = FlatParams([np.zeros(3), np.zeros(2)])
-    assert adamcpp.Adam(flat.params)._fs is not None  # its views, in its form
-    assert adamcpp.Adam([flat.params[1]])._fs is not None
-    assert adamcpp.Adam([flat.params[0], np.zeros(2)])._fs is None  # mixed: a list optimizer
-    assert adamcpp.Adam([flat.params[0][:2]])._fs is None  # a view of a view: not handed out by it
-    assert adamcpp.Adam([flat.grads[0]])._fs is None  # gradient views are not parameters
+    assert adamcpp.Adam(flat.params).layout.mode == "flat"  # its views, in its form
+    assert adamcpp.Adam([flat.params[1]]).layout.mode == "flat"
+    assert adamcpp.Adam([flat.params[0], np.zeros(2)]).layout.mode != "flat"  # mixed: a list optimizer
+    assert adamcpp.Adam([flat.params[0][:2]]).layout.mode != "flat"  # a view of a view: not handed out by it
+    assert adamcpp.Adam([flat.grads[0]]).layout.mode != "flat"  # gradient views are not parameters
     other = FlatParams([np.zeros(1)])
-    assert adamcpp.Adam([flat.params[0], other.params[0]])._fs is None  # two FlatParams
+    assert adamcpp.Adam([flat.params[0], other.params[0]]).layout.mode != "flat"  # two FlatParams
 
 
 # --------------------------------------------------------------------- checkpoints
@@ -740,7 +740,7 @@ def test_checkpoints_move_between_flat_and_list(cls, kwargs):
     flat2 = FlatParams(copies)
     opt_flat2 = cls(flat2, **kwargs)
     opt_flat2.load_state_dict(sd_list)
-    assert len(opt_flat2._fs.segments) == 2  # loaded uniform state: one range per dtype again
+    assert len(opt_flat2.layout.segments) == 2  # loaded uniform state: one range per dtype again
     copies2 = [np.array(v) for v in flat.params]
     opt_list2 = cls(copies2, **kwargs)
     opt_list2.load_state_dict(sd_flat)
@@ -771,7 +771,7 @@ def test_load_with_uneven_steps_and_errors_change_nothing():
     del sd["state"][2]  # fresh state for params[2]
     opt_flat.load_state_dict(copy.deepcopy(sd))
     opt_list.load_state_dict(copy.deepcopy(sd))
-    assert [s.members for s in opt_flat._fs.segments] == [(0,), (1,), (2,)]
+    assert [s.members for s in opt_flat.layout.segments] == [(0,), (1,), (2,)]
     run_both(flat, opt_flat, copies, opt_list, grads[1:])
     bad = opt_list.state_dict()
     bad["state"][2]["exp_avg"] = np.zeros(5)
@@ -807,7 +807,7 @@ def test_copies_continue_bit_for_bit(how, tmp_path):
         joblib = pytest.importorskip("joblib")
         joblib.dump((flat, opt), tmp_path / "opt.joblib")
         flat2, opt2 = joblib.load(tmp_path / "opt.joblib")
-    assert opt2._fs is not None and opt2._fs.flat is flat2
+    assert opt2.layout.mode == "flat" and opt2.layout.flat is flat2
     assert opt2.param_groups[0]["params"][0] is flat2.params["a"] and opt2.nonfinite == "skip"
     assert opt2.last_grad_norm == opt.last_grad_norm
     for gs in grads[2:]:
@@ -823,8 +823,8 @@ def test_optimizer_copied_alone_gets_its_own_flatparams():
     opt = adamcpp.Adam(flat)
     opt.step(flat.grads)
     opt2 = copy.deepcopy(opt)
-    assert opt2._fs.flat is not flat and opt2.state[0]["step"] == 1
-    opt2.step(opt2._fs.flat.grads)
+    assert opt2.layout.flat is not flat and opt2.state[0]["step"] == 1
+    opt2.step(opt2.layout.flat.grads)
     assert opt.state[0]["step"] == 1 and opt2.state[0]["step"] == 2
 
 
@@ -1035,7 +1035,7 @@ def test_precision_options_match_list_bitwise(name, cls):
     dtypes = tuple(_bf16() if d == "bf16" else np.dtype(d) for d in dtypes)
     params, grads = problem([*SHAPES, (40,), (3, 3), (CHUNK + 37,)], steps=5, dtypes=dtypes)
     flat, opt_flat, copies, opt_list = make_pair(cls, params, lr=3e-2, seed=17, **kwargs)
-    assert len(opt_flat._fs.segments) == len(set(dtypes))  # one range per dtype: many parameters per range
+    assert len(opt_flat.layout.segments) == len(set(dtypes))  # one range per dtype: many parameters per range
     run_both(flat, opt_flat, copies, opt_list, grads, grad_scale=0.5)
     for st in opt_flat.state:
         assert st["exp_avg"].dtype == (_bf16() if kwargs.get("state_dtype") else np.float32)
@@ -1072,7 +1072,7 @@ def test_precision_checkpoints_and_copies_move_between_flat_and_list(tmp_path):
     opt_list2 = adamcpp.AdamW(copies2, **kwargs)
     opt_list2.load_state_dict(adamcpp.load(path))
     flat3, opt_flat3 = pickle.loads(pickle.dumps((flat, opt_flat)))
-    assert flat3.dtypes == flat.dtypes and opt_flat3._fs is not None
+    assert flat3.dtypes == flat.dtypes and opt_flat3.layout.mode == "flat"
     for gs in grads[3:]:
         feed(flat, gs)
         feed(flat3, gs)
@@ -1105,7 +1105,7 @@ def test_malformed_rounding_pieces_are_refused_before_any_write(rows):
     feed(flat, grads[0])
     opt_flat.step(flat.grads)
     before = [np.array(b) for b in flat.buffers] + [np.array(s["exp_avg"]) for s in opt_flat.state]
-    opt_flat._fs.seg_pieces = [rows]
+    opt_flat.layout.seg_pieces = [rows]
     with pytest.raises(ValueError, match=r"rounding_pieces\[0\]: "):
         opt_flat.step(flat.grads)
     after = [np.array(b) for b in flat.buffers] + [np.array(s["exp_avg"]) for s in opt_flat.state]

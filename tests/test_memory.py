@@ -221,7 +221,7 @@ def test_steady_state_flat_step_does_not_allocate(name, restore_threads):
             view[...] = g
         del params, grads
         opt = FLAT_CONFIGS[name](flat.params)
-        assert opt._fs is not None and len(opt._fs.segments) == 2  # one range per dtype
+        assert opt.layout.mode == "flat" and len(opt.layout.segments) == 2  # one range per dtype
         m = run_measured(opt, flat.grads, steps, expect_applied=True, warmup=warmup)
         check(m, f"{name}, {big} + small tensors", many_calls=many)
         del opt, flat

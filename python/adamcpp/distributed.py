@@ -26,7 +26,6 @@ import math
 import os
 import struct
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -36,25 +35,32 @@ import numpy as np
 
 from . import _core, _precision
 from . import flat as _flat
+from ._family import family_of
+from ._groups import (
+    ParamGroup,
+    check_new_params,
+    check_same_params,
+    grads_list,
+    group_hyper,
+    label,
+    loose_params,
+    normalize_params,
+    scheduled_lr,
+    validated_group,
+)
+from ._lock import CallLock
+from ._ranges import Range, rounding_pieces
+from ._statedict import read_state_dict
 from ._validation import (
     NONFINITE_POLICIES,
     check_grad_scale,
     check_layout,
     check_max_grad_norm,
     check_nonfinite,
+    check_param_array,
     check_step_count,
 )
-from .optim import (
-    Adam,
-    Optimizer,
-    ParamGroup,
-    _loose_params,
-    _normalize_params,
-    group_hyper,
-    read_state_dict,
-    scheduled_lr,
-    validated_group,
-)
+from .optim import Adam, Optimizer, defaults_for
 
 __all__ = ["ZeroRedundancyOptimizer", "consolidate_shards", "padding"]
 
@@ -169,24 +175,6 @@ def _digest(data: bytes) -> Tuple[int, int]:
     return int.from_bytes(d[:8], "little") >> 2, int.from_bytes(d[8:], "little") >> 2
 
 
-class _Run:
-    """A range [start, stop) of flat buffer `buffer` inside this rank's shard
-    whose parameters share a group (and, after a load, a step count and the
-    same state entries): one tensor of the local optimizer. start == stop
-    marks the stand-in of a group with no elements on this rank."""
-
-    __slots__ = ("buffer", "group", "start", "stop")
-
-    def __init__(self, buffer: int, start: int, stop: int, group: int):
-        self.buffer = buffer
-        self.start = start
-        self.stop = stop
-        self.group = group
-
-    def record(self) -> List[int]:
-        return [self.buffer, self.start, self.stop, self.group]
-
-
 class ZeroRedundancyOptimizer:
     """An adamcpp optimizer whose state is sharded across the ranks of an MPI
     communicator (ZeRO stage 1), for data-parallel training.
@@ -213,8 +201,7 @@ class ZeroRedundancyOptimizer:
         self.comm = comm
         self.rank: int = comm.Get_rank()
         self.world_size: int = comm.Get_size()
-        self._lock = threading.Lock()
-        self._holder: Optional[int] = None
+        self._lock = CallLock("ZeroRedundancyOptimizer")
         self._consolidated: Optional[Dict[str, Any]] = None
         self.last_grad_norm: Optional[float] = None
         self.timings: Dict[str, float] = {}
@@ -243,13 +230,13 @@ class ZeroRedundancyOptimizer:
         check_nonfinite(self.nonfinite)
         check_max_grad_norm(self.max_grad_norm)
         self.optimizer_class = optimizer_class
-        # A probe optimizer validates the defaults with the single-process messages and
-        # lends its validation of groups, state entries and hyperparameters.
-        self._probe = optimizer_class([np.zeros(0, np.float32)], **defaults)
-        self.defaults: Dict[str, Any] = dict(self._probe.defaults)
+        # The class validates the defaults with the single-process messages; its family validates groups,
+        # state entries and hyperparameters.
+        self._family = family_of(optimizer_class)
+        self.defaults: Dict[str, Any] = defaults_for(optimizer_class, defaults)
         self._local_defaults = {k: v for k, v in defaults.items()}
-        groups, keys = _normalize_params(_flat.unwrap(params))
-        source = _flat.common_source(_loose_params(groups))
+        groups, keys = normalize_params(_flat.unwrap(params))
+        source = _flat.common_source(loose_params(groups))
         self.param_groups: List[Dict[str, Any]] = []
         arrays: List[np.ndarray] = []
         group_of: List[int] = []
@@ -262,7 +249,7 @@ class ZeroRedundancyOptimizer:
         for i, p in enumerate(arrays):
             if p.dtype not in (np.float32, np.float64):
                 raise TypeError(
-                    f"{Optimizer._label(i, keys)}: ZeroRedundancyOptimizer sums gradients over MPI in float32 or "
+                    f"{label(i, keys)}: ZeroRedundancyOptimizer sums gradients over MPI in float32 or "
                     f"float64, got {p.dtype}"
                 )
         if source is not None:
@@ -274,13 +261,13 @@ class ZeroRedundancyOptimizer:
             self.flat = _flat.FlatParams(list(arrays), pad_to=padding(self.world_size))
             self._index = list(range(len(arrays)))
             self._owns_flat = True
-        self._slots = [self.flat._slots[j] for j in self._index]  # (buffer, offset, size)
+        self._slots = [self.flat.slots[j] for j in self._index]  # (buffer, offset, size)
         self._group_steps = [0] * len(self.param_groups)
         self._hyper_text: Dict[int, Tuple[Any, bytes]] = {}
         return {
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
             "form": "flat" if source is not None else ("dict" if keys is not None else "list"),
-            "params": [(Optimizer._label(i, keys), tuple(p.shape), p.dtype.str) for i, p in enumerate(arrays)],
+            "params": [(label(i, keys), tuple(p.shape), p.dtype.str) for i, p in enumerate(arrays)],
             "groups": [
                 (len(g["params"]), sorted((k, _describe(v)) for k, v in g.items() if k != "params"))
                 for g in self.param_groups
@@ -291,7 +278,20 @@ class ZeroRedundancyOptimizer:
 
     def _add_group(self, param_group: Any, keys: Any, arrays: List[np.ndarray]) -> List[np.ndarray]:
         """Optimizer._add_group's rules and messages, without state."""
-        group, ps = validated_group(self._probe, self.defaults, param_group, len(self.param_groups), arrays, keys)
+        family = self._family
+
+        def check_one(p: Any, i: int) -> None:
+            check_param_array(p, label(i, keys), family.half_params)
+
+        group, ps = validated_group(
+            family.hyper,
+            lambda ps, keys, start: check_new_params(ps, keys, start, check_one),
+            self.defaults,
+            param_group,
+            len(self.param_groups),
+            arrays,
+            keys,
+        )
         self.param_groups.append(ParamGroup(group))
         arrays.extend(ps)
         return ps
@@ -311,11 +311,11 @@ class ZeroRedundancyOptimizer:
             self._recv = [g.view() for g in flat.grad_buffers]
         else:
             self._recv = [
-                _flat._aligned_zeros(per if equal else hi - lo, dt)
+                _flat.aligned_zeros(per if equal else hi - lo, dt)
                 for (lo, hi), dt, per, equal in zip(self.shard, flat.dtypes, self._per_rank, self._equal)
             ]
         if self._owns_flat:
-            self._copy_out = [(p, v) for p, v in zip(self._params, flat._param_views)]
+            self._copy_out = [(p, v) for p, v in zip(self._params, flat.param_views)]
             self._copy_in = []
             for p, (b, off, size) in zip(self._params, self._slots):
                 lo, hi = self.shard[b]
@@ -341,7 +341,7 @@ class ZeroRedundancyOptimizer:
         # Equal shards when the buffer's memory reaches N x S (a FlatParams padded to padding(N)): then the
         # block collectives, which MPICH runs markedly faster than their v-forms with unequal counts.
         self._equal: List[bool] = []
-        for buf, padded in zip(self.flat.buffers, self.flat._padded):
+        for buf, padded in zip(self.flat.buffers, self.flat.padded):
             used = int(buf.size)
             per_rank = -(-used // (ALIGNMENT_ELEMENTS * n)) * ALIGNMENT_ELEMENTS
             bounds = [(min(k * per_rank, used), min((k + 1) * per_rank, used)) for k in range(n)]
@@ -363,9 +363,9 @@ class ZeroRedundancyOptimizer:
         parts.sort()
         return parts
 
-    def _runs_of(self, parts: List[Tuple[int, int, int, int]], keys: Optional[List[Any]] = None) -> List[_Run]:
+    def _runs_of(self, parts: List[Tuple[int, int, int, int]], keys: Optional[List[Any]] = None) -> List[Range]:
         """Joins back-to-back parts of one group (and of one key, when given) into runs."""
-        runs: List[_Run] = []
+        runs: List[Range] = []
         last_key = None
         for n, (b, a, z, i) in enumerate(parts):
             gi = self._group_of[i]
@@ -374,11 +374,11 @@ class ZeroRedundancyOptimizer:
             if prev is not None and prev.buffer == b and prev.stop == a and prev.group == gi and key == last_key:
                 prev.stop = z
             else:
-                runs.append(_Run(b, a, z, gi))
+                runs.append(Range(b, a, z, gi))
             last_key = key
         return runs
 
-    def _install(self, runs: List[_Run], states: Optional[List[Dict[str, Any]]]) -> None:
+    def _install(self, runs: List[Range], states: Optional[List[Dict[str, Any]]]) -> None:
         """Builds the local optimizer over `runs` (plus a zero-size stand-in
         for each group with nothing on this rank), with `states` (one per run)
         or fresh state."""
@@ -386,10 +386,10 @@ class ZeroRedundancyOptimizer:
         by_group: List[List[int]] = [[] for _ in self.param_groups]
         for k, run in enumerate(runs):
             by_group[run.group].append(k)
-        tensors: List[_Run] = []
+        tensors: List[Range] = []
         local_groups = []
         for gi, g in enumerate(self.param_groups):
-            members = [runs[k] for k in by_group[gi]] or [_Run(0, 0, 0, gi)]
+            members = [runs[k] for k in by_group[gi]] or [Range(0, 0, 0, gi)]
             tensors.extend(members)
             hyper = {k: v for k, v in g.items() if k != "params"}
             if callable(hyper.get("lr")):
@@ -406,12 +406,12 @@ class ZeroRedundancyOptimizer:
             sd = local.state_dict()
             sd["state"] = local_state
             local.load_state_dict(sd)
-        if local._native is _core.adam_step:
+        if self._family.rounding:
             # Stochastic rounding keys every element by its parameter and its index there, as the
             # single-process optimizer does, whichever rank's shard and run it falls in.
             parts = self._layout_runs()
-            local._rounding_pieces = [
-                _flat.rounding_pieces(
+            local.layout.rounding_pieces = [
+                rounding_pieces(
                     [
                         (a - r.start, i, a - self._slots[i][1], z - a)
                         for b, a, z, i in parts
@@ -493,10 +493,10 @@ class ZeroRedundancyOptimizer:
             return
         described = self.comm.allgather(describe())
         for r, items in enumerate(described[1:], start=1):
-            for (label, va), (_, vb) in zip(described[0], items):
+            for (name, va), (_, vb) in zip(described[0], items):
                 if va != vb:
                     raise ValueError(
-                        f"{label}: differs across ranks (rank 0 and rank {r}: {va!r} vs {vb!r}); expected the same on "
+                        f"{name}: differs across ranks (rank 0 and rank {r}: {va!r} vs {vb!r}); expected the same on "
                         f"every rank, {nothing}"
                     )
         raise ValueError(f"the validated options differ across ranks; expected the same on every rank, {nothing}")
@@ -554,22 +554,6 @@ class ZeroRedundancyOptimizer:
             return f"params: the flat layout differs across ranks ({where})"
         return None
 
-    # -------------------------------------------------------------- one call at a time
-    def _enter(self) -> None:
-        me = threading.get_ident()
-        if not self._lock.acquire(False):
-            if self._holder == me:
-                raise RuntimeError(
-                    "ZeroRedundancyOptimizer: called again while a call on this optimizer is running on the same "
-                    "thread (from Python code that the call ran, such as a schedule); one call at a time"
-                )
-            self._lock.acquire()
-        self._holder = me
-
-    def _leave(self) -> None:
-        self._holder = None
-        self._lock.release()
-
     # -------------------------------------------------------------------- step
     def _check_structure(self) -> None:
         groups = self.param_groups
@@ -579,7 +563,7 @@ class ZeroRedundancyOptimizer:
             and all(g is r and g.get("params") is p for g, r, p in zip(groups, self._group_refs, self._params_refs))
         ):
             return
-        _flat.check_same_params(
+        check_same_params(
             groups,
             self._params_refs,
             "a ZeroRedundancyOptimizer steps a fixed set of parameters in fixed groups: they cannot be added, "
@@ -596,9 +580,8 @@ class ZeroRedundancyOptimizer:
         and the text of every group's validated hyperparameters."""
         lrs: List[Optional[float]] = []
         texts = []
-        probe = self._probe
         for gi, g in enumerate(self.param_groups):
-            hyper = group_hyper(g, gi, probe._hyper)
+            hyper = group_hyper(g, gi, self._family.hyper)
             cached = self._hyper_text.get(gi)
             if cached is None or cached[0] is not hyper:
                 cached = self._hyper_text[gi] = (hyper, repr(tuple(hyper)).encode())
@@ -628,7 +611,7 @@ class ZeroRedundancyOptimizer:
                     continue
                 if k == "lr" and callable(v):
                     v = 0.0 if lr is None else lr
-                if lg.get(k, _flat._MISSING) is not v:
+                if lg.get(k, _flat.MISSING) is not v:
                     lg[k] = v
 
     def _local_grads(self, grads: Any) -> Optional[List[np.ndarray]]:
@@ -636,31 +619,16 @@ class ZeroRedundancyOptimizer:
         (flat.grads of the FlatParams in use); else the validated arrays, one
         per parameter, to copy in."""
         flat = self.flat
-        if grads is flat._grads:
+        if grads is flat.grads:
             return None
         opt_keys = self._keys
-        if isinstance(grads, Mapping):
-            if opt_keys is None:
-                raise TypeError("grads: a dict of gradients needs dict-form params; pass a list in parameter order")
-            missing = [k for k in opt_keys if k not in grads]
-            if missing:
-                raise ValueError(f"grads: missing gradient(s) for key(s) {missing}")
-            if len(grads) != len(opt_keys):
-                raise ValueError(f"grads: unexpected key(s) {[k for k in grads if k not in set(opt_keys)]}")
-            grad_list = [grads[k] for k in opt_keys]
-        elif isinstance(grads, np.ndarray):
-            raise TypeError("grads: expected a sequence of arrays (one per parameter), got a single ndarray")
-        elif isinstance(grads, (list, tuple)):
-            grad_list = list(grads)
-        else:
-            raise TypeError(f"grads: expected a list, tuple or dict of arrays, got {type(grads).__name__}")
+        grad_list = list(grads_list(grads, opt_keys))
         n = len(self._params)
         if len(grad_list) != n:
             raise ValueError(f"grads: expected {n} gradients (one per parameter), got {len(grad_list)}")
-        own = [flat._grad_views[j] for j in self._index]
+        own = [flat.grad_views[j] for j in self._index]
         if all(g is v for g, v in zip(grad_list, own)):
             return None
-        label = Optimizer._label
         if not self._owns_flat:  # the caller's FlatParams: its gradient buffer is what is reduced, as in one process
             k = next(i for i, (g, v) in enumerate(zip(grad_list, own)) if g is not v)
             raise ValueError(
@@ -685,11 +653,11 @@ class ZeroRedundancyOptimizer:
         is folded into grad_scale (grad_scale / N). Returns True when the
         update was applied; False on every rank when nonfinite="skip" found a
         NaN/Inf in the summed gradients."""
-        self._enter()
+        self._lock.enter()
         try:
             return self._step(grads, grad_scale)
         finally:
-            self._leave()
+            self._lock.leave()
 
     def _step(self, grads: Any, grad_scale: float) -> bool:
         MPI = self._MPI
@@ -715,13 +683,13 @@ class ZeroRedundancyOptimizer:
         flat = self.flat
         if grad_list is not None:
             for g, j in zip(grad_list, self._index):
-                np.copyto(flat._grad_views[j], g, casting="no")
+                np.copyto(flat.grad_views[j], g, casting="no")
         t0 = time.perf_counter()
         n_ranks = self.world_size
         if n_ranks > 1:
             for b, (buf, t) in enumerate(zip(flat.grad_buffers, self._types)):
                 if self._equal[b]:
-                    whole = flat._grad_padded[b][: n_ranks * self._per_rank[b]]
+                    whole = flat.grad_padded[b][: n_ranks * self._per_rank[b]]
                     comm.Reduce_scatter_block([whole, t], [self._recv[b], t], op=MPI.SUM)
                 else:
                     comm.Reduce_scatter([buf, t], [self._recv[b], t], recvcounts=self.counts[b], op=MPI.SUM)
@@ -752,9 +720,9 @@ class ZeroRedundancyOptimizer:
             if norm is not None:
                 self.last_grad_norm = norm
             if nonfinite == NONFINITE_POLICIES["raise"]:
-                label = Optimizer._label(bad, self._keys).replace("params", "grads", 1)
+                where = label(bad, self._keys).replace("params", "grads", 1)
                 raise FloatingPointError(
-                    f"{label}: non-finite gradient (NaN or Inf after grad_scale); nothing was updated"
+                    f"{where}: non-finite gradient (NaN or Inf after grad_scale); nothing was updated"
                 )
             return False
         apply_scale = step_scale * coef
@@ -784,7 +752,7 @@ class ZeroRedundancyOptimizer:
         if n_ranks > 1:
             for b, (buf, t) in enumerate(zip(flat.buffers, self._types)):
                 if self._equal[b]:
-                    comm.Allgather(MPI.IN_PLACE, [flat._padded[b][: n_ranks * self._per_rank[b]], t])
+                    comm.Allgather(MPI.IN_PLACE, [flat.padded[b][: n_ranks * self._per_rank[b]], t])
                 else:
                     comm.Allgatherv(MPI.IN_PLACE, [buf, self.counts[b], self.displs[b], t])
         if self._owns_flat:
@@ -846,11 +814,11 @@ class ZeroRedundancyOptimizer:
         """Gathers the whole state on rank `to` (a collective: every rank
         calls it); then `state_dict()` on that rank returns it. A later step
         discards it."""
-        self._enter()
+        self._lock.enter()
         try:
             self._consolidate(to)
         finally:
-            self._leave()
+            self._lock.leave()
 
     def _consolidate(self, to: int) -> None:
         error: Optional[BaseException] = None
@@ -923,7 +891,7 @@ class ZeroRedundancyOptimizer:
             for _, st in covering[1:]:
                 if st != first:
                     raise ValueError(
-                        f"consolidate_state_dict: the state of {Optimizer._label(i, self._keys)} differs between the "
+                        f"consolidate_state_dict: the state of {label(i, self._keys)} differs between the "
                         f"ranges that hold it ({first} vs {st}); its shards were edited separately"
                     )
             entry: Dict[str, Any] = {}
@@ -963,7 +931,7 @@ class ZeroRedundancyOptimizer:
         adamcpp.save): the local optimizer's state over its ranges, with the
         layout that lets `load_shard_state_dicts` re-shard it to any number of
         ranks. Not a collective."""
-        self._enter()
+        self._lock.enter()
         try:
             records, states = self._shard_image()
             return {
@@ -984,7 +952,7 @@ class ZeroRedundancyOptimizer:
                 },
             }
         finally:
-            self._leave()
+            self._lock.leave()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Loads a whole state dict in PyTorch's layout (from
@@ -1003,7 +971,7 @@ class ZeroRedundancyOptimizer:
     def _load_agreed(self, whole: Callable[[], Mapping[str, Any]]) -> None:
         """Plans the load of the whole state dict `whole()` on every rank; all
         ranks commit only if every rank's plan succeeded, else all raise."""
-        self._enter()
+        self._lock.enter()
         try:
             error: Optional[BaseException] = None
             plan = None
@@ -1019,7 +987,7 @@ class ZeroRedundancyOptimizer:
             assert plan is not None
             self._commit(*plan)
         finally:
-            self._leave()
+            self._lock.leave()
 
     def _expect_layout(self) -> Dict[str, Any]:
         return {
@@ -1034,8 +1002,8 @@ class ZeroRedundancyOptimizer:
     def _plan_full(self, state_dict: Mapping[str, Any]) -> Tuple[Any, ...]:
         """Checks a whole state dict like Optimizer.load_state_dict (same
         messages) without copying it, and returns what this rank keeps."""
-        probe = self._probe
-        new_groups, saved_entries = read_state_dict(state_dict, self.param_groups, self.defaults, probe._hyper)
+        family = self._family
+        new_groups, saved_entries = read_state_dict(state_dict, self.param_groups, self.defaults, family.hyper)
         run_id = state_dict.get("zero_run", self.run_id)  # a run that loads a checkpoint continues its run
         if not isinstance(run_id, str):
             raise ValueError(f"state_dict['zero_run']: expected the run identity (a str), got {type(run_id).__name__}")
@@ -1047,7 +1015,7 @@ class ZeroRedundancyOptimizer:
                 raise ValueError(f"{where}: expected a dict")
             steps[i] = check_step_count(entry.get("step", 0), f"{where}['step']")
             p = self._params[i]
-            for name, required in probe._array_state.items():
+            for name, required in family.array_state.items():
                 if entry.get(name) is None:
                     if required:
                         raise ValueError(f"{where}: missing '{name}'")
@@ -1063,7 +1031,7 @@ class ZeroRedundancyOptimizer:
         kinds = []
         for _, _, _, i in parts:
             entry = entries[i]
-            present = tuple(name for name in probe._array_state if entry is not None and entry.get(name) is not None)
+            present = tuple(name for name in family.array_state if entry is not None and entry.get(name) is not None)
             kinds.append((steps[i], present))
         runs = self._runs_of(parts, kinds)
         run_states: List[Dict[str, Any]] = []
@@ -1073,13 +1041,13 @@ class ZeroRedundancyOptimizer:
             i0 = pieces[0][2]
             st["step"] = steps[i0]
             entry0 = entries[i0]
-            for name in probe._array_state:
+            for name in family.array_state:
                 if entry0 is None or entry0.get(name) is None:
-                    if name in probe._nullable_state:
+                    if name in family.nullable_state:
                         st[name] = None
                     continue
                 # in the dtype the local optimizer keeps the entry in (bfloat16 with state_dtype='bfloat16')
-                dtype = probe._entry_dtype(name, self.flat.dtypes[run.buffer], new_groups[run.group])
+                dtype = family.entry_dtype(name, self.flat.dtypes[run.buffer], new_groups[run.group])
                 arr = np.empty(run.stop - run.start, dtype if dtype is not None else self.flat.dtypes[run.buffer])
                 for a, z, i in pieces:
                     off = self._slots[i][1]
@@ -1087,7 +1055,7 @@ class ZeroRedundancyOptimizer:
                     arr[a - run.start : z - run.start] = src
                 st[name] = arr
             if entry0 is None:
-                fresh = probe._new_state(
+                fresh = family.new_state(
                     np.zeros(run.stop - run.start, self.flat.dtypes[run.buffer]), new_groups[run.group]
                 )
                 st = {**fresh, "step": 0}
@@ -1102,7 +1070,7 @@ class ZeroRedundancyOptimizer:
     def _commit(
         self,
         new_groups: List[Dict[str, Any]],
-        runs: List[_Run],
+        runs: List[Range],
         run_states: List[Dict[str, Any]],
         group_steps: List[int],
         run_id: str,

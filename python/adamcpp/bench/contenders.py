@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import adamcpp
-from adamcpp import _core
+from adamcpp import _core, _precision
 
 from .cases import BETAS, EPS, LR, PRECISIONS, VARIANTS, Case
 
@@ -305,7 +305,7 @@ class CeilingContender(Contender):
             return
         if case.amsgrad:
             raise Unavailable("the compact ceiling loop has no amsgrad")
-        bf16 = np.dtype(adamcpp._precision.bfloat16())
+        bf16 = np.dtype(_precision.bfloat16())
         n = case.shape.elements
         pd = np.dtype(np.float32) if case.storage.param == "float32" else bf16
         p32 = rng.standard_normal(n, dtype=np.float32)
@@ -389,7 +389,7 @@ def allocate(
     p0 = [rng.standard_normal(size, dtype=dtype) for _ in range(n)]
     grads = [rng.standard_normal(size, dtype=dtype) for _ in range(n)]
     if storage.layout is not None:
-        bf16 = adamcpp._precision.bfloat16()
+        bf16 = _precision.bfloat16()
         if storage.param == "bfloat16":
             p0 = [p.astype(bf16) for p in p0]
         if storage.grad == "bfloat16":

@@ -1,0 +1,140 @@
+"""The list layout: the optimizer's parameters are separate NumPy arrays, each
+with its own state dict (docs/api.md, "Parameters and state").
+
+Edits of `param_groups[i]["params"]` between calls are followed: state stays
+with its array, and an array that takes the place of one that left (same
+position, group, shape and dtype: a parameter replaced by an equal copy, as
+after a reload) keeps that place's state."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core, _native
+from ._groups import ParamGroup, ParamState, check_new_params, grads_list, group_params, label, validated_group
+from ._layout import Layout
+from ._validation import check_param_array
+
+
+class ListLayout(Layout):
+    mode = "list"
+
+    def setup(self, groups: List[Dict[str, Any]], with_state: bool = True) -> None:
+        """Adds the constructor's groups (validated in order, with fresh state unless `with_state` is False)."""
+        keys = self.keys
+        for group in groups:
+            self.append_group(group, keys, with_state)
+        self.keys = keys
+
+    def adopt(self) -> None:
+        """Takes the optimizer's param_groups and state as they are (a copy being restored)."""
+        self.params, self.group_of = self.read_groups()
+
+    # ------------------------------------------------------------- parameters
+    def check_param(self, p: Any, i: int, keys: Optional[Tuple[Any, ...]], params: Sequence[Any]) -> None:
+        """Parameter i is an array this layout can step."""
+        check_param_array(p, label(i, keys), self.family.half_params)
+
+    def check_layout(self, p: Any, group: Mapping[str, Any], where: str) -> None:
+        """Refuses a parameter that its group's options cannot store, before any state is made."""
+        self.family.check_layout(p, group, where)
+
+    def check_params(self, params: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
+        """The rules for parameters start, start + 1, ...: valid arrays, each appearing once in the optimizer."""
+        check_new_params(params, keys, start, lambda p, i: self.check_param(p, i, keys, params))
+
+    def append_group(self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]], with_state: bool) -> None:
+        opt = self.opt
+        gi = len(opt.param_groups)
+        group, ps = validated_group(
+            self.family.hyper, self.check_params, opt.defaults, param_group, gi, self.params, keys
+        )
+        opt.param_groups.append(ParamGroup(group))
+        for k, p in enumerate(ps):
+            self.check_layout(p, group, label(len(self.params) + k, keys))
+        for p in ps:
+            self.params.append(p)
+            self.group_of.append(gi)
+            if with_state:
+                opt.state.append(ParamState(self.fresh_state(p, group)))
+        self.keys = None
+
+    def add_group(self, param_group: Mapping[str, Any]) -> None:
+        self.append_group(param_group, None, True)
+
+    def read_groups(self) -> Tuple[List[Any], List[int]]:
+        """The parameter list and each parameter's group, from param_groups."""
+        params: List[Any] = []
+        group_of: List[int] = []
+        for gi, g in enumerate(self.opt.param_groups):
+            ps = g["params"]
+            if type(ps) is not list:
+                ps = group_params(ps, gi)
+                g["params"] = ps
+            params.extend(ps)
+            group_of.extend([gi] * len(ps))
+        return params, group_of
+
+    def sync(self) -> bool:
+        opt = self.opt
+        if _core.params_unchanged(opt.param_groups, self.params, self.group_of):
+            return False
+        params, group_of = self.read_groups()
+        keys = self.keys if len(params) == len(self.params) else None
+        self.check_params(params, keys)
+        for i, (p, gi) in enumerate(zip(params, group_of)):
+            self.check_layout(p, opt.param_groups[gi], label(i, keys))
+        by_id = {id(p): s for p, s in zip(self.params, opt.state)}
+        present = {id(p) for p in params}
+        state = []
+        for i, (p, gi) in enumerate(zip(params, group_of)):
+            s = by_id.get(id(p))
+            if s is None and i < len(self.params):
+                old = self.params[i]
+                if id(old) not in present and self.group_of[i] == gi and self.layout_of(old) == self.layout_of(p):
+                    s = opt.state[i]
+            state.append(s if s is not None else ParamState(self.fresh_state(p, opt.param_groups[gi])))
+        self.params, self.group_of, opt.state = params, group_of, state
+        self.keys = keys
+        return True  # state may have moved into a group without master copies
+
+    # ------------------------------------------------------------------- step
+    def grads(self, grads: Any) -> Any:
+        return grads_list(grads, self.keys)
+
+    def step(
+        self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
+    ) -> Tuple[bool, Optional[float], bool]:
+        call = _native.StepCall(
+            self.params,
+            grads,
+            self.opt.state,
+            self.group_of,
+            hypers,
+            scale,
+            nonfinite,
+            max_norm,
+            self.family.patterns,
+            self.keys,
+            None,
+            self.rounding_pieces,
+        )
+        applied, norm = _native.step(self.family, self.cache, call)
+        return applied, norm, False
+
+    def drop_entry(self, key: str, groups: Container[int]) -> None:
+        for s, gi in zip(self.opt.state, self.group_of):
+            if gi in groups and key in s:
+                del s[key]
+
+    # ------------------------------------------------------------------ state
+    def export_value(self, key: str, v: Any, i: int) -> Any:
+        if isinstance(v, np.ndarray):
+            return v.copy()
+        return copy.copy(v)
+
+    def set_state(self, states: List[Any]) -> None:
+        self.opt.state = states

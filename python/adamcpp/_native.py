@@ -1,0 +1,47 @@
+"""The one caller of _core's step entries (docs/api.md §11).
+
+Every layout (list, flat, device) and ZeroRedundancyOptimizer's local
+optimizer reach the native step through `step` / `device_step` with one named
+payload, `StepCall`; the family (Adam, SGD) picks the entry."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
+
+from . import _core
+from ._family import Family
+
+
+class StepCall(NamedTuple):
+    """What one native step reads, in the entries' order: the tensors (params,
+    grads, states, each tensor's group), the groups' validated hyperparameter
+    tuples, the call's options (grad_scale, the nonfinite policy's code,
+    max_grad_norm < 0 for none), the message patterns and names, the arrays
+    whose norm decides the clipping when they are not the tensors' gradients
+    (flat mode), and Adam's rounding pieces (per tensor, or None)."""
+
+    params: Sequence[Any]
+    grads: Sequence[Any]
+    states: Sequence[Any]
+    group_of: Sequence[int]
+    groups: Sequence[Any]
+    grad_scale: float
+    nonfinite: int
+    max_grad_norm: float
+    patterns: Tuple[str, ...]
+    names: Optional[Sequence[Any]]
+    norm_grads: Optional[Sequence[Any]] = None
+    rounding_pieces: Optional[Sequence[Any]] = None
+
+
+def step(family: Family, cache: Any, call: StepCall) -> Tuple[bool, Optional[float]]:
+    """One CPU step: (applied, the global norm when clipping)."""
+    if family.rounding:
+        return _core.adam_step(cache, *call)
+    return _core.sgd_step(cache, *call[:-1])
+
+
+def device_step(family: Family, cache: Any, workspace: Any, call: StepCall, stream: Any) -> Tuple[bool, Any, bool]:
+    """One CUDA step: (applied, the norm when known now, whether it is still on the device)."""
+    entry = _core.cuda_adam_step if family.rounding else _core.cuda_sgd_step
+    return entry(cache, workspace, *call[:10], stream)
