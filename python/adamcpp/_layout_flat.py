@@ -28,6 +28,7 @@ from .flat import MISSING, FlatParams, FlatParamState, aligned_zeros
 
 _RAISE = NONFINITE_POLICIES["raise"]
 _SKIP = NONFINITE_POLICIES["skip"]
+_CHUNK = int(_core.chunk_elements)
 
 
 def _owner(a: np.ndarray) -> Any:
@@ -437,18 +438,23 @@ class FlatLayout(ListLayout):
         )
         applied, norm = _native.step(self.family, self.cache, call)
         if not applied and nonfinite == _RAISE:
-            raise FloatingPointError(self._nonfinite_message(scale, max_norm, norm))
+            raise FloatingPointError(self._nonfinite_message(scale, max_norm))
         return applied, norm, False
 
-    def _nonfinite_message(self, scale: float, max_norm: float, norm: Optional[float]) -> str:
-        """The list optimizer's message: the first parameter whose gradient,
-        at the scale the check used, has a NaN or Inf."""
+    def _nonfinite_message(self, scale: float, max_norm: float) -> str:
+        """The list optimizer's message: the first parameter whose gradient, at the scale the check used
+        (step_scalars.h's after-norm rule, through _core.after_norm, from the step's exact sum of squares), has
+        a NaN or Inf. Runs on the error path only."""
         check_scale = scale
-        if max_norm >= 0.0 and norm is not None:
-            ratio = max_norm / (norm + 1e-6)
-            coef = ratio if ratio != ratio else min(1.0, ratio)
-            if coef == coef:
-                check_scale = scale * coef  # a finite coefficient was folded in before the check
+        if max_norm >= 0.0:
+            total = sum(int(g.size) for g in self.norm_grads)
+            parts = np.zeros(-(-total // _CHUNK))
+            _core.chunk_sum_squares(self.norm_grads, parts, self.family.patterns, self.keys)
+            sum_squares = 0.0
+            for value in parts.tolist():  # in order, as the step adds them
+                sum_squares += value
+            found = _core.after_norm(sum_squares, scale, max_norm, _RAISE)[2]
+            check_scale = scale if found is None else found
         first = _core.first_nonfinite(self.norm_grads, check_scale, self.family.patterns, self.keys)
         where = self.grad_label(max(int(first), 0))
         return f"{where}: non-finite gradient (NaN or Inf after grad_scale); nothing was updated"

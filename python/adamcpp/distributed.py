@@ -68,7 +68,6 @@ __all__ = ["ZeroRedundancyOptimizer", "consolidate_shards", "padding"]
 # step, so a rank's part of a gradient norm has the single-process bits.
 ALIGNMENT_ELEMENTS = int(_core.chunk_elements)
 SHARD_FORMAT = 1
-_FLOAT_MAX = float(np.finfo(np.float32).max)
 _NO_INDEX = np.iinfo(np.int64).max
 
 
@@ -695,25 +694,16 @@ class ZeroRedundancyOptimizer:
                     comm.Reduce_scatter([buf, t], [self._recv[b], t], recvcounts=self.counts[b], op=MPI.SUM)
         t1 = time.perf_counter()
         # The same decisions, from the same numbers, as a single-process step over the summed gradients with
-        # grad_scale / N (multi_tensor.cpp, run_any_step); every rank reaches the same outcome.
+        # grad_scale / N (step_scalars.h's after-norm rule, through _core.after_norm); every rank reaches the
+        # same outcome.
         step_scale = scale / self.world_size
         norm: Optional[float] = None
         coef = 1.0
-        check = nonfinite != NONFINITE_POLICIES["propagate"]
-        bad = -1
-        check_scale = step_scale
+        check_scale: Optional[float] = step_scale if nonfinite != NONFINITE_POLICIES["propagate"] else None
         if max_norm >= 0.0:
-            norm = abs(step_scale) * math.sqrt(self._sum_squares())
-            ratio = max_norm / (norm + 1e-6)
-            coef = ratio if math.isnan(ratio) else min(1.0, ratio)
-            if math.isnan(coef):
-                if check:
-                    bad = self._first_nonfinite(step_scale)
-                check = False
-            check_scale = step_scale * coef
-            if norm * coef < 0.5 * _FLOAT_MAX and abs(check_scale) <= _FLOAT_MAX:
-                check = False
-        if check:
+            norm, coef, check_scale = _core.after_norm(self._sum_squares(), step_scale, max_norm, nonfinite)
+        bad = -1
+        if check_scale is not None:
             bad = self._first_nonfinite(check_scale)
         t2 = time.perf_counter()
         if bad >= 0:
