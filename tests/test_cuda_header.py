@@ -1,5 +1,5 @@
-"""cpp/optim_math.h (per element: the updates, the 16-bit conversions, the
-stochastic-rounding generator) and cpp/step_scalars.h (per step, on the host)
+"""cpp/core/optim_math.h (per element: the updates, the 16-bit conversions, the
+stochastic-rounding generator) and cpp/core/step_scalars.h (per step, on the host)
 are the arithmetic a CUDA unit shares with the CPU kernels.
 
 Without a GPU here, this proves what can be proven: nvcc compiles the header's
@@ -31,8 +31,8 @@ SOURCE = r"""
 #include <cmath>
 #include <cstdio>
 #include <vector>
-#include "optim_math.h"
-#include "step_scalars.h"
+#include "core/optim_math.h"
+#include "core/step_scalars.h"
 using namespace adamcpp;
 
 template <typename T, WeightDecay WD, bool A, EpsStyle E>

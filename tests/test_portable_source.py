@@ -90,7 +90,7 @@ def test_every_gnu_spelling_is_guarded():
 PROGRAM = r"""
 #include <cstdio>
 #include <cstdint>
-#include "optim_math.h"
+#include "core/optim_math.h"
 using namespace adamcpp::portable;
 
 // xorshift: the same operands for both builds.
@@ -139,14 +139,14 @@ def test_standard_branch_is_taken_under_the_define():
     """Guards the test above against comparing a branch with itself: the define selects the std:: branch."""
     if CPP is None:
         pytest.skip("needs the source tree's cpp/ (tests run against an installed package)")
-    text = (CPP / "optim_math.h").read_text(encoding="utf-8")
+    text = (CPP / "core" / "optim_math.h").read_text(encoding="utf-8")
     assert "!defined(ADAMCPP_STD_MATH)" in text and "std::fma(a, b, c)" in text and "std::sqrt(x)" in text
 
 
 CHECKED = r"""
 #include <cstdint>
 #include <cstdio>
-#include "checked_math.h"
+#include "core/checked_math.h"
 using adamcpp::add_fits;
 using adamcpp::mul_fits;
 
@@ -204,16 +204,19 @@ MINGW = shutil.which("x86_64-w64-mingw32-g++-posix") or shutil.which("x86_64-w64
 @pytest.mark.skipif(MINGW is None, reason="needs MinGW-w64 (Debian: g++-mingw-w64-x86-64-posix) to build for Windows")
 @pytest.mark.parametrize("isa, march", [("baseline", "x86-64"), ("avx2", "x86-64-v3"), ("avx512", "x86-64-v4")])
 def test_python_free_sources_build_for_windows(tmp_path, isa, march):
-    """The kernels and the dispatch (the sources that include no Python header) compile for Windows with MinGW-w64,
-    per ISA target with CMake's flags, OpenMP included: what a Windows build compiles besides the bindings."""
+    """Every Python-free source (cpp/core/: the kernels and probes per ISA target with CMake's flags, the dispatch,
+    the multi-tensor driver) compiles for Windows with MinGW-w64, OpenMP included: what a Windows build compiles
+    besides the glue (cpp/py/)."""
     assert CPP is not None and MINGW is not None
     flags = ["-std=c++17", "-O0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", f"-I{CPP}"]
-    for source, defines in (("kernels.cpp", [f"-DADAMCPP_ISA={isa}", f"-march={march}"]),
-                            ("probes.cpp", [f"-DADAMCPP_ISA={isa}", f"-march={march}"]),
-                            ("dispatch.cpp", ["-DADAMCPP_X86=1"])):
+    per_isa = [f"-DADAMCPP_ISA={isa}", f"-march={march}"]
+    defines = {"kernels.cpp": per_isa, "probes.cpp": per_isa, "dispatch.cpp": ["-DADAMCPP_X86=1"]}
+    sources = sorted(p.name for p in (CPP / "core").glob("*.cpp"))
+    assert {"kernels.cpp", "probes.cpp", "dispatch.cpp", "multi_tensor.cpp"} <= set(sources)
+    for source in sources:
         out = tmp_path / f"{source}.obj"
-        done = subprocess.run([MINGW, *flags, *defines, "-c", str(CPP / source), "-o", str(out)],
-                              capture_output=True, text=True)
+        done = subprocess.run([MINGW, *flags, *defines.get(source, []), "-c", str(CPP / "core" / source), "-o",
+                               str(out)], capture_output=True, text=True)
         assert done.returncode == 0, f"{source} ({isa}):\n{done.stderr[-3000:]}"
         assert out.stat().st_size > 0
 

@@ -6,7 +6,7 @@
 // and everything that would touch a device throws, naming how to build it.
 #include <stdexcept>
 
-#include "cuda_unit.h"
+#include "cuda/cuda_unit.h"
 
 namespace adamcpp {
 namespace cuda {

@@ -1,7 +1,7 @@
-// adamcpp: what the CUDA unit (cuda_unit.cu, compiled by nvcc with the static
-// CUDA runtime) offers the rest of the extension, in plain C++: the run-time
-// probe, device memory, stream order, and the per-optimizer workspace that runs
-// a step. No CUDA header and no Python here; errors are std::runtime_error.
+// adamcpp: what the CUDA unit (cuda_unit.cu and device_runtime.cu, compiled
+// by nvcc with the static CUDA runtime) offers the rest of the extension, in
+// plain C++: the run-time probe, device memory, stream order, and the
+// per-optimizer workspace that runs a step. No CUDA header and no Python here; errors are std::runtime_error.
 #pragma once
 
 #include <cstddef>
@@ -11,9 +11,9 @@
 #include <utility>
 #include <vector>
 
-#include "../kernels.h"
-#include "../multi_tensor.h"
-#include "step_runner.h"
+#include "core/kernels.h"
+#include "core/multi_tensor.h"
+#include "cuda/step_runner.h"
 
 namespace adamcpp {
 namespace cuda {
@@ -46,7 +46,7 @@ struct RuntimeInfo {
   std::string reason;  // why not available (empty when available)
 };
 
-// Whether this build has the unit proper (cuda_unit.cu); without it (cuda_absent.cpp) the probe reports it
+// Whether this build has the unit proper (the .cu files); without it (cuda_absent.cpp) the probe reports it
 // absent and every device operation throws.
 bool unit_compiled();
 

@@ -11,8 +11,8 @@
 #include <cstring>
 #include <vector>
 
-#include "step_kernels.cuh"
-#include "step_runner.h"
+#include "cuda/step_kernels.cuh"
+#include "cuda/step_runner.h"
 
 namespace adamcpp {
 namespace cuda {

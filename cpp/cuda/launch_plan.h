@@ -11,8 +11,8 @@
 #include <cstring>
 #include <vector>
 
-#include "../kernels.h"
-#include "../multi_tensor.h"
+#include "core/kernels.h"
+#include "core/multi_tensor.h"
 
 namespace adamcpp {
 namespace cuda {

@@ -12,9 +12,9 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../optim_math.h"
-#include "../step_scalars.h"
-#include "launch_plan.h"
+#include "core/optim_math.h"
+#include "core/step_scalars.h"
+#include "cuda/launch_plan.h"
 
 namespace adamcpp {
 namespace cuda {

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "launch_plan.h"
+#include "cuda/launch_plan.h"
 
 namespace adamcpp {
 namespace cuda {

@@ -1,12 +1,12 @@
 // adamcpp: the benchmark probes (ceiling Adam loop, STREAM triad). Compiled
 // once per ISA target with the kernels' flags, in adamcpp::<ADAMCPP_ISA>, so a
 // ceiling is measured with the same instructions the kernels may use.
-#include "probes.h"
+#include "core/probes.h"
 
 #include <type_traits>
 
-#include "isa_unit.h"
-#include "kernels.h"
+#include "core/isa_unit.h"
+#include "core/kernels.h"
 
 namespace adamcpp {
 namespace ADAMCPP_ISA {

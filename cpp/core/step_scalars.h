@@ -9,7 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels.h"
+#include "core/kernels.h"
 
 // The functions here that a CUDA kernel calls too.
 #if defined(__CUDACC__)

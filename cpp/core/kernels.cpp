@@ -13,8 +13,8 @@
 // around the same loop, which gives the same bits. Per ISA target: 24
 // compute-type loops, 12 compact-arithmetic ones (inside adam_blocked's blocks),
 // 9 fused, 2 blocked drivers and their converters.
-#include "kernels.h"
-#include "isa_unit.h"
+#include "core/kernels.h"
+#include "core/isa_unit.h"
 
 namespace adamcpp {
 namespace ADAMCPP_ISA {

@@ -11,8 +11,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "../optim_types.h"
-#include "cuda_unit.h"
+#include "core/optim_types.h"
+#include "cuda/cuda_unit.h"
 
 namespace adamcpp {
 namespace cuda {

@@ -11,9 +11,9 @@
 #include <cstdint>
 #include <string>
 
-#include "../array_checks.h"
-#include "../state_cache.h"
-#include "cuda_unit.h"
+#include "cuda/cuda_unit.h"
+#include "py/array_checks.h"
+#include "py/state_cache.h"
 
 namespace adamcpp {
 namespace cuda {
@@ -77,6 +77,13 @@ inline Interval interval_of(const DeviceArrayView& a, int role, std::size_t i) {
 // (a cudaStream_t; 0 is the legacy default stream), or a stream object
 // (`__cuda_stream__()`, torch's `.cuda_stream`, CuPy's `.ptr`).
 StreamId parse_stream(py::handle stream);
+
+// For the messages and the reading (device_checks.cpp): a shape as Python
+// writes it ("(2, 3)", "(4,)"), the dtype's name, and an attribute or null
+// when there is none (any other error propagates).
+std::string shape_str(const std::int64_t* dims, int nd);
+std::string dtype_str(const DeviceArrayView& a);
+py::object attr_or_null(PyObject* o, PyObject* name);
 
 // What the parser saw, as a dict (the Python layer reads shapes and dtypes of
 // device arrays from it; the tests read everything).

@@ -1,5 +1,5 @@
 // adamcpp: capability detection and the dispatch table.
-#include "dispatch.h"
+#include "core/dispatch.h"
 
 #include <atomic>
 #include <stdexcept>

@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "optim_types.h"
+#include "core/optim_types.h"
 
 namespace adamcpp {
 

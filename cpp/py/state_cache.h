@@ -22,10 +22,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "array_checks.h"
-#include "kernels.h"
-#include "multi_tensor.h"
-#include "step_scalars.h"
+#include "core/kernels.h"
+#include "core/multi_tensor.h"
+#include "core/step_scalars.h"
+#include "py/array_checks.h"
 
 namespace adamcpp {
 

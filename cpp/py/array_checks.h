@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels.h"
+#include "core/kernels.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define ADAMCPP_HOT inline __attribute__((always_inline))
@@ -142,6 +142,12 @@ ADAMCPP_HOT ArrayView check_array(PyObject* o, int role, std::size_t i, const La
   if (!ok || (a.flags & need) != need) array_error(o, role, i, labels, like, dtypes, need_write);
   return a;
 }
+
+// A plain buffer of a probe or an output argument (not a tensor of a step):
+// a numpy.ndarray of dtype `dtype` (float32, float64 or bfloat16), writeable,
+// aligned and C-contiguous, of `like`'s size when `like` is given; `what`
+// names it in a message.
+ArrayView probe_buffer(py::handle h, const char* what, DType dtype, const ArrayView* like);
 
 // A zero-filled array of dtype `dtype` shaped like `like` (state that starts now).
 py::array zeros_like(const ArrayView& like, DType dtype);

@@ -8,7 +8,7 @@
 #error "ADAMCPP_ISA must name the ISA target of this translation unit"
 #endif
 #define ADAMCPP_MATH_NS ADAMCPP_ISA
-#include "optim_math.h"
+#include "core/optim_math.h"
 
 #define ADAMCPP_STR2(x) #x
 #define ADAMCPP_STR(x) ADAMCPP_STR2(x)

@@ -1,13 +1,13 @@
 // adamcpp: the cold half of the array rules: error messages, new state arrays
 // and the aliasing check.
-#include "array_checks.h"
+#include "py/array_checks.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <limits>
 
-#include "optim_math.h"  // the portable conversions (this translation unit is no ISA target)
+#include "core/optim_math.h"  // the portable conversions (this translation unit is no ISA target)
 
 namespace adamcpp {
 
@@ -196,6 +196,22 @@ py::dtype dtype_object(DType d) {
 }
 
 }  // namespace
+
+ArrayView probe_buffer(py::handle h, const char* what, DType dtype, const ArrayView* like) {
+  using npy = py::detail::npy_api;
+  if (!is_ndarray(h.ptr())) type_error(std::string(what) + ": expected a numpy.ndarray");
+  const ArrayView a = raw_view(h.ptr());
+  if (a.dtype != static_cast<int>(dtype)) {
+    type_error(std::string(what) + ": expected " +
+               (dtype == DType::f32   ? "float32"
+                : dtype == DType::f64 ? "float64"
+                                      : "bfloat16"));
+  }
+  if (like != nullptr && a.numel != like->numel) value_error(std::string(what) + ": size mismatch");
+  const int need = npy::NPY_ARRAY_C_CONTIGUOUS_ | npy::NPY_ARRAY_ALIGNED_ | npy::NPY_ARRAY_WRITEABLE_;
+  if ((a.flags & need) != need) value_error(std::string(what) + ": expected a writeable, aligned, C-contiguous array");
+  return a;
+}
 
 py::array zeros_like(const ArrayView& like, DType dtype) {
   std::vector<py::ssize_t> shape(like.dims, like.dims + like.nd);

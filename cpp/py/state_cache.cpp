@@ -1,5 +1,5 @@
 // adamcpp: the per-optimizer owner of a step's state rows and scratch.
-#include "state_cache.h"
+#include "py/state_cache.h"
 
 #include <structmember.h>
 

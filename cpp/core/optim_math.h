@@ -28,7 +28,7 @@
 
 #include <cstdint>
 
-#include "optim_types.h"
+#include "core/optim_types.h"
 
 // GCC, Clang and nvcc's host pass spell sqrt, fma and memcpy as builtins (no
 // header, no errno); any other compiler (MSVC), or any build defining

@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "kernels.h"
+#include "core/kernels.h"
 
 namespace adamcpp {
 

@@ -1,5 +1,5 @@
-// adamcpp: the argument parsing that every step entry shares (bindings.cpp
-// defines it; the CUDA entries in cuda/cuda_bindings.cpp use it too): the
+// adamcpp: the argument parsing that every step entry shares (step_args.cpp
+// defines it; the CPU entries and the CUDA ones in py/cuda/ use it): the
 // lists a step holds, the step policy, the groups' hyperparameter tuples and
 // the interned state dict keys.
 #pragma once
@@ -9,9 +9,9 @@
 #include <cstddef>
 #include <vector>
 
-#include "multi_tensor.h"
-#include "state_cache.h"
-#include "step_scalars.h"
+#include "core/multi_tensor.h"
+#include "core/step_scalars.h"
+#include "py/state_cache.h"
 
 namespace adamcpp {
 

@@ -1,13 +1,13 @@
 // adamcpp: the chunked multi-tensor driver and the GIL-free core of a step,
 // shared by every ISA target (the kernels come from the dispatch table).
-#include "multi_tensor.h"
+#include "core/multi_tensor.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 
-#include "dispatch.h"
-#include "step_scalars.h"
+#include "core/dispatch.h"
+#include "core/step_scalars.h"
 
 #ifdef _OPENMP
 #include <omp.h>

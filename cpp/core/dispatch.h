@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels.h"
-#include "probes.h"
+#include "core/kernels.h"
+#include "core/probes.h"
 
 namespace adamcpp {
 

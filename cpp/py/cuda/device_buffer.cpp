@@ -1,7 +1,7 @@
 // adamcpp: adamcpp.cuda.DeviceArray: allocation, host copies, and its
 // DLPack and CUDA-array-interface exports (the capsule keeps the array alive
 // until the consumer's deleter runs).
-#include "device_buffer.h"
+#include "py/cuda/device_buffer.h"
 
 #include <pybind11/numpy.h>
 
@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "dlpack_abi.h"
+#include "py/cuda/dlpack_abi.h"
 
 namespace adamcpp {
 namespace cuda {
