@@ -78,7 +78,9 @@ void adam_functional(py::handle params_obj, py::handle grads_obj, py::handle exp
     set_adam_step(t, h, step, grad_scale, bc);
     set_storage(t, h, layout, step, i);
   }
-  run_and_report(sc.adam, policy, sc, labels, nullptr, nullptr);
+  sc.aliasing.check(sc.written, sc.read, labels);
+  py::gil_scoped_release release;
+  run_step(sc.adam.data(), n, policy, sc.workspace);  // "propagate": it applies
 }
 
 }  // namespace

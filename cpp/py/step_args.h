@@ -17,6 +17,26 @@ namespace adamcpp {
 
 namespace py = pybind11;
 
+// What an optimizer step reads, in the entries' order (the fields of the
+// Python layer's StepCall): the tensors' lists (params, grads, state dicts,
+// each tensor's group), the groups' hyperparameter tuples, the call's options,
+// the labels of messages, the gradients a flat optimizer's norm is taken over
+// and Adam's rounding pieces (None when absent).
+struct StepArgs {
+  py::handle params;
+  py::handle grads;
+  py::handle states;
+  py::handle group_of;
+  py::handle groups;
+  double grad_scale;
+  int nonfinite;
+  double max_grad_norm;
+  py::handle patterns;
+  py::handle names;
+  py::handle norm_grads;
+  py::handle rounding_pieces;
+};
+
 // Interned state dict keys, in role order after param and grad
 // (exp_avg, exp_avg_sq, max_exp_avg_sq, master_param; momentum_buffer).
 struct StateKeys {
@@ -30,6 +50,10 @@ PyObject* as_sequence(py::handle o, const char* what, std::size_t n, const char*
 PyObject* item(PyObject* seq, std::size_t i);
 // Holds every entry of `seq` for the call; returns the index of the first.
 std::size_t hold_all(PyObject* seq, std::size_t n, StepScratch& sc);
+// Room for `arrays` more holds (the CUDA entries hold a capsule or an
+// interface dict per array they read), so that pointers into sc.held stay
+// valid while arrays are read.
+inline void reserve_holds(StepScratch& sc, std::size_t arrays) { sc.held.reserve(sc.held.size() + arrays + 8); }
 // The parameter list: its length is the call's tensor count.
 PyObject* as_params(py::handle o);
 // An optimizer step's lists, held: held[0..n) params, held[n..2n) grads, held[2n..3n) state dicts. Returns n.

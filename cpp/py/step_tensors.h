@@ -2,8 +2,8 @@
 // into the kernels' tables (parameter, gradient, state; state that starts at
 // this step), how an Adam tensor stores its state, the rounding pieces of a
 // flat or sharded optimizer, the gradients a flat optimizer's norm is taken
-// over, and the GIL-free run with its report. The per-tensor helpers are
-// inline: every entry's loop calls them once per tensor.
+// over. The per-tensor helpers are inline: every entry's loop calls them once
+// per tensor.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -125,29 +125,5 @@ void link_pieces(StepScratch& sc, const std::vector<std::size_t>& counts);
 // flat optimizer passes its per-parameter gradient views in parameter order,
 // so its norm has exactly the bits of a list optimizer's. Held for the call.
 void take_norm_grads(py::handle norm_grads, const Labels& labels, StepScratch& sc, StepPolicy& policy);
-
-// Releases the GIL for the step and reports its outcome as (applied, grad_norm or None).
-template <typename Tensor>
-py::tuple run_and_report(std::vector<Tensor>& tensors, const StepPolicy& policy, StepScratch& sc, const Labels& labels,
-                         StateCache* cache, PyObject* const* keys) {
-  sc.aliasing.check(sc.written, sc.read, labels);
-  StepOutcome out;
-  {
-    py::gil_scoped_release release;
-    out = run_step(tensors.data(), tensors.size(), policy, sc.workspace);
-  }
-  py::object norm = policy.max_grad_norm >= 0.0 ? py::object(py::float_(out.grad_norm)) : py::object(py::none());
-  if (!out.applied) {
-    if (policy.nonfinite == Nonfinite::raise) {
-      const std::string msg = labels(kGrad, static_cast<std::size_t>(out.nonfinite_tensor)) +
-                              ": non-finite gradient (NaN or Inf after grad_scale); nothing was updated";
-      PyErr_SetString(PyExc_FloatingPointError, msg.c_str());
-      throw py::error_already_set();
-    }
-    return py::make_tuple(false, norm);
-  }
-  if (cache != nullptr) cache->commit(sc, keys);
-  return py::make_tuple(true, norm);
-}
 
 }  // namespace adamcpp

@@ -15,6 +15,7 @@
 #include "py/module.h"
 #include "py/state_cache.h"
 #include "py/step_args.h"
+#include "py/step_entry.h"
 #include "py/step_tensors.h"
 
 namespace py = pybind11;
@@ -26,33 +27,19 @@ namespace {
 // optimizer's state dicts ("step", "exp_avg", "exp_avg_sq" and, with amsgrad,
 // "max_exp_avg_sq", which starts at zero when absent) and is updated there on
 // success.
-py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_obj, py::handle states_obj,
-                    py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                    double max_grad_norm, py::handle patterns, py::handle names, py::handle norm_grads,
-                    py::handle rounding_pieces) {
-  const Labels labels{patterns, names};
-  StateCache::Lease lease(cache);
-  StepScratch& sc = lease.scratch();
-  StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
-  const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
-  parse_adam_groups(groups_obj, group_of_obj, n, sc.adam_groups, sc.group_of);
+py::tuple adam_entry(StateCache& cache, const StepArgs& args) {
+  StepEntry<AdamFamily> e(cache, args);
+  e.begin(4);
+  StepScratch& sc = e.sc;
+  const Labels& labels = e.labels;
+  const std::size_t n = e.n;
+  PyObject* const* held = e.held;
   // A flat or sharded optimizer's tensors round stochastically as its parameters would (take_pieces).
-  std::size_t pieces_at = 0;
   std::vector<std::size_t> piece_counts;
-  if (!rounding_pieces.is_none()) {
-    pieces_at = hold_all(as_sequence(rounding_pieces, "rounding_pieces", n, ""), n, sc);
-    piece_counts.assign(n, 0);
-  }
-  sc.pieces.clear();
-  PyObject* const* held = sc.held.data();
-  PyObject* const* keys = state_keys().adam;
-  cache.read(held + 2 * n, n, keys, 4);
-
-  sc.adam.resize(n);
-  sc.new_steps.resize(n);
+  if (e.has_pieces) piece_counts.assign(n, 0);
   BiasCorrections bc;
   for (std::size_t i = 0; i < n; ++i) {
-    const AdamHyper& h = sc.adam_groups[static_cast<std::size_t>(sc.group_of[i])];
+    const AdamHyper& h = e.group(i);
     AdamTensor& t = sc.adam[i];
     const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, kAnyDType, t, sc);
     const StateLayout layout = state_layout(h, p, i, labels);
@@ -69,41 +56,33 @@ py::tuple adam_step(StateCache& cache, py::handle params_obj, py::handle grads_o
       t.master_param = state_or_new(cache.entry(i, 3), kMasterParam, i, labels, p, DType::f32, sc, &is_new);
     }
     const std::int64_t step = cache.next_step(i);
-    set_adam_step(t, h, step, grad_scale, bc);
+    set_adam_step(t, h, step, args.grad_scale, bc);
     if (set_storage(t, h, layout, step, i) && !piece_counts.empty()) {
-      piece_counts[i] = take_pieces(held[pieces_at + i], i, p.numel, h, step, sc);
+      piece_counts[i] = take_pieces(held[e.pieces_at + i], i, p.numel, h, step, sc);
     }
     sc.new_steps[i] = step;
   }
   if (!piece_counts.empty()) link_pieces(sc, piece_counts);
-  take_norm_grads(norm_grads, labels, sc, policy);
-  return run_and_report(sc.adam, policy, sc, labels, &cache, keys);
+  take_norm_grads(args.norm_grads, labels, sc, e.policy);
+  return e.finish([&] { return run_step(sc.adam.data(), n, e.policy, sc.workspace); });
 }
 
 // One SGD step of an optimizer over every tensor. State dicts hold "step"
 // and, with momentum, "momentum_buffer"; a buffer that is absent or None
 // starts this step as the gradient (the first momentum step) and is stored
 // on success.
-py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_obj, py::handle states_obj,
-                   py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                   double max_grad_norm, py::handle patterns, py::handle names, py::handle norm_grads) {
-  const Labels labels{patterns, names};
-  StateCache::Lease lease(cache);
-  StepScratch& sc = lease.scratch();
-  StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
-  const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
-  parse_sgd_groups(groups_obj, group_of_obj, n, sc.sgd_groups, sc.group_of);
-  PyObject* const* held = sc.held.data();
-  PyObject* const* keys = state_keys().sgd;
-  cache.read(held + 2 * n, n, keys, 1);
-
-  sc.sgd.resize(n);
-  sc.new_steps.resize(n);
+py::tuple sgd_entry(StateCache& cache, const StepArgs& args) {
+  StepEntry<SgdFamily> e(cache, args);
+  e.begin(1);
+  StepScratch& sc = e.sc;
+  const Labels& labels = e.labels;
+  const std::size_t n = e.n;
+  PyObject* const* held = e.held;
   for (std::size_t i = 0; i < n; ++i) {
-    const SgdHyper& h = sc.sgd_groups[static_cast<std::size_t>(sc.group_of[i])];
+    const SgdHyper& h = e.group(i);
     SgdTensor& t = sc.sgd[i];
     const ArrayView p = take_param_grad(held[i], held[n + i], i, labels, kFullDTypes, t, sc);
-    set_sgd_step(t, h, grad_scale);
+    set_sgd_step(t, h, args.grad_scale);
     t.momentum_buffer = nullptr;
     t.first = false;
     if (t.momentum_mode != Momentum::none) {
@@ -111,8 +90,22 @@ py::tuple sgd_step(StateCache& cache, py::handle params_obj, py::handle grads_ob
     }
     sc.new_steps[i] = cache.next_step(i);
   }
-  take_norm_grads(norm_grads, labels, sc, policy);
-  return run_and_report(sc.sgd, policy, sc, labels, &cache, keys);
+  take_norm_grads(args.norm_grads, labels, sc, e.policy);
+  return e.finish([&] { return run_step(sc.sgd.data(), n, e.policy, sc.workspace); });
+}
+
+py::tuple adam_step(StateCache& cache, py::handle params, py::handle grads, py::handle states, py::handle group_of,
+                    py::handle groups, double grad_scale, int nonfinite, double max_grad_norm, py::handle patterns,
+                    py::handle names, py::handle norm_grads, py::handle rounding_pieces) {
+  return adam_entry(cache, StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm,
+                                    patterns, names, norm_grads, rounding_pieces});
+}
+
+py::tuple sgd_step(StateCache& cache, py::handle params, py::handle grads, py::handle states, py::handle group_of,
+                   py::handle groups, double grad_scale, int nonfinite, double max_grad_norm, py::handle patterns,
+                   py::handle names, py::handle norm_grads) {
+  return sgd_entry(cache, StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm,
+                                   patterns, names, norm_grads, py::handle(Py_None)});
 }
 
 }  // namespace

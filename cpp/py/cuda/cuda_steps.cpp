@@ -23,6 +23,7 @@
 #include "py/module.h"
 #include "py/state_cache.h"
 #include "py/step_args.h"
+#include "py/step_entry.h"
 
 namespace adamcpp {
 
@@ -31,29 +32,22 @@ namespace py = pybind11;
 namespace cuda {
 namespace {
 
-py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle params_obj, py::handle grads_obj,
-                    py::handle states_obj, py::handle group_of_obj, py::handle groups_obj, double grad_scale,
-                    int nonfinite, double max_grad_norm, py::handle patterns, py::handle names, py::handle stream_obj) {
-  const Labels labels{patterns, names};
-  StateCache::Lease lease(cache);
-  StepScratch& sc = lease.scratch();
+// One Adam step of an optimizer over CUDA arrays (adam_step's state, the
+// CUDA unit's step); new state starts on the device.
+py::tuple adam_entry(StateCache& cache, Workspace& ws, const StepArgs& args, py::handle stream_obj) {
+  StepEntry<AdamFamily> e(cache, args);
   const StreamId stream = parse_stream(stream_obj);
-  const StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
-  const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
-  reserve_holds(sc, 5 * n);
-  parse_adam_groups(groups_obj, group_of_obj, n, sc.adam_groups, sc.group_of);
-  PyObject* const* held = sc.held.data();
-  PyObject* const* keys = state_keys().adam;
-  cache.read(held + 2 * n, n, keys, 3);
-
+  e.begin(3, 5);
+  StepScratch& sc = e.sc;
+  const Labels& labels = e.labels;
+  const std::size_t n = e.n;
+  PyObject* const* held = e.held;
   DeviceCall call;
   DeviceArrayView p;  // the current tensor's parameter
-  sc.adam.resize(n);
-  sc.new_steps.resize(n);
   BiasCorrections bc;
   bool is_new = false;
   for (std::size_t i = 0; i < n; ++i) {
-    const AdamHyper& h = sc.adam_groups[static_cast<std::size_t>(sc.group_of[i])];
+    const AdamHyper& h = e.group(i);
     AdamTensor& t = sc.adam[i];
     if (h.state_dtype != StateDType::full) {
       type_error(labels(kParam, i) +
@@ -70,47 +64,30 @@ py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle params_obj, py:
           take_state(call, cache.entry(i, 2), kMaxExpAvgSq, i, labels, p, stream, sc, &t.max_exp_avg_sq, true, &is_new);
     }
     const std::int64_t step = cache.next_step(i);
-    set_adam_step(t, h, step, grad_scale, bc);
+    set_adam_step(t, h, step, args.grad_scale, bc);
     sc.new_steps[i] = step;
   }
-  sc.aliasing.check(sc.written, sc.read, labels);
-  prepare(call, stream, labels, sc);
-  StepResult out;
-  {
-    py::gil_scoped_release release;
-    out = ws.adam_step(call.device, stream, sc.adam.data(), n, policy);
-  }
-  if (out.applied) {
-    mark_written(call, stream);
-    cache.commit(sc, keys);
-  }
-  return report(out, policy, labels);
+  return e.finish([&] { prepare(call, stream, labels, sc); },
+                  [&] { return ws.adam_step(call.device, stream, sc.adam.data(), n, e.policy); },
+                  [&] { mark_written(call, stream); });
 }
 
-py::tuple sgd_step(StateCache& cache, Workspace& ws, py::handle params_obj, py::handle grads_obj, py::handle states_obj,
-                   py::handle group_of_obj, py::handle groups_obj, double grad_scale, int nonfinite,
-                   double max_grad_norm, py::handle patterns, py::handle names, py::handle stream_obj) {
-  const Labels labels{patterns, names};
-  StateCache::Lease lease(cache);
-  StepScratch& sc = lease.scratch();
+// One SGD step of an optimizer over CUDA arrays.
+py::tuple sgd_entry(StateCache& cache, Workspace& ws, const StepArgs& args, py::handle stream_obj) {
+  StepEntry<SgdFamily> e(cache, args);
   const StreamId stream = parse_stream(stream_obj);
-  const StepPolicy policy = step_policy(grad_scale, nonfinite, max_grad_norm);
-  const std::size_t n = hold_step_lists(params_obj, grads_obj, states_obj, sc);
-  reserve_holds(sc, 3 * n);
-  parse_sgd_groups(groups_obj, group_of_obj, n, sc.sgd_groups, sc.group_of);
-  PyObject* const* held = sc.held.data();
-  PyObject* const* keys = state_keys().sgd;
-  cache.read(held + 2 * n, n, keys, 1);
-
+  e.begin(1, 3);
+  StepScratch& sc = e.sc;
+  const Labels& labels = e.labels;
+  const std::size_t n = e.n;
+  PyObject* const* held = e.held;
   DeviceCall call;
   DeviceArrayView p;  // the current tensor's parameter
-  sc.sgd.resize(n);
-  sc.new_steps.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
-    const SgdHyper& h = sc.sgd_groups[static_cast<std::size_t>(sc.group_of[i])];
+    const SgdHyper& h = e.group(i);
     SgdTensor& t = sc.sgd[i];
     take_param_grad(call, held[i], held[n + i], i, labels, stream, sc, t, p);
-    set_sgd_step(t, h, grad_scale);
+    set_sgd_step(t, h, args.grad_scale);
     t.momentum_buffer = nullptr;
     t.first = false;
     if (t.momentum_mode != Momentum::none) {
@@ -119,18 +96,27 @@ py::tuple sgd_step(StateCache& cache, Workspace& ws, py::handle params_obj, py::
     }
     sc.new_steps[i] = cache.next_step(i);
   }
-  sc.aliasing.check(sc.written, sc.read, labels);
-  prepare(call, stream, labels, sc);
-  StepResult out;
-  {
-    py::gil_scoped_release release;
-    out = ws.sgd_step(call.device, stream, sc.sgd.data(), n, policy);
-  }
-  if (out.applied) {
-    mark_written(call, stream);
-    cache.commit(sc, keys);
-  }
-  return report(out, policy, labels);
+  return e.finish([&] { prepare(call, stream, labels, sc); },
+                  [&] { return ws.sgd_step(call.device, stream, sc.sgd.data(), n, e.policy); },
+                  [&] { mark_written(call, stream); });
+}
+
+py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle params, py::handle grads, py::handle states,
+                    py::handle group_of, py::handle groups, double grad_scale, int nonfinite, double max_grad_norm,
+                    py::handle patterns, py::handle names, py::handle stream) {
+  return adam_entry(cache, ws,
+                    StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm, patterns,
+                             names, py::handle(Py_None), py::handle(Py_None)},
+                    stream);
+}
+
+py::tuple sgd_step(StateCache& cache, Workspace& ws, py::handle params, py::handle grads, py::handle states,
+                   py::handle group_of, py::handle groups, double grad_scale, int nonfinite, double max_grad_norm,
+                   py::handle patterns, py::handle names, py::handle stream) {
+  return sgd_entry(cache, ws,
+                   StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm, patterns,
+                            names, py::handle(Py_None), py::handle(Py_None)},
+                   stream);
 }
 
 // The workspace of the calls that have no optimizer (functional.adam, global_norm), one at a time.

@@ -101,18 +101,6 @@ void take_param_grad(DeviceCall& call, PyObject* param, PyObject* grad, std::siz
   sc.read.push_back(interval_of(g, kGrad, i));
 }
 
-py::tuple report(const StepResult& out, const StepPolicy& policy, const Labels& labels) {
-  if (!out.applied && policy.nonfinite == Nonfinite::raise) {
-    const std::string msg = labels(kGrad, static_cast<std::size_t>(out.nonfinite_tensor)) +
-                            ": non-finite gradient (NaN or Inf after grad_scale); nothing was updated";
-    PyErr_SetString(PyExc_FloatingPointError, msg.c_str());
-    throw py::error_already_set();
-  }
-  py::object norm =
-      policy.max_grad_norm >= 0.0 && !out.norm_pending ? py::object(py::float_(out.grad_norm)) : py::object(py::none());
-  return py::make_tuple(out.applied, norm, out.norm_pending);
-}
-
 void mark_written(const DeviceCall& call, StreamId stream) {
   for (PyObject* o : call.written) device_array_of(o).set_last_stream(stream);
 }

@@ -65,14 +65,6 @@ void* take_state(DeviceCall& call, PyObject* entry, int role, std::size_t i, con
 void take_param_grad(DeviceCall& call, PyObject* param, PyObject* grad, std::size_t i, const Labels& labels,
                      StreamId stream, StepScratch& sc, TensorRef& ref, DeviceArrayView& p);
 
-// Room for every object a call may hold (its lists, and a capsule or interface dict per array), so that the
-// pointers into the held list stay valid while arrays are read.
-inline void reserve_holds(StepScratch& sc, std::size_t arrays) { sc.held.reserve(sc.held.size() + arrays + 8); }
-
-// A step's result, (applied, grad_norm or None, norm_pending); a refused step
-// under "raise" raises FloatingPointError naming the gradient.
-py::tuple report(const StepResult& out, const StepPolicy& policy, const Labels& labels);
-
 // The DeviceArrays the call wrote remember `stream` (a later call waits for it).
 void mark_written(const DeviceCall& call, StreamId stream);
 
