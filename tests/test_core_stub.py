@@ -370,23 +370,25 @@ def test_the_check_reads_every_function_of_the_module():
     functions = [n for n, m in binding.items() if m.kind == "function"]
     assert len(functions) > 30
     assert all(binding[n].signatures for n in functions)
-    (adam,) = binding["adam_step"].signatures
-    assert [p.name for p in adam][:2] == ["cache", "params"]
-    assert [p.name for p in adam if p.has_default] == ["norm_grads", "rounding_pieces"]
+    for entry, params in (("adam_step", ["cache", "call"]), ("sgd_step", ["cache", "call"]),
+                          ("cuda_adam_step", ["cache", "workspace", "call", "stream"]),
+                          ("cuda_sgd_step", ["cache", "workspace", "call", "stream"])):
+        (sig,) = binding[entry].signatures
+        assert [p.name for p in sig] == params and not any(p.has_default for p in sig), entry
     (dlpack,) = dict(binding["DeviceArray"].members)["__dlpack__"].signatures
     assert {p.kind for p in dlpack} == {KW_ONLY}
 
 
 def test_a_parameter_added_to_the_binding_but_not_the_stub_fails():
-    """The real binding against the real stub with rounding_pieces (a trailing
-    optional parameter of adam_step) taken out of the stub: the drift this test
-    exists for."""
+    """The real binding against the real stub with `stream` (a trailing
+    optional parameter of cuda_inspect) taken out of the stub: the drift this
+    test exists for."""
     source = _read_stub()
-    cut = re.sub(r"\n    rounding_pieces: [^\n]*\n", "\n", source, count=1)
-    assert cut != source, "the stub's adam_step has no rounding_pieces line to remove"
+    cut = source.replace("def cuda_inspect(array: Any, stream: Any = None)", "def cuda_inspect(array: Any)", 1)
+    assert cut != source, "the stub's cuda_inspect has no stream parameter to remove"
     problems = stub_drift(describe_module(_core), describe_stub(cut))
-    assert len(problems) == 1 and problems[0].startswith("adam_step: the module takes"), problems
-    assert "rounding_pieces = ..." in problems[0]
+    assert len(problems) == 1 and problems[0].startswith("cuda_inspect: the module takes"), problems
+    assert "stream = ..." in problems[0]
 
 
 # --------------------------------------------------------------------------- the checker on synthetic input

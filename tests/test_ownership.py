@@ -517,6 +517,7 @@ def test_native_owner_refuses_a_second_call_while_busy():
     """The native owner itself refuses overlapping calls (the Python lock
     normally prevents them)."""
     from adamcpp import _core
+    from adamcpp._native import StepCall
 
     params, grads = _problem()
     opt = adamcpp.Adam(params)
@@ -525,15 +526,16 @@ def test_native_owner_refuses_a_second_call_while_busy():
     def inner():
         box["err"] = None
         try:
-            _core.adam_step(opt._state_cache, opt.layout.params, grads[0], opt.state, opt.layout.group_of,
-                            opt._group_hypers(), 1.0, 0, -1.0, opt._family.patterns, None)
+            _core.adam_step(opt._state_cache, StepCall(opt.layout.params, grads[0], opt.state, opt.layout.group_of,
+                                                       opt._group_hypers(), 1.0, 0, -1.0, opt._family.patterns, None))
         except RuntimeError as err:
             box["err"] = err
 
     opt.state[0]["step"] = _SteppingCount(0, inner)
     opt._state_cache.clear()
-    _core.adam_step(opt._state_cache, opt.layout.params, grads[1], opt.state, opt.layout.group_of,
-                    [opt._family.hyper(opt.param_groups[0], "g")], 1.0, 0, -1.0, opt._family.patterns, None)
+    _core.adam_step(opt._state_cache, StepCall(opt.layout.params, grads[1], opt.state, opt.layout.group_of,
+                                               [opt._family.hyper(opt.param_groups[0], "g")], 1.0, 0, -1.0,
+                                               opt._family.patterns, None))
     assert isinstance(box["err"], RuntimeError) and "already running a step" in str(box["err"])
 
 

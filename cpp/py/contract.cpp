@@ -1,14 +1,16 @@
 // adamcpp: the named contract between the native steps and the Python layer:
-// the fields of the per-group hyperparameter tuples (in the order step_args.cpp
-// reads them), the names behind the integer codes a step reads, and the role
-// of each array of a tensor. The Python layer builds its named tuples from
-// these names and checks them on import.
+// the fields of a step's payload (step_args.h) and of the per-group
+// hyperparameter tuples (in the order step_args.cpp reads them), the names
+// behind the integer codes a step reads, and the role of each array of a
+// tensor. The Python layer builds its named tuples from these names and
+// checks them.
 #include <pybind11/pybind11.h>
 
 #include <cstddef>
 
 #include "py/array_checks.h"
 #include "py/module.h"
+#include "py/step_args.h"
 
 namespace py = pybind11;
 
@@ -44,6 +46,7 @@ void register_contract(py::module_& m) {
   m.attr("STATE_DTYPES") = names_tuple(kStateDTypeNames);
   m.attr("ROUNDINGS") = names_tuple(kRoundingNames);
   m.attr("SGD_ROLES") = names_tuple(kSgdRoles);
+  m.attr("STEP_FIELDS") = names_tuple(kStepFieldNames);
 }
 
 }  // namespace adamcpp

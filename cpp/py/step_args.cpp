@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -162,6 +163,72 @@ void parse_adam_groups(py::handle groups, py::handle group_of, std::size_t n, st
 void parse_sgd_groups(py::handle groups, py::handle group_of, std::size_t n, std::vector<SgdHyper>& out,
                       std::vector<int>& group_of_out) {
   parse_groups(groups, group_of, n, out, group_of_out, sgd_hyper);
+}
+
+namespace {
+
+// A float field of a step's payload (a Python float, or anything float() takes).
+double call_double(PyObject* call, int k) {
+  PyObject* o = PyTuple_GET_ITEM(call, k);
+  if (PyFloat_CheckExact(o)) return PyFloat_AS_DOUBLE(o);
+  const double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    type_error(std::string("call.") + kStepFieldNames[k] + ": expected a float, got " + type_name(o));
+  }
+  return v;
+}
+
+// An int field of a step's payload (an int, or anything with __index__; not a float).
+int call_int(PyObject* call, int k) {
+  PyObject* o = PyTuple_GET_ITEM(call, k);
+  const long v = PyFloat_Check(o) ? -1 : PyLong_AsLong(o);
+  if (PyFloat_Check(o) || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    type_error(std::string("call.") + kStepFieldNames[k] + ": expected an int, got " + type_name(o));
+  }
+  if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) {
+    value_error("internal: bad nonfinite policy");
+  }
+  return static_cast<int>(v);
+}
+
+// A field an entry has no use for: None.
+void require_none(PyObject* call, int k, const char* entry) {
+  PyObject* o = PyTuple_GET_ITEM(call, k);
+  if (o != Py_None) {
+    type_error(std::string("call.") + kStepFieldNames[k] + ": expected None (" + entry + " takes no " +
+               kStepFieldNames[k] + "), got " + type_name(o));
+  }
+}
+
+}  // namespace
+
+StepArgs step_args(py::handle call_obj, const char* entry, bool takes_norm_grads, bool takes_rounding_pieces) {
+  PyObject* call = call_obj.ptr();
+  if (!PyTuple_Check(call) || PyTuple_GET_SIZE(call) != kStepFields) {
+    std::string fields;
+    for (int k = 0; k < kStepFields; ++k) fields += std::string(k ? ", " : "") + kStepFieldNames[k];
+    type_error(
+        std::string("call: expected a StepCall, a tuple of the ") + std::to_string(kStepFields) + " fields (" + fields +
+        "), got " +
+        (PyTuple_Check(call) ? "a tuple of " + std::to_string(PyTuple_GET_SIZE(call)) + " fields" : type_name(call)));
+  }
+  if (!takes_norm_grads) require_none(call, kCallNormGrads, entry);
+  if (!takes_rounding_pieces) require_none(call, kCallRoundingPieces, entry);
+  const auto field = [call](int k) { return py::handle(PyTuple_GET_ITEM(call, k)); };
+  return StepArgs{field(kCallParams),
+                  field(kCallGrads),
+                  field(kCallStates),
+                  field(kCallGroupOf),
+                  field(kCallGroups),
+                  call_double(call, kCallGradScale),
+                  call_int(call, kCallNonfinite),
+                  call_double(call, kCallMaxGradNorm),
+                  field(kCallPatterns),
+                  field(kCallNames),
+                  field(kCallNormGrads),
+                  field(kCallRoundingPieces)};
 }
 
 // An optimizer step's lists: params (its length is the tensor count), grads

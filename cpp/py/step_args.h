@@ -17,11 +17,33 @@ namespace adamcpp {
 
 namespace py = pybind11;
 
-// What an optimizer step reads, in the entries' order (the fields of the
-// Python layer's StepCall): the tensors' lists (params, grads, state dicts,
-// each tensor's group), the groups' hyperparameter tuples, the call's options,
-// the labels of messages, the gradients a flat optimizer's norm is taken over
-// and Adam's rounding pieces (None when absent).
+// The fields of an optimizer step's payload, in order: the one definition of
+// _core.STEP_FIELDS, which the Python layer's StepCall (_native.py) matches.
+// The tensors' lists (params, grads, state dicts, each tensor's group), the
+// groups' hyperparameter tuples, the call's options, the labels of messages,
+// the gradients a flat optimizer's norm is taken over and Adam's rounding
+// pieces (None when absent).
+enum StepField : int {
+  kCallParams,
+  kCallGrads,
+  kCallStates,
+  kCallGroupOf,
+  kCallGroups,
+  kCallGradScale,
+  kCallNonfinite,
+  kCallMaxGradNorm,
+  kCallPatterns,
+  kCallNames,
+  kCallNormGrads,
+  kCallRoundingPieces,
+  kStepFields
+};
+inline constexpr const char* kStepFieldNames[kStepFields] = {"params",   "grads",      "states",     "group_of",
+                                                             "groups",   "grad_scale", "nonfinite",  "max_grad_norm",
+                                                             "patterns", "names",      "norm_grads", "rounding_pieces"};
+
+// A step's payload as read from the call (borrowed from it: the caller holds
+// the call, a tuple, for the whole step).
 struct StepArgs {
   py::handle params;
   py::handle grads;
@@ -36,6 +58,11 @@ struct StepArgs {
   py::handle norm_grads;
   py::handle rounding_pieces;
 };
+
+// Reads `call`, a tuple of the kStepFields fields (a StepCall), for the entry
+// named `entry`: a TypeError naming `call` (or the field) for anything else.
+// An entry without a use for norm_grads or rounding_pieces requires None.
+StepArgs step_args(py::handle call, const char* entry, bool takes_norm_grads, bool takes_rounding_pieces);
 
 // Interned state dict keys, in role order after param and grad
 // (exp_avg, exp_avg_sq, max_exp_avg_sq, master_param; momentum_buffer).

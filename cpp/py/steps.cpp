@@ -94,35 +94,26 @@ py::tuple sgd_entry(StateCache& cache, const StepArgs& args) {
   return e.finish([&] { return run_step(sc.sgd.data(), n, e.policy, sc.workspace); });
 }
 
-py::tuple adam_step(StateCache& cache, py::handle params, py::handle grads, py::handle states, py::handle group_of,
-                    py::handle groups, double grad_scale, int nonfinite, double max_grad_norm, py::handle patterns,
-                    py::handle names, py::handle norm_grads, py::handle rounding_pieces) {
-  return adam_entry(cache, StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm,
-                                    patterns, names, norm_grads, rounding_pieces});
+py::tuple adam_step(StateCache& cache, py::handle call) {
+  return adam_entry(cache, step_args(call, "adam_step", true, true));
 }
 
-py::tuple sgd_step(StateCache& cache, py::handle params, py::handle grads, py::handle states, py::handle group_of,
-                   py::handle groups, double grad_scale, int nonfinite, double max_grad_norm, py::handle patterns,
-                   py::handle names, py::handle norm_grads) {
-  return sgd_entry(cache, StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm,
-                                   patterns, names, norm_grads, py::handle(Py_None)});
+py::tuple sgd_step(StateCache& cache, py::handle call) {
+  return sgd_entry(cache, step_args(call, "sgd_step", true, false));
 }
 
 }  // namespace
 
 void register_steps(py::module_& m) {
-  m.def("adam_step", &adam_step, py::arg("cache"), py::arg("params"), py::arg("grads"), py::arg("states"),
-        py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
-        py::arg("patterns"), py::arg("names"), py::arg("norm_grads") = py::none(),
-        py::arg("rounding_pieces") = py::none(),
+  m.def("adam_step", &adam_step, py::arg("cache"), py::arg("call"),
         "Validate every tensor, then apply one fused Adam step to all of them in one GIL-free call.\n"
-        "With clipping, the norm is taken over `norm_grads` when given; stochastic rounding keys each part\n"
-        "of a tensor as `rounding_pieces` says. Returns (applied, grad_norm or None).");
-  m.def("sgd_step", &sgd_step, py::arg("cache"), py::arg("params"), py::arg("grads"), py::arg("states"),
-        py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"), py::arg("max_grad_norm"),
-        py::arg("patterns"), py::arg("names"), py::arg("norm_grads") = py::none(),
+        "`call` is a StepCall (a tuple of the STEP_FIELDS). With clipping, the norm is taken over\n"
+        "`call.norm_grads` when given; stochastic rounding keys each part of a tensor as\n"
+        "`call.rounding_pieces` says. Returns (applied, grad_norm or None).");
+  m.def("sgd_step", &sgd_step, py::arg("cache"), py::arg("call"),
         "Validate every tensor, then apply one fused SGD step to all of them in one GIL-free call.\n"
-        "With clipping, the norm is taken over `norm_grads` when given. Returns (applied, grad_norm or None).");
+        "`call` is a StepCall (a tuple of the STEP_FIELDS; rounding_pieces None). With clipping, the norm is\n"
+        "taken over `call.norm_grads` when given. Returns (applied, grad_norm or None).");
 }
 
 }  // namespace adamcpp

@@ -27,8 +27,12 @@ ADAM_ROLES: Tuple[str, ...]
 SGD_ROLES: Tuple[str, ...]
 STATE_DTYPES: Tuple[str, ...]
 ROUNDINGS: Tuple[str, ...]
+# The fields of a step's payload, in order: _native.StepCall's.
+STEP_FIELDS: Tuple[str, ...]
 
 _Patterns = Sequence[str]
+# A step's payload: adamcpp._native.StepCall, a named tuple of the STEP_FIELDS.
+_StepCall = Tuple[Any, ...]
 
 class StateCache:
     """An optimizer's native owner: what its steps reuse (state rows, scratch,
@@ -42,54 +46,30 @@ class StateCache:
 def set_state_type(type: type) -> None:
     """Register the dict subclass whose '_reader' slot is cleared on every edit."""
 
-def adam_step(
-    cache: StateCache,
-    params: Sequence[np.ndarray],
-    grads: Sequence[np.ndarray],
-    states: Sequence[dict],
-    group_of: Sequence[int],
-    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, int, int, int, int, int, int]],
-    grad_scale: float,
-    nonfinite: int,
-    max_grad_norm: float,
-    patterns: _Patterns,
-    names: Optional[Sequence[object]],
-    norm_grads: Optional[Sequence[np.ndarray]] = None,
-    rounding_pieces: Optional[Sequence[Optional[np.ndarray]]] = None,
-) -> Tuple[bool, Optional[float]]:
+def adam_step(cache: StateCache, call: _StepCall) -> Tuple[bool, Optional[float]]:
     """One fused Adam step of an optimizer over every tensor.
 
-    `groups` holds one AdamHyper per group (fields ADAM_HYPER_FIELDS),
-    `group_of` each tensor's group. Arrays and step counts come from the state
-    dicts and are updated there on success. nonfinite indexes
-    NONFINITE_POLICIES; max_grad_norm < 0 disables clipping; `patterns` labels
-    each role (ADAM_ROLES) in messages and `names` are dict-form keys. With
-    clipping, the norm is taken over `norm_grads` when given (a flat
-    optimizer's per-parameter views) instead of the step's tensors.
-    `rounding_pieces` (one entry per tensor) keys stochastic rounding by
-    parameter: None, or an int64 array of rows (start, parameter, first) saying
-    that the tensor's elements from `start` round as elements first, first + 1,
-    ... of parameter `parameter` would in a list optimizer (starts increasing
-    from 0); None for the whole argument or an entry: the tensor rounds as
-    itself. Returns (applied, grad_norm).
+    `call` is the step's payload, a tuple of the fields STEP_FIELDS (a
+    _native.StepCall), read by index; anything else is a TypeError naming
+    `call`. Its `groups` holds one AdamHyper per group (fields
+    ADAM_HYPER_FIELDS), `group_of` each tensor's group. Arrays and step counts
+    come from the state dicts (`states`) and are updated there on success.
+    `nonfinite` indexes NONFINITE_POLICIES; max_grad_norm < 0 disables
+    clipping; `patterns` labels each role (ADAM_ROLES) in messages and `names`
+    are dict-form keys. With clipping, the norm is taken over `norm_grads`
+    when given (a flat optimizer's per-parameter views) instead of the step's
+    tensors. `rounding_pieces` (one entry per tensor) keys stochastic rounding
+    by parameter: None, or an int64 array of rows (start, parameter, first)
+    saying that the tensor's elements from `start` round as elements first,
+    first + 1, ... of parameter `parameter` would in a list optimizer (starts
+    increasing from 0); None for the whole field or an entry: the tensor
+    rounds as itself. Returns (applied, grad_norm).
     """
 
-def sgd_step(
-    cache: StateCache,
-    params: Sequence[np.ndarray],
-    grads: Sequence[np.ndarray],
-    states: Sequence[dict],
-    group_of: Sequence[int],
-    groups: Sequence[Tuple[float, float, float, float, bool, bool]],
-    grad_scale: float,
-    nonfinite: int,
-    max_grad_norm: float,
-    patterns: _Patterns,
-    names: Optional[Sequence[object]],
-    norm_grads: Optional[Sequence[np.ndarray]] = None,
-) -> Tuple[bool, Optional[float]]:
-    """One fused SGD step of an optimizer over every tensor; `groups` holds
-    one SgdHyper per group (fields SGD_HYPER_FIELDS)."""
+def sgd_step(cache: StateCache, call: _StepCall) -> Tuple[bool, Optional[float]]:
+    """One fused SGD step of an optimizer over every tensor; `call` as for
+    adam_step, its `groups` one SgdHyper per group (fields SGD_HYPER_FIELDS)
+    and its `rounding_pieces` None."""
 
 def adam_functional(
     params: Sequence[np.ndarray],
@@ -247,36 +227,13 @@ class CudaWorkspace:
         """The global norm of the last step that left it on the device (waits for that step)."""
 
 def cuda_adam_step(
-    cache: StateCache,
-    workspace: CudaWorkspace,
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    states: Sequence[dict],
-    group_of: Sequence[int],
-    groups: Sequence[Tuple[float, float, float, float, float, bool, bool, bool, int, int, int, int, int, int]],
-    grad_scale: float,
-    nonfinite: int,
-    max_grad_norm: float,
-    patterns: _Patterns,
-    names: Optional[Sequence[object]],
-    stream: Any,
+    cache: StateCache, workspace: CudaWorkspace, call: _StepCall, stream: Any
 ) -> Tuple[bool, Optional[float], bool]:
-    """adam_step on CUDA arrays; returns (applied, grad_norm or None, norm_pending)."""
+    """adam_step on CUDA arrays (`call`'s norm_grads and rounding_pieces
+    None); returns (applied, grad_norm or None, norm_pending)."""
 
 def cuda_sgd_step(
-    cache: StateCache,
-    workspace: CudaWorkspace,
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    states: Sequence[dict],
-    group_of: Sequence[int],
-    groups: Sequence[Tuple[float, float, float, float, bool, bool]],
-    grad_scale: float,
-    nonfinite: int,
-    max_grad_norm: float,
-    patterns: _Patterns,
-    names: Optional[Sequence[object]],
-    stream: Any,
+    cache: StateCache, workspace: CudaWorkspace, call: _StepCall, stream: Any
 ) -> Tuple[bool, Optional[float], bool]:
     """sgd_step on CUDA arrays; returns (applied, grad_norm or None, norm_pending)."""
 

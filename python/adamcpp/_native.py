@@ -13,7 +13,8 @@ from ._family import Family
 
 
 class StepCall(NamedTuple):
-    """What one native step reads, in the entries' order: the tensors (params,
+    """What one native step reads, passed as it is (the entries read its fields
+    by index: they are _core.STEP_FIELDS, in order): the tensors (params,
     grads, states, each tensor's group), the groups' validated hyperparameter
     tuples, the call's options (grad_scale, the nonfinite policy's code,
     max_grad_norm < 0 for none), the message patterns and names, the arrays
@@ -36,12 +37,11 @@ class StepCall(NamedTuple):
 
 def step(family: Family, cache: Any, call: StepCall) -> Tuple[bool, Optional[float]]:
     """One CPU step: (applied, the global norm when clipping)."""
-    if family.rounding:
-        return _core.adam_step(cache, *call)
-    return _core.sgd_step(cache, *call[:-1])
+    entry = _core.adam_step if family.rounding else _core.sgd_step
+    return entry(cache, call)
 
 
 def device_step(family: Family, cache: Any, workspace: Any, call: StepCall, stream: Any) -> Tuple[bool, Any, bool]:
     """One CUDA step: (applied, the norm when known now, whether it is still on the device)."""
     entry = _core.cuda_adam_step if family.rounding else _core.cuda_sgd_step
-    return entry(cache, workspace, *call[:10], stream)
+    return entry(cache, workspace, call, stream)

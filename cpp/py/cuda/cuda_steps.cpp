@@ -101,22 +101,12 @@ py::tuple sgd_entry(StateCache& cache, Workspace& ws, const StepArgs& args, py::
                   [&] { mark_written(call, stream); });
 }
 
-py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle params, py::handle grads, py::handle states,
-                    py::handle group_of, py::handle groups, double grad_scale, int nonfinite, double max_grad_norm,
-                    py::handle patterns, py::handle names, py::handle stream) {
-  return adam_entry(cache, ws,
-                    StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm, patterns,
-                             names, py::handle(Py_None), py::handle(Py_None)},
-                    stream);
+py::tuple adam_step(StateCache& cache, Workspace& ws, py::handle call, py::handle stream) {
+  return adam_entry(cache, ws, step_args(call, "cuda_adam_step", false, false), stream);
 }
 
-py::tuple sgd_step(StateCache& cache, Workspace& ws, py::handle params, py::handle grads, py::handle states,
-                   py::handle group_of, py::handle groups, double grad_scale, int nonfinite, double max_grad_norm,
-                   py::handle patterns, py::handle names, py::handle stream) {
-  return sgd_entry(cache, ws,
-                   StepArgs{params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm, patterns,
-                            names, py::handle(Py_None), py::handle(Py_None)},
-                   stream);
+py::tuple sgd_step(StateCache& cache, Workspace& ws, py::handle call, py::handle stream) {
+  return sgd_entry(cache, ws, step_args(call, "cuda_sgd_step", false, false), stream);
 }
 
 // The workspace of the calls that have no optimizer (functional.adam, global_norm), one at a time.
@@ -209,15 +199,12 @@ double global_norm(py::handle grads_obj, py::handle patterns, py::handle names, 
 }  // namespace cuda
 
 void register_cuda_steps(py::module_& m) {
-  m.def("cuda_adam_step", &cuda::adam_step, py::arg("cache"), py::arg("workspace"), py::arg("params"), py::arg("grads"),
-        py::arg("states"), py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"),
-        py::arg("max_grad_norm"), py::arg("patterns"), py::arg("names"), py::arg("stream"),
-        "adam_step on CUDA arrays: validate everything, then one table upload and one launch per variant group "
-        "on `stream`. Returns (applied, grad_norm or None, norm_pending).");
-  m.def("cuda_sgd_step", &cuda::sgd_step, py::arg("cache"), py::arg("workspace"), py::arg("params"), py::arg("grads"),
-        py::arg("states"), py::arg("group_of"), py::arg("groups"), py::arg("grad_scale"), py::arg("nonfinite"),
-        py::arg("max_grad_norm"), py::arg("patterns"), py::arg("names"), py::arg("stream"),
-        "sgd_step on CUDA arrays. Returns (applied, grad_norm or None, norm_pending).");
+  m.def("cuda_adam_step", &cuda::adam_step, py::arg("cache"), py::arg("workspace"), py::arg("call"), py::arg("stream"),
+        "adam_step on CUDA arrays (`call`: a StepCall whose norm_grads and rounding_pieces are None): validate "
+        "everything, then one table upload and one launch per variant group on `stream`. Returns (applied, "
+        "grad_norm or None, norm_pending).");
+  m.def("cuda_sgd_step", &cuda::sgd_step, py::arg("cache"), py::arg("workspace"), py::arg("call"), py::arg("stream"),
+        "sgd_step on CUDA arrays (`call` as for cuda_adam_step). Returns (applied, grad_norm or None, norm_pending).");
   m.def("cuda_adam_functional", &cuda::adam_functional, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("hyper"), py::arg("grad_scale"),
         py::arg("patterns"), py::arg("stream"), "adam_functional on CUDA arrays.");
