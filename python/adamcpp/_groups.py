@@ -280,3 +280,51 @@ def check_same_params(groups: Any, params_refs: Sequence[Sequence[Any]], fixed: 
         ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
         if len(ps) != len(old) or any(a is not b for a, b in zip(ps, old)):
             raise ValueError(f"param_groups[{gi}]['params']: {fixed}")
+
+
+class FixedGroups:
+    """The groups of an optimizer whose parameters are fixed (flat mode, a
+    ZeroRedundancyOptimizer). Between calls a group list or group dicts holding
+    the same arrays in the same order are adopted; any other change of the
+    parameters is refused (ValueError ending with `fixed`). With `as_tuples`
+    each adopted group's "params" becomes a tuple (it cannot be edited in place)."""
+
+    __slots__ = ("as_tuples", "fixed", "group_refs", "groups_ref", "params_refs")
+
+    def __init__(self, groups: Any, fixed: str, as_tuples: bool = False):
+        self.fixed = fixed
+        self.as_tuples = as_tuples
+        self.adopt(groups)
+
+    def adopt(self, groups: Any) -> None:
+        self.groups_ref = groups
+        self.group_refs = list(groups)
+        if self.as_tuples:
+            for g in groups:
+                if type(g.get("params")) is not tuple:
+                    g["params"] = tuple(g["params"])
+        self.params_refs = [g["params"] for g in groups]
+
+    def follow(self, groups: Any) -> None:
+        """Adopts `groups` (the optimizer's param_groups now) if they hold the same parameters, else raises."""
+        if groups is self.groups_ref and len(groups) == len(self.group_refs):
+            for g, r, p in zip(groups, self.group_refs, self.params_refs):
+                if g is not r or g.get("params") is not p:
+                    break
+            else:
+                return
+        check_same_params(groups, self.params_refs, self.fixed)
+        self.adopt(groups)
+
+
+def group_entries(groups: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """The groups as a state dict holds them (PyTorch's layout): each group's hyperparameters and its
+    parameters' indices in the optimizer's order."""
+    entries = []
+    index = 0
+    for g in groups:
+        entry = {k: v for k, v in g.items() if k != "params"}
+        entry["params"] = list(range(index, index + len(g["params"])))
+        index += len(g["params"])
+        entries.append(entry)
+    return entries

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _core, _native
 from ._family import Family
-from ._groups import ParamGroup, ParamState, check_same_params, grads_list
+from ._groups import FixedGroups, ParamGroup, ParamState, grads_list
 from ._layout_list import ListLayout
 from ._lock import CallLock
 from ._ranges import Range, rounding_pieces
@@ -104,7 +104,12 @@ class FlatLayout(ListLayout):
         # per parameter: state key -> (the range's array it was made from, the view handed out)
         self.views: List[Dict[Any, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in indices]
         self.moved = False
-        self._adopt_groups_from(self.opt.param_groups)
+        self.fixed = FixedGroups(
+            self.opt.param_groups,
+            "a flat optimizer steps a fixed set of FlatParams views in fixed groups: its parameters cannot be "
+            "added, removed, replaced or regrouped (build a new optimizer)",
+            as_tuples=True,
+        )
         self.load(states)
         self.opt.state = self.facades
 
@@ -331,14 +336,6 @@ class FlatLayout(ListLayout):
                 self.dirty = True
 
     # ----------------------------------------------------------- each call
-    def _adopt_groups_from(self, groups: Any) -> None:
-        self.groups_ref = groups
-        self.group_refs = list(groups)
-        for g in groups:
-            if type(g.get("params")) is not tuple:
-                g["params"] = tuple(g["params"])
-        self.params_refs = [g["params"] for g in groups]
-
     def add_group(self, param_group: Mapping[str, Any]) -> None:
         raise ValueError(
             "add_param_group: a flat optimizer steps a fixed set of FlatParams views; "
@@ -350,29 +347,12 @@ class FlatLayout(ListLayout):
         dicts holding the same parameters are adopted (any other change of the
         parameters is refused), and a replaced `opt.state` is taken in."""
         opt = self.opt
-        groups = opt.param_groups
-        same = groups is self.groups_ref and len(groups) == len(self.group_refs)
-        if same:
-            for g, r, p in zip(groups, self.group_refs, self.params_refs):
-                if g is not r or g.get("params") is not p:
-                    same = False
-                    break
-        if not same:
-            self._check_same_params(groups)
-            self._adopt_groups_from(groups)
+        self.fixed.follow(opt.param_groups)
         if opt.state is not self.facades:
             self._take_state(opt.state)
             opt.state = self.facades
         moved, self.moved = self.moved, False
         return moved
-
-    def _check_same_params(self, groups: Any) -> None:
-        check_same_params(
-            groups,
-            self.params_refs,
-            "a flat optimizer steps a fixed set of FlatParams views in fixed groups: its parameters cannot be "
-            "added, removed, replaced or regrouped (build a new optimizer)",
-        )
 
     def _take_state(self, new: Any) -> None:
         n = len(self.slot)

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _precision
 from ._family import Family
-from ._groups import label
+from ._groups import group_entries, label
 from ._lock import CallLock
 from ._ranges import Range
 from ._statedict import read_state_dict
@@ -98,15 +98,6 @@ class ZeroCheckpoints:
                 states.append(st)
         return records, states
 
-    def _group_entries(self) -> List[Dict[str, Any]]:
-        groups, index = [], 0
-        for g in self.param_groups:
-            entry = {k: v for k, v in g.items() if k != "params"}
-            entry["params"] = list(range(index, index + len(g["params"])))
-            index += len(g["params"])
-            groups.append(entry)
-        return groups
-
     def _expect_layout(self) -> Dict[str, Any]:
         return {
             "buffers": [[dt.str, int(buf.size)] for dt, buf in zip(self.flat.dtypes, self.flat.buffers)],
@@ -131,7 +122,7 @@ class ZeroCheckpoints:
                     k: {n: (v.copy() if isinstance(v, np.ndarray) else v) for n, v in st.items()}
                     for k, st in enumerate(states)
                 },
-                "param_groups": self._group_entries(),
+                "param_groups": group_entries(self.param_groups),
                 "zero": {
                     "format": SHARD_FORMAT,
                     "world_size": self.world_size,
@@ -241,7 +232,7 @@ class ZeroCheckpoints:
                 else:
                     entry[k] = v
             state[i] = entry
-        return {"state": state, "param_groups": self._group_entries(), "zero_run": self.run_id}
+        return {"state": state, "param_groups": group_entries(self.param_groups), "zero_run": self.run_id}
 
     def state_dict(self) -> Dict[str, Any]:
         """On the rank that `consolidate_state_dict(to=...)` named: the whole

@@ -38,9 +38,9 @@ from . import _core
 from . import flat as _flat
 from ._family import family_of
 from ._groups import (
+    FixedGroups,
     ParamGroup,
     check_new_params,
-    check_same_params,
     grads_list,
     group_hyper,
     label,
@@ -216,9 +216,11 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
             ]
             self._refresh_params()
         self._install(geometry.runs(), None)
-        self._groups_ref = self.param_groups
-        self._group_refs = list(self.param_groups)
-        self._params_refs = [g["params"] for g in self.param_groups]
+        self._fixed = FixedGroups(
+            self.param_groups,
+            "a ZeroRedundancyOptimizer steps a fixed set of parameters in fixed groups: they cannot be added, "
+            "removed, replaced or regrouped (build a new optimizer)",
+        )
 
     def _install(self, runs: List[Range], states: Optional[List[Dict[str, Any]]]) -> None:
         """Builds the local optimizer over `runs` (plus a zero-size stand-in
@@ -261,22 +263,7 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
 
     # -------------------------------------------------------------------- step
     def _check_structure(self) -> None:
-        groups = self.param_groups
-        if (
-            groups is self._groups_ref
-            and len(groups) == len(self._group_refs)
-            and all(g is r and g.get("params") is p for g, r, p in zip(groups, self._group_refs, self._params_refs))
-        ):
-            return
-        check_same_params(
-            groups,
-            self._params_refs,
-            "a ZeroRedundancyOptimizer steps a fixed set of parameters in fixed groups: they cannot be added, "
-            "removed, replaced or regrouped (build a new optimizer)",
-        )
-        self._groups_ref = groups
-        self._group_refs = list(groups)
-        self._params_refs = [g["params"] for g in groups]
+        self._fixed.follow(self.param_groups)
 
     def _hypers(self) -> Tuple[List[Optional[float]], bytes]:
         """Validates every group's hyperparameters (kept until the group is

@@ -21,6 +21,7 @@ from . import _core, _family, cuda
 from ._groups import (
     ParamGroup,
     ParamState,
+    group_entries,
     group_hyper,
     group_params,
     label,
@@ -228,13 +229,7 @@ class Optimizer:
             self._sync()
             export = self._layout.export_value
             state = {i: {k: export(k, v, i) for k, v in s.items()} for i, s in enumerate(self.state)}
-            groups = []
-            index = 0
-            for g in self.param_groups:
-                entry = {k: v for k, v in g.items() if k != "params"}
-                entry["params"] = list(range(index, index + len(g["params"])))
-                index += len(g["params"])
-                groups.append(entry)
+            groups = group_entries(self.param_groups)
         finally:
             self._lock.leave()
         return {"state": state, "param_groups": groups}
