@@ -411,11 +411,11 @@ def test_immutable_group_keeps_its_validated_values_until_edited():
     opt = adamcpp.Adam(params, lr=1e-2)
     opt.step(grads[0])
     group = opt.param_groups[0]
-    assert group._hyper is not None and group._hyper.lr == 1e-2
+    assert group.validated_hyper is not None and group.validated_hyper.lr == 1e-2
     group.update(eps=1e-3)
-    assert group._hyper is None
+    assert group.validated_hyper is None
     opt.step(grads[1])
-    assert group._hyper.eps == 1e-3
+    assert group.validated_hyper.eps == 1e-3
 
 
 # ---------------------------------------------------------------------------

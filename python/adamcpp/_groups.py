@@ -113,27 +113,25 @@ class ParamGroup(_EditAwareDict):
     its validated hyperparameters until it is edited. A group holding a
     mutable value (a list or an array as betas) is validated at every step."""
 
-    __slots__ = ("_hyper",)
+    # The validated tuple (None until validated, and after any edit): read on every step, so a slot the
+    # optimizer reads directly.
+    __slots__ = ("validated_hyper",)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._hyper: Any = None
+        self.validated_hyper: Any = None
 
     def _edited(self) -> None:
-        self._hyper = None
+        self.validated_hyper = None
 
     def validated(self, gi: int, check_hyper: Callable[[Mapping[str, Any], str], Any]) -> Any:
         """The validated hyperparameters: kept until an edit, unless a value is mutable (re-read every step)."""
-        hyper = self._hyper
+        hyper = self.validated_hyper
         if hyper is None:
             hyper = check_hyper(self, f"param_groups[{gi}]")
             if all(_immutable(v) or (k == "lr" and callable(v)) for k, v in self.items() if k != "params"):
-                self._hyper = hyper
+                self.validated_hyper = hyper
         return hyper
-
-    def is_validated(self) -> bool:
-        """Whether the group holds a validated tuple from an earlier call."""
-        return self._hyper is not None
 
 
 class ParamState(_EditAwareDict):

@@ -47,7 +47,11 @@ class DeviceLayout(ListLayout):
     def step(
         self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
     ) -> Tuple[bool, Optional[float], bool]:
-        call = _native.StepCall(
+        applied, norm, pending = _native.device_step(
+            self.family,
+            self.cache,
+            self.device.workspace,
+            stream,
             self.params,
             grads,
             self.opt.state,
@@ -59,7 +63,6 @@ class DeviceLayout(ListLayout):
             self.family.patterns,
             self.keys,
         )
-        applied, norm, pending = _native.device_step(self.family, self.cache, self.device.workspace, call, stream)
         return bool(applied), norm, bool(pending)
 
     def pending_norm(self) -> Optional[float]:

@@ -402,7 +402,9 @@ class FlatLayout(ListLayout):
             self.normalize()
         # "raise" runs as "skip" here, so that the message can name the first
         # parameter (not the range) whose gradient is not finite.
-        call = _native.StepCall(
+        applied, norm = _native.step(
+            self.family,
+            self.cache,
             self.seg_params,
             self.seg_grads,
             self.seg_states,
@@ -413,10 +415,9 @@ class FlatLayout(ListLayout):
             max_norm,
             self.family.patterns,
             self.seg_names,
-            self.norm_grads if max_norm >= 0.0 else None,
-            self.seg_pieces if self.family.rounding else None,
+            norm_grads=self.norm_grads if max_norm >= 0.0 else None,
+            rounding_pieces=self.seg_pieces if self.family.rounding else None,
         )
-        applied, norm = _native.step(self.family, self.cache, call)
         if not applied and nonfinite == _RAISE:
             raise FloatingPointError(self._nonfinite_message(scale, max_norm))
         return applied, norm, False

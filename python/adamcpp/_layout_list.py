@@ -103,12 +103,15 @@ class ListLayout(Layout):
 
     # ------------------------------------------------------------------- step
     def grads(self, grads: Any) -> Any:
-        return grads_list(grads, self.keys)
+        kind = type(grads)
+        return grads if kind is list or kind is tuple else grads_list(grads, self.keys)
 
     def step(
         self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
     ) -> Tuple[bool, Optional[float], bool]:
-        call = _native.StepCall(
+        applied, norm = _native.step(
+            self.family,
+            self.cache,
             self.params,
             grads,
             self.opt.state,
@@ -119,10 +122,8 @@ class ListLayout(Layout):
             max_norm,
             self.family.patterns,
             self.keys,
-            None,
-            self.rounding_pieces,
+            rounding_pieces=self.rounding_pieces,
         )
-        applied, norm = _native.step(self.family, self.cache, call)
         return applied, norm, False
 
     def drop_entry(self, key: str, groups: Container[int]) -> None:

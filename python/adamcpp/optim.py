@@ -142,9 +142,10 @@ class Optimizer:
         first = 0
         check = self._family.hyper
         for gi, g in enumerate(self.param_groups):
-            if type(g) is not ParamGroup or not g.is_validated():
+            hyper = g.validated_hyper if type(g) is ParamGroup else None
+            if hyper is None:
                 self._masters_checked = False
-            hyper = group_hyper(g, gi, check)
+                hyper = group_hyper(g, gi, check)
             lr = g["lr"]
             size = len(g["params"])
             if callable(lr):
