@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _native, cuda
+from . import cuda
 from ._groups import ParamState, label
 from ._layout_list import ListLayout
 
@@ -21,6 +21,7 @@ class DeviceLayout(ListLayout):
     def __init__(self, *args: Any, device: Any):
         super().__init__(*args)
         self.device = device  # cuda.OptimizerDevice: the workspace and the device's rules
+        self.workspace = device.workspace  # the list layout's step runs on the device with it
 
     @staticmethod
     def device_for(first: Any, keys: Optional[Tuple[Any, ...]]) -> Any:
@@ -43,27 +44,6 @@ class DeviceLayout(ListLayout):
     # ------------------------------------------------------------------- step
     def check_stream(self) -> None:
         return None
-
-    def step(
-        self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
-    ) -> Tuple[bool, Optional[float], bool]:
-        applied, norm, pending = _native.device_step(
-            self.family,
-            self.cache,
-            self.device.workspace,
-            stream,
-            self.params,
-            grads,
-            self.opt.state,
-            self.group_of,
-            hypers,
-            scale,
-            nonfinite,
-            max_norm,
-            self.family.patterns,
-            self.keys,
-        )
-        return bool(applied), norm, bool(pending)
 
     def pending_norm(self) -> Optional[float]:
         return self.device.pending_norm()

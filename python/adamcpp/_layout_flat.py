@@ -402,7 +402,7 @@ class FlatLayout(ListLayout):
             self.normalize()
         # "raise" runs as "skip" here, so that the message can name the first
         # parameter (not the range) whose gradient is not finite.
-        applied, norm = _native.step(
+        applied, norm, _ = _native.step(
             self.family,
             self.cache,
             self.seg_params,

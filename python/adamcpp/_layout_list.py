@@ -21,6 +21,7 @@ from ._validation import check_param_array
 
 class ListLayout(Layout):
     mode = "list"
+    workspace: Any = None  # a device layout's CUDA workspace
 
     def setup(self, groups: List[Dict[str, Any]], with_state: bool = True) -> None:
         """Adds the constructor's groups (validated in order, with fresh state unless `with_state` is False)."""
@@ -109,7 +110,7 @@ class ListLayout(Layout):
     def step(
         self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
     ) -> Tuple[bool, Optional[float], bool]:
-        applied, norm = _native.step(
+        return _native.step(
             self.family,
             self.cache,
             self.params,
@@ -123,8 +124,9 @@ class ListLayout(Layout):
             self.family.patterns,
             self.keys,
             rounding_pieces=self.rounding_pieces,
+            workspace=self.workspace,
+            stream=stream,
         )
-        return applied, norm, False
 
     def drop_entry(self, key: str, groups: Container[int]) -> None:
         for s, gi in zip(self.opt.state, self.group_of):

@@ -1,8 +1,9 @@
 """The one caller of _core's step entries (docs/api.md §11).
 
 Every layout (list, flat, device) and ZeroRedundancyOptimizer's local
-optimizer reach the native step through `step` / `device_step` with one named
-payload, `StepCall`; the family (Adam, SGD) picks the entry."""
+optimizer reach the native step through `step` with one named payload,
+`StepCall`; the family (Adam, SGD) and the device (a CUDA workspace or none)
+pick the entry."""
 
 from __future__ import annotations
 
@@ -50,10 +51,13 @@ def step(
     names: Optional[Sequence[Any]],
     norm_grads: Optional[Sequence[Any]] = None,
     rounding_pieces: Optional[Sequence[Any]] = None,
-) -> Tuple[bool, Optional[float]]:
-    """One CPU step: (applied, the global norm when clipping). The parameters after `cache` are StepCall's
-    fields; the payload is built here, in their order, as a plain tuple (what a StepCall is to the entries,
-    without a named tuple's construction on every step)."""
+    workspace: Any = None,
+    stream: Any = None,
+) -> Tuple[bool, Optional[float], bool]:
+    """One step: (applied, the global norm when clipping and known now, whether it is still on the device).
+    The parameters after `cache` are StepCall's fields; the payload is built here, in their order, as a plain
+    tuple (what a StepCall is to the entries, without a named tuple's construction on every step). With a
+    CUDA `workspace` the step runs on the device, queued on `stream` (norm_grads and rounding_pieces None)."""
     call = (
         params,
         grads,
@@ -68,29 +72,8 @@ def step(
         norm_grads,
         rounding_pieces,
     )
-    if family.rounding:
-        return _core.adam_step(cache, call)
-    return _core.sgd_step(cache, call)
-
-
-def device_step(
-    family: Family,
-    cache: Any,
-    workspace: Any,
-    stream: Any,
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    states: Sequence[Any],
-    group_of: Sequence[int],
-    groups: Sequence[Any],
-    grad_scale: float,
-    nonfinite: int,
-    max_grad_norm: float,
-    patterns: Tuple[str, ...],
-    names: Optional[Sequence[Any]],
-) -> Tuple[bool, Any, bool]:
-    """One CUDA step on `workspace`, queued on `stream`: (applied, the norm when known now, whether it is still
-    on the device). The parameters after `stream` are StepCall's fields (norm_grads and rounding_pieces None)."""
-    call = (params, grads, states, group_of, groups, grad_scale, nonfinite, max_grad_norm, patterns, names, None, None)
-    entry = _core.cuda_adam_step if family.rounding else _core.cuda_sgd_step
-    return entry(cache, workspace, call, stream)
+    if workspace is not None:
+        entry = _core.cuda_adam_step if family.rounding else _core.cuda_sgd_step
+        return entry(cache, workspace, call, stream)
+    applied, norm = (_core.adam_step if family.rounding else _core.sgd_step)(cache, call)
+    return applied, norm, False
