@@ -71,15 +71,15 @@ class Optimizer:
         check_nonfinite(nonfinite)
         check_max_grad_norm(max_grad_norm)
         self._family = _family.family_of(type(self))
+        self._family.hyper(defaults, "defaults")
+        self.defaults: Dict[str, Any] = dict(defaults)
+        if params is _DEFAULTS_ONLY:
+            return  # defaults_for: the class's defaults, validated; no parameters, state or runtime
         self._start_runtime()
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
         self._last_grad_norm: Optional[float] = None
         self._norm_pending = False
-        self._family.hyper(defaults, "defaults")
-        self.defaults: Dict[str, Any] = dict(defaults)
-        if params is _DEFAULTS_ONLY:
-            return
         self.param_groups: List[Dict[str, Any]] = []
         self.state: Any = []  # one dict per parameter (a flat optimizer's: a tuple of mappings)
         groups, keys = normalize_params(unwrap(params))
