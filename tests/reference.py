@@ -699,7 +699,7 @@ def bf16_bits_stochastic(x: np.ndarray, r: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-# float16 and NaN. adamcpp converts a NaN between float32 and float16 by its bits alone (cpp/optim_math.h: the
+# float16 and NaN. adamcpp converts a NaN between float32 and float16 by its bits alone (cpp/core/optim_math.h: the
 # sign and the top of the payload kept, the quiet bit neither set nor cleared), the rule of NumPy's software
 # conversion. NumPy's own astype is that software routine on x86-64, but a hardware instruction where the build
 # target has one (NumPy 2's aarch64 wheels: FCVT), which quiets a signalling NaN and raises FE_INVALID (NumPy's

@@ -353,6 +353,39 @@ def test_functional_bad_50th_param(case):
     assert all(same_bits(a, b) for a, b in zip(everything, before))
 
 
+@pytest.mark.parametrize("case", sorted(PARAM_REPLACE_CASES) + ["numpy_scalar"])
+def test_bad_param_has_one_message_at_construction_and_in_the_step(case):
+    """Construction checks a parameter with the native step's own rule
+    (_core.check_param): the same text as the step's check of the same array."""
+    maker, exc, _ = PARAM_REPLACE_CASES.get(case, (lambda a: np.float32(1), TypeError, []))
+    params = make_params()
+    params[LAST] = maker(params[LAST])
+    with pytest.raises(exc) as at_construction:
+        Adam(params)
+    grads = make_grads(make_params(), 1)
+    ms = [np.zeros_like(p) for p in grads]
+    vs = [np.zeros_like(p) for p in grads]
+    with pytest.raises(exc) as in_the_step:
+        functional_adam(params, grads, ms, vs, step=1, lr=1e-2)
+    assert str(at_construction.value) == str(in_the_step.value)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, 2**63 - 1, 10**50])
+def test_live_step_count_has_one_message_in_flat_mode_and_in_the_step(value):
+    """Flat mode checks an edited step count with the native step's own rule
+    (_core.check_step): the same text as a list optimizer's step."""
+    messages = []
+    for flat in (False, True):
+        params = make_params()
+        source = adamcpp.FlatParams(params) if flat else None
+        opt = Adam(source if flat else params, lr=1e-2)
+        opt.state[LAST]["step"] = value
+        with pytest.raises((TypeError, ValueError)) as info:
+            opt.step(source.grads if flat else make_grads(params, 1))
+        messages.append((type(info.value), str(info.value)))
+    assert messages[0] == messages[1]
+
+
 # ------------------------------------------------------------------------ aliasing
 def _alias_grad_is_param(opt, params, grads):
     grads[LAST] = params[LAST]

@@ -1,5 +1,6 @@
 // adamcpp: the cold half of the array rules: error messages, new state arrays
-// and the aliasing check.
+// and the aliasing check; and the rules as _core names for the Python layer's
+// checks before any state exists (register_array_checks).
 #include "py/array_checks.h"
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <limits>
 
 #include "core/optim_math.h"  // the portable conversions (this translation unit is no ISA target)
+#include "py/module.h"
 
 namespace adamcpp {
 
@@ -17,7 +19,10 @@ void init_array_checks() { g_ndarray_type = py::detail::npy_api::get().PyArray_T
 
 void type_error(const std::string& msg) { throw py::type_error(msg); }
 void value_error(const std::string& msg) { throw py::value_error(msg); }
-std::string type_name(PyObject* o) { return Py_TYPE(o)->tp_name; }
+// type(o).__name__, as the Python layer's messages write it ("float64", not tp_name's "numpy.float64").
+std::string type_name(PyObject* o) {
+  return py::str(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(o))).attr("__name__")).cast<std::string>();
+}
 
 std::string Labels::operator()(int role, std::size_t i) const {
   std::string key;
@@ -120,43 +125,46 @@ int recognise_user_dtype(PyObject* descr) {
 
 void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like, unsigned dtypes,
                  bool need_write) {
+  array_error_named(o, role, labels(role, i), like != nullptr ? labels(kParam, i) : std::string(), like, dtypes,
+                    need_write);
+}
+
+void array_error_named(PyObject* o, int role, const std::string& label, const std::string& param_label,
+                       const ArrayView* like, unsigned dtypes, bool need_write) {
   using npy = py::detail::npy_api;
-  if (!is_ndarray(o)) type_error(labels(role, i) + ": expected a numpy.ndarray, got " + type_name(o));
+  if (!is_ndarray(o)) type_error(label + ": expected a numpy.ndarray, got " + type_name(o));
   const ArrayView a = raw_view(o);
   const bool dtype_ok = ((dtypes >> a.dtype) & 1u) != 0;
   if (!dtype_ok) {
     if (like == nullptr || !single_dtype(dtypes)) {
-      type_error(labels(role, i) + ": expected dtype " + dtype_set(dtypes) + " (native byte order), got " +
-                 dtype_str(a));
+      type_error(label + ": expected dtype " + dtype_set(dtypes) + " (native byte order), got " + dtype_str(a));
     }
     const DType want = only_dtype(dtypes);
     const char* why = role == kMasterParam  ? " (a master copy is float32)"
                       : want == DType::bf16 ? " (state_dtype='bfloat16')"
                                             : " (the state of a 16-bit parameter, with state_dtype='float32')";
     if (role != kMasterParam && want != DType::bf16 && static_cast<int>(want) == like->dtype) {
-      type_error(labels(role, i) + ": expected dtype " + dtype_str(*like) + " like " + labels(kParam, i) + ", got " +
-                 dtype_str(a));
+      type_error(label + ": expected dtype " + dtype_str(*like) + " like " + param_label + ", got " + dtype_str(a));
     }
-    type_error(labels(role, i) + ": expected dtype " + dtype_name(want) + why + ", got " + dtype_str(a));
+    type_error(label + ": expected dtype " + dtype_name(want) + why + ", got " + dtype_str(a));
   }
   if (like != nullptr) {
     bool same_shape = a.nd == like->nd;
     for (int d = 0; same_shape && d < a.nd; ++d) same_shape = a.dims[d] == like->dims[d];
     if (!same_shape) {
-      value_error(labels(role, i) + ": expected shape " + shape_str(*like) + " like " + labels(kParam, i) + ", got " +
-                  shape_str(a));
+      value_error(label + ": expected shape " + shape_str(*like) + " like " + param_label + ", got " + shape_str(a));
     }
   }
   if (!(a.flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
-    value_error(labels(role, i) +
+    value_error(label +
                 ": expected a C-contiguous array, got a non-contiguous view (adamcpp updates buffers in "
                 "place and never copies; pass a contiguous array)");
   }
   if (!(a.flags & npy::NPY_ARRAY_ALIGNED_)) {
-    value_error(labels(role, i) + ": expected an aligned array, got a misaligned buffer");
+    value_error(label + ": expected an aligned array, got a misaligned buffer");
   }
   if (need_write && !(a.flags & npy::NPY_ARRAY_WRITEABLE_)) {
-    value_error(labels(role, i) + ": expected a writeable array, got a read-only one");
+    value_error(label + ": expected a writeable array, got a read-only one");
   }
   throw std::logic_error("array_error: the array breaks no rule");
 }
@@ -281,6 +289,46 @@ void AliasCheck::check(const std::vector<Interval>& written, const std::vector<I
     }
   }
   read_ = read;
+}
+
+namespace {
+
+// Every dtype, kNoDType included: the layout rules alone.
+constexpr unsigned kEveryDType = ~0u;
+
+// The rules of check_array for one array that is no tensor of a step yet,
+// named by `label` in a message.
+void check_labelled(PyObject* o, const py::str& label, unsigned dtypes, bool need_write) {
+  if (is_ndarray(o) && obeys_rules(raw_view(o), nullptr, dtypes, need_write)) return;
+  array_error_named(o, kParam, label.cast<std::string>(), std::string(), nullptr, dtypes, need_write);
+}
+
+}  // namespace
+
+void register_array_checks(py::module_& m) {
+  m.def(
+      "check_param",
+      [](py::handle p, const py::str& label, bool half) {
+        check_labelled(p.ptr(), label, half ? kAnyDType : kFullDTypes, true);
+      },
+      py::arg("p"), py::arg("label"), py::arg("half") = true,
+      "The native step's rules for a parameter (a numpy.ndarray of dtype float16, bfloat16, float32 or float64 in "
+      "native byte order -- float32 or float64 only when `half` is False --, C-contiguous, aligned, writeable), "
+      "refused with its messages, `label` naming the array.");
+  m.def(
+      "check_layout", [](py::handle a, const py::str& label) { check_labelled(a.ptr(), label, kEveryDType, false); },
+      py::arg("a"), py::arg("label"),
+      "The native step's layout rules for an array it reads in place (a numpy.ndarray, C-contiguous, aligned), "
+      "refused with its messages, `label` naming the array.");
+  m.def(
+      "check_step",
+      [](py::handle value, const py::str& where) {
+        return as_step(value.ptr(), 0, kMaxStoredStep, [&where] { return where.cast<std::string>(); });
+      },
+      py::arg("value"), py::arg("where"),
+      "A state's step count as the native step reads it (an int, or an integer type with __index__, in [0, "
+      "MAX_STEP_COUNT]), refused with its messages, `where` naming it.");
+  m.attr("MAX_STEP_COUNT") = kMaxStoredStep;
 }
 
 }  // namespace adamcpp

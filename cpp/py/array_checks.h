@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -126,20 +127,31 @@ ADAMCPP_HOT ArrayView raw_view(PyObject* o) {
 [[noreturn]] void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
                               unsigned dtypes, bool need_write);
 
-// The rules for every array of a tensor: one of `dtypes`, the shape of
-// `like` (the tensor's parameter; null for the parameter itself),
-// C-contiguous, aligned and, with need_write, writeable.
-ADAMCPP_HOT ArrayView check_array(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
-                                  unsigned dtypes, bool need_write) {
+// array_error with the labels written out: `label` names the array,
+// `param_label` its parameter (read only when `like` is set). The rules are
+// checked in this order: numpy.ndarray, dtype, shape, C-contiguous, aligned,
+// writeable.
+[[noreturn]] void array_error_named(PyObject* o, int role, const std::string& label, const std::string& param_label,
+                                    const ArrayView* like, unsigned dtypes, bool need_write);
+
+// Whether an ndarray obeys the rules for every array of a tensor: one of
+// `dtypes`, the shape of `like` (the tensor's parameter; null for the
+// parameter itself), C-contiguous, aligned and, with need_write, writeable.
+ADAMCPP_HOT bool obeys_rules(const ArrayView& a, const ArrayView* like, unsigned dtypes, bool need_write) {
   using npy = py::detail::npy_api;
-  ArrayView a;
-  if (!is_ndarray(o)) array_error(o, role, i, labels, like, dtypes, need_write);
-  a = raw_view(o);
   bool ok = ((dtypes >> a.dtype) & 1u) != 0 && (like == nullptr || a.nd == like->nd);
   for (int d = 0; ok && like != nullptr && d < a.nd; ++d) ok = a.dims[d] == like->dims[d];
   const int need =
       npy::NPY_ARRAY_C_CONTIGUOUS_ | npy::NPY_ARRAY_ALIGNED_ | (need_write ? npy::NPY_ARRAY_WRITEABLE_ : 0);
-  if (!ok || (a.flags & need) != need) array_error(o, role, i, labels, like, dtypes, need_write);
+  return ok && (a.flags & need) == need;
+}
+
+// The rules above for every array of a tensor, refused with array_error.
+ADAMCPP_HOT ArrayView check_array(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like,
+                                  unsigned dtypes, bool need_write) {
+  if (!is_ndarray(o)) array_error(o, role, i, labels, like, dtypes, need_write);
+  const ArrayView a = raw_view(o);
+  if (!obeys_rules(a, like, dtypes, need_write)) array_error(o, role, i, labels, like, dtypes, need_write);
   return a;
 }
 
@@ -183,6 +195,9 @@ class AliasCheck {
   std::vector<std::uintptr_t> ends_;
   std::vector<Interval> read_;
 };
+
+// The largest step count a state may hold: a step must be able to add one.
+constexpr std::int64_t kMaxStoredStep = std::numeric_limits<std::int64_t>::max() - 1;
 
 // An int step count in [minimum, maximum]; `what()` names it for a message.
 // May run Python code (an `__index__`), so callers hold what they use.

@@ -33,6 +33,7 @@ PYBIND11_MODULE(_core, m) {
   register_norms(m);
   register_params_unchanged(m);
   register_contract(m);
+  register_array_checks(m);
   register_probes(m);
 
   m.def("compiled_targets", &compiled_targets, "SIMD targets compiled into this build.");

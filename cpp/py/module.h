@@ -8,6 +8,7 @@
 namespace adamcpp {
 
 void register_contract(pybind11::module_& m);          // contract.cpp: the named contract (field and role names)
+void register_array_checks(pybind11::module_& m);      // array_checks.cpp: the array and step-count rules
 void register_steps(pybind11::module_& m);             // steps.cpp: the optimizer steps (adam_step, sgd_step)
 void register_functional(pybind11::module_& m);        // functional.cpp: the stateless step
 void register_norms(pybind11::module_& m);             // norms.cpp: global_norm and the norm's pieces

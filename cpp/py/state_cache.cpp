@@ -3,7 +3,6 @@
 
 #include <structmember.h>
 
-#include <limits>
 #include <string>
 
 namespace adamcpp {
@@ -16,9 +15,6 @@ Py_ssize_t g_reader_offset = 0;
 PyObject** reader_slot(PyObject* dict) {
   return reinterpret_cast<PyObject**>(reinterpret_cast<char*>(dict) + g_reader_offset);
 }
-
-// The largest count a state may hold: a step must be able to add one.
-constexpr std::int64_t kMaxStoredStep = std::numeric_limits<std::int64_t>::max() - 1;
 
 PyObject* step_key() {
   static PyObject* key = PyUnicode_InternFromString("step");  // lives as long as the interpreter

@@ -113,6 +113,26 @@ def after_norm(
     `sum_squares` is the gradients' unscaled sum of squares; nonfinite indexes
     NONFINITE_POLICIES."""
 
+# The native step's rules for one array or step count, with its messages
+# (cpp/py/array_checks.cpp), for the Python layer's checks before any state
+# exists: construction, a group's change, ZeRO's gradients, an edited count.
+MAX_STEP_COUNT: int
+
+def check_param(p: Any, label: str, half: bool = True) -> None:
+    """A parameter: a numpy.ndarray of dtype float16, bfloat16, float32 or
+    float64 in native byte order (float32 or float64 only when `half` is
+    False), C-contiguous, aligned and writeable; TypeError or ValueError naming
+    `label` otherwise, checked in that order."""
+
+def check_layout(a: Any, label: str) -> None:
+    """An array the step reads in place: a numpy.ndarray, C-contiguous and
+    aligned; TypeError or ValueError naming `label` otherwise."""
+
+def check_step(value: Any, where: str) -> int:
+    """A state's step count as the native step reads it: an int or an integer
+    type with __index__ (no bool), in [0, MAX_STEP_COUNT]; returned as an int,
+    TypeError or ValueError naming `where` otherwise."""
+
 def params_unchanged(param_groups: Sequence[dict], flat: Sequence[np.ndarray], group_of: Sequence[int]) -> bool:
     """Whether param_groups still holds exactly the arrays of `flat`, grouped as `group_of` says."""
 

@@ -16,7 +16,6 @@ import numpy as np
 from . import _core, _native
 from ._groups import ParamGroup, ParamState, check_new_params, grads_list, group_params, label, validated_group
 from ._layout import Layout
-from ._validation import check_param_array
 
 
 class ListLayout(Layout):
@@ -37,7 +36,7 @@ class ListLayout(Layout):
     # ------------------------------------------------------------- parameters
     def check_param(self, p: Any, i: int, keys: Optional[Tuple[Any, ...]], params: Sequence[Any]) -> None:
         """Parameter i is an array this layout can step."""
-        check_param_array(p, label(i, keys), self.family.half_params)
+        _core.check_param(p, label(i, keys), self.family.half_params)
 
     def check_layout(self, p: Any, group: Mapping[str, Any], where: str) -> None:
         """Refuses a parameter that its group's options cannot store, before any state is made."""

@@ -1,35 +1,29 @@
 """Input checks shared by the optimizers, flat mode, ZeRO, the functional API
-and the schedules: hyperparameters, the arrays a step updates in place, step
-counts, and the native indices of option names.
+and the schedules: hyperparameters, step counts, and the native indices of
+option names.
 
 Every check here runs before any buffer is written. Messages name the offending
-parameter and say what was expected.
+parameter and say what was expected. The rules for the arrays a step updates in
+place are the native step's own, bound as `_core.check_param` and
+`_core.check_layout` (cpp/py/array_checks.cpp), and called as they are.
 """
 
 from __future__ import annotations
 
 import numbers
-import operator
 from math import isfinite as _isfinite
 from typing import Any, Optional
 
 import numpy as np
 
 from . import _core
-from ._precision import is_half
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # The native core's names, index = the value it reads.
 EPS_STYLES = _core.EPS_STYLES
 NONFINITE_POLICIES = {name: i for i, name in enumerate(_core.NONFINITE_POLICIES)}
 STATE_DTYPES = _core.STATE_DTYPES
 ROUNDINGS = _core.ROUNDINGS
 MAX_SEED = 2**64 - 1
-
-
-def is_float_dtype(dtype: np.dtype) -> bool:
-    """float16, bfloat16, float32 or float64, in native byte order."""
-    return dtype.isnative and (dtype in FLOAT_DTYPES or is_half(dtype))
 
 
 def _is_real(x: Any) -> bool:
@@ -144,71 +138,29 @@ def check_max_grad_norm(value: Optional[float]) -> float:
     return check_float(value, "max_grad_norm", minimum=0.0)
 
 
-def check_layout(a: np.ndarray, label: str) -> None:
-    """The memory rules of every array a step reads in place: C-contiguous and aligned."""
-    if not a.flags.c_contiguous:
-        raise ValueError(
-            f"{label}: expected a C-contiguous array, got a non-contiguous view "
-            "(adamcpp updates buffers in place and never copies; pass a contiguous array)"
-        )
-    if not a.flags.aligned:
-        raise ValueError(f"{label}: expected an aligned array, got a misaligned buffer")
-
-
-def check_param_array(p: Any, label: str, half: bool = True) -> np.ndarray:
-    """The rules for a parameter: an in-place-updatable float array (float16
-    and bfloat16 too when `half`)."""
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{label}: expected a numpy.ndarray, got {type(p).__name__}")
-    if half and not is_float_dtype(p.dtype):
-        raise TypeError(
-            f"{label}: expected dtype float16, bfloat16, float32 or float64 (native byte order), got {p.dtype}"
-        )
-    if not half and (p.dtype not in FLOAT_DTYPES or not p.dtype.isnative):
-        raise TypeError(f"{label}: expected dtype float32 or float64 (native byte order), got {p.dtype}")
-    check_layout(p, label)
-    if not p.flags.writeable:
-        raise ValueError(f"{label}: expected a writeable array, got a read-only one")
-    return p
-
-
-# A step count must leave room for the step that adds one (signed 64-bit in the native step).
-MAX_STEP_COUNT = 2**63 - 2
-
-
 def check_step_count(value: Any, where: str, *, live: bool = False) -> int:
-    """A step count in [0, MAX_STEP_COUNT], the one rule for every place that reads one.
+    """A step count in [0, _core.MAX_STEP_COUNT] (signed 64-bit, and a step
+    adds one), the one rule for every place that reads one.
 
-    A loaded count (the default: a state dict's, in load_state_dict) is any
-    non-negative integral number: an int, a NumPy scalar or a 0-d array such
-    as torch's float step tensor. A live count (``live=True``: one in the
-    state before a step, after an edit) is what the native step accepts, an
-    int or an integer type with __index__, refused with the native step's
-    messages (cpp/array_checks.cpp, step_error)."""
-    if type(value) is int and 0 <= value <= MAX_STEP_COUNT:
-        return value
+    A live count (``live=True``: one in the state before a step, after an
+    edit) is what the native step accepts, an int or an integer type with
+    __index__: `_core.check_step`, the native step's own rule and messages
+    (cpp/py/array_checks.cpp, as_step). A loaded count (the default: a state
+    dict's, in load_state_dict) is any non-negative integral number: an int, a
+    NumPy scalar or a 0-d array such as torch's float step tensor, whose upper
+    bound is then the native rule's."""
     if live:
-        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-            raise TypeError(f"{where}: expected an int step count, got {type(value).__name__}")
-        v = operator.index(value)
-        if v < 0:
-            raise ValueError(f"{where}: expected an integer >= 0, got {describe_number(v)}")
+        return _core.check_step(value, where)
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = value  # any size: NumPy could not hold the largest
     else:
-        if isinstance(value, int) and not isinstance(value, bool):
-            v = value  # any size: NumPy could not hold the largest
-        else:
-            arr = np.asarray(value)
-            if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr):
-                raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
-            x = arr.item()
-            if float(x) != int(x):
-                raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
-            v = int(x)
-        if v < 0:
+        arr = np.asarray(value)
+        if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr):
             raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
-    if v > MAX_STEP_COUNT:
-        raise ValueError(
-            f"{where}: expected an integer <= {MAX_STEP_COUNT} (step counts are signed 64-bit integers, "
-            f"and a step adds one), got {describe_number(v)}"
-        )
-    return v
+        x = arr.item()
+        if float(x) != int(x):
+            raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+        v = int(x)
+    if v < 0:
+        raise ValueError(f"{where}: expected a non-negative integer, got {value!r}")
+    return _core.check_step(v, where)

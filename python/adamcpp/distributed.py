@@ -54,10 +54,8 @@ from ._ranges import Range
 from ._validation import (
     NONFINITE_POLICIES,
     check_grad_scale,
-    check_layout,
     check_max_grad_norm,
     check_nonfinite,
-    check_param_array,
 )
 from ._zero_agree import Agreement, abort_when_uncaught, setup_signature, step_fingerprint, step_options
 from ._zero_checkpoint import SHARD_FORMAT as SHARD_FORMAT
@@ -182,7 +180,7 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
         family = self._family
 
         def check_one(p: Any, i: int) -> None:
-            check_param_array(p, label(i, keys), family.half_params)
+            _core.check_param(p, label(i, keys), family.half_params)
 
         group, ps = validated_group(
             family.hyper,
@@ -322,7 +320,7 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
                 raise TypeError(f"{where}: expected dtype {p.dtype} like {label(i, opt_keys)}, got {g.dtype}")
             if g.shape != p.shape:
                 raise ValueError(f"{where}: expected shape {p.shape} like {label(i, opt_keys)}, got {g.shape}")
-            check_layout(g, where)
+            _core.check_layout(g, where)
         return grad_list
 
     def step(self, grads: Any, *, grad_scale: float = 1.0) -> bool:

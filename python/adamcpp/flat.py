@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ._validation import check_param_array
+from . import _core
 
 # Every buffer starts on a 64-byte boundary (a cache line, an AVX-512 vector).
 ALIGNMENT = 64
@@ -160,7 +160,7 @@ class FlatParams:
                 shapes.append(_shape_of(entry, label))
                 dtypes.append(shape_dtype)
         for dt, label in zip(dtypes, labels):
-            check_param_array(np.empty(0, dt), label)  # float16, bfloat16, float32 or float64
+            _core.check_param(np.empty(0, dt), label)  # float16, bfloat16, float32 or float64
         self._build(keys, shapes, dtypes, int(pad_to))
         for view, entry in zip(self._param_views, entries):
             if isinstance(entry, np.ndarray):
