@@ -10,6 +10,7 @@ so each rule is written once."""
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
 
 import numpy as np
@@ -40,7 +41,7 @@ def _lr_value(group: Mapping[str, Any]) -> Any:
     return 0.0 if callable(lr) else lr
 
 
-class Family:
+class Family(abc.ABC):
     """The rules of one algorithm. `name` selects the native step ("adam",
     "sgd"); `array_state` maps each state array to whether a loaded state dict
     must have it (optional ones start on demand); `nullable_state` lists those
@@ -55,13 +56,13 @@ class Family:
     array_state: ClassVar[Dict[str, bool]] = {}
     nullable_state: Tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def hyper(self, group: Mapping[str, Any], where: str) -> Any:
         """The group's validated hyperparameters (lr 0.0 while it is a schedule, whose value each step checks)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def new_state(self, p: np.ndarray, group: Mapping[str, Any]) -> Dict[str, Any]:
         """A new parameter's state (NumPy arrays)."""
-        raise NotImplementedError
 
     def entry_dtype(self, name: str, param_dtype: Any, group: Mapping[str, Any]) -> Optional[np.dtype]:
         """The dtype of a state entry of a parameter of `param_dtype` in `group` (None: the entry does not apply)."""

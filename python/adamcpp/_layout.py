@@ -16,6 +16,7 @@ A layout reaches its optimizer through its public members only (`param_groups`,
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +25,7 @@ from ._family import Family
 from ._lock import CallLock
 
 
-class Layout:
+class Layout(abc.ABC):
     """One optimizer's storage mode. `params` are the optimizer's parameters
     in order and `group_of` each one's group; `keys` the dict keys of
     dict-form params (None when the parameters were not given as a dict, or
@@ -45,24 +46,24 @@ class Layout:
         self.rounding_pieces: Optional[List[Optional[np.ndarray]]] = None
 
     # -------------------------------------------------------------- each call
+    @abc.abstractmethod
     def add_group(self, param_group: Mapping[str, Any]) -> None:
         """add_param_group: the group validated, appended with fresh state (refused where parameters are fixed)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sync(self) -> bool:
         """Follows the edits made between calls (param_groups, a replaced state list); True when state may
         have moved between parameters or groups (the master copies are checked again at the next step)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def grads(self, grads: Any) -> Any:
         """A step's gradients, checked as far as this layout checks them before the native call."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def step(
         self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
     ) -> Tuple[bool, Optional[float], bool]:
         """The native step: (applied, the global norm when clipping and known now, whether it is pending)."""
-        raise NotImplementedError
 
     def check_stream(self) -> None:
         """Refuses a stream: only CUDA arrays take one."""
@@ -72,9 +73,9 @@ class Layout:
         """The norm a step left on the device (none here)."""
         return None
 
+    @abc.abstractmethod
     def drop_entry(self, key: str, groups: Container[int]) -> None:
         """Removes `key` from the state of every parameter of `groups`."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ state
     def fresh_state(self, p: Any, group: Mapping[str, Any]) -> Dict[str, Any]:
@@ -85,9 +86,9 @@ class Layout:
         """A parameter's shape and dtype."""
         return tuple(p.shape), p.dtype
 
+    @abc.abstractmethod
     def export_value(self, key: str, v: Any, i: int) -> Any:
         """A state value as state_dict() holds it (arrays as NumPy copies)."""
-        raise NotImplementedError
 
     def load_params(self) -> Sequence[Any]:
         """The parameters a loaded state is checked against, in order."""
@@ -97,9 +98,9 @@ class Layout:
         """Loaded states made ready to commit (everything that can fail happens here)."""
         return states
 
+    @abc.abstractmethod
     def set_state(self, states: List[Any]) -> None:
         """Commits loaded states."""
-        raise NotImplementedError
 
     def copy_state(self, state: Dict[str, Any]) -> None:
         """Adds to (or changes in) an optimizer's pickled __dict__ what a copy of this layout needs."""

@@ -13,6 +13,7 @@ none.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -57,7 +58,7 @@ class LoadPlan(NamedTuple):
     run_id: str
 
 
-class ZeroCheckpoints:
+class ZeroCheckpoints(abc.ABC):
     """The checkpoint methods of ZeroRedundancyOptimizer. They read the
     attributes declared below and call `_check_structure()` (refuses edited
     parameter lists) and `_install(runs, states)` (a new local optimizer over
@@ -82,11 +83,13 @@ class ZeroCheckpoints:
     _group_steps: List[int]
     _consolidated: Optional[Dict[str, Any]]
 
+    @abc.abstractmethod
     def _check_structure(self) -> None:
-        raise NotImplementedError
+        """Follows the edits of param_groups since the last call (the optimizer's)."""
 
+    @abc.abstractmethod
     def _install(self, runs: List[Range], states: Optional[List[Dict[str, Any]]]) -> None:
-        raise NotImplementedError
+        """Builds the local optimizer over `runs` with `states` (the optimizer's)."""
 
     # ------------------------------------------------------------ one shard per rank
     def _shard_image(self) -> Tuple[List[List[int]], List[Dict[str, Any]]]:
