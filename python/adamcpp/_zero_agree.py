@@ -16,6 +16,7 @@ import hashlib
 import os
 import struct
 import sys
+import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -228,6 +229,8 @@ class Agreement:
 # excepthook that abort_on_uncaught chains to (installed with the first of them).
 LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 _chained_hook: Optional[Callable[..., Any]] = None
+# Seconds an aborting rank waits for the launcher to forward its report (abort_on_uncaught).
+_FORWARD_GRACE_S = 0.25
 
 
 def abort_on_uncaught(kind: Any, value: Any, tb: Any) -> None:
@@ -243,6 +246,9 @@ def abort_on_uncaught(kind: Any, value: Any, tb: Any) -> None:
             file=sys.stderr,
             flush=True,
         )
+        # The launcher forwards this rank's output through a pipe and stops reading it when the abort kills the
+        # job: a moment first, so that the report above reaches the user whole.
+        time.sleep(_FORWARD_GRACE_S)
         zero.comm.Abort(1)
 
 
