@@ -413,3 +413,25 @@ def test_cuda_sweep_plumbing_with_stand_ins(tmp_path, capsys, monkeypatch):
         assert all(e["finite"] for e in c.values())
     assert "== targets" in out and "copy bandwidth (target >= 0.9)" in out and "us of host time per tensor" in out
     assert any("update launch(es) per step" in line for line in report["targets"])
+
+
+@pytest.mark.skipif(source_tree("bench/list_overhead.py") is None,
+                    reason="needs the source tree's bench/ (tests run against an installed package)")
+def test_list_overhead_reads_callgrind_totals_and_checks_its_arguments(tmp_path):
+    """bench/list_overhead.py (run under valgrind by hand: minutes) reads a callgrind file's totals by event
+    name and refuses step counts it cannot difference; the callgrind runs themselves are not part of the suite."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("list_overhead", source_tree("bench") / "bench" / "list_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = tmp_path / "run.callgrind"
+    data.write_text("version: 1\ncmd: python\nevents: Ir D1mr D1mw DLmr DLmw\nfn=main\n1 5 0 0 0 0\n"
+                    "totals: 1234 5 6 7 8\n")
+    assert mod._totals(data) == {"Ir": 1234, "D1mr": 5, "D1mw": 6, "DLmr": 7, "DLmw": 8}
+    (tmp_path / "empty.callgrind").write_text("version: 1\n")
+    with pytest.raises(SystemExit, match="no totals"):
+        mod._totals(tmp_path / "empty.callgrind")
+    if mod.shutil.which("valgrind") is not None:
+        with pytest.raises(SystemExit, match="--steps: expected S1,S2"):
+            mod.main(["--steps", "3,3"])
