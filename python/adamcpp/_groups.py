@@ -194,6 +194,11 @@ def check_new_params(
         seen.add(id(p))
 
 
+def check_new_arrays(params: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int, half: bool) -> None:
+    """check_new_params for NumPy parameters: the native step's parameter rule (float16/bfloat16 too when `half`)."""
+    check_new_params(params, keys, start, lambda p, i: _core.check_param(p, label(i, keys), half))
+
+
 def validated_group(
     check_hyper: Callable[[Mapping[str, Any], str], Any],
     check_params: Callable[[Sequence[Any], Optional[Tuple[Any, ...]], int], None],

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import cuda
-from ._groups import ParamState, label
+from ._groups import ParamState, check_new_params, label
 from ._layout_list import ListLayout
 
 
@@ -30,9 +30,18 @@ class DeviceLayout(ListLayout):
         return cuda.OptimizerDevice(first, label(0, keys)) if cuda.is_cuda_array(first) else None
 
     # ------------------------------------------------------------- parameters
-    def check_param(self, p: Any, i: int, keys: Optional[Tuple[Any, ...]], params: Sequence[Any]) -> None:
-        found = self.device.check_param(p, label(i, keys))
-        cuda.same_device(found, self.device.check_param(params[0], label(0, keys)), label(i, keys))
+    def check_params(self, params: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
+        """Valid CUDA arrays on the first parameter's device (read once per call), each appearing once."""
+        device = self.device
+        first: List[Any] = []
+
+        def check_one(p: Any, i: int) -> None:
+            found = device.check_param(p, label(i, keys))
+            if not first:
+                first.append(device.check_param(params[0], label(0, keys)))
+            cuda.same_device(found, first[0], label(i, keys))
+
+        check_new_params(params, keys, start, check_one)
 
     def check_layout(self, p: Any, group: Mapping[str, Any], where: str) -> None:
         if group.get("state_dtype", "float32") != "float32":

@@ -14,7 +14,7 @@ from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _core, _native
-from ._groups import ParamGroup, ParamState, check_new_params, grads_list, group_params, label, validated_group
+from ._groups import ParamGroup, ParamState, check_new_arrays, grads_list, group_params, label, validated_group
 from ._layout import Layout
 
 
@@ -24,27 +24,21 @@ class ListLayout(Layout):
 
     def setup(self, groups: List[Dict[str, Any]], with_state: bool = True) -> None:
         """Adds the constructor's groups (validated in order, with fresh state unless `with_state` is False)."""
-        keys = self.keys
         for group in groups:
-            self.append_group(group, keys, with_state)
-        self.keys = keys
+            self.append_group(group, self.keys, with_state)
 
     def adopt(self) -> None:
         """Takes the optimizer's param_groups and state as they are (a copy being restored)."""
         self.params, self.group_of = self.read_groups()
 
     # ------------------------------------------------------------- parameters
-    def check_param(self, p: Any, i: int, keys: Optional[Tuple[Any, ...]], params: Sequence[Any]) -> None:
-        """Parameter i is an array this layout can step."""
-        _core.check_param(p, label(i, keys), self.family.half_params)
-
     def check_layout(self, p: Any, group: Mapping[str, Any], where: str) -> None:
         """Refuses a parameter that its group's options cannot store, before any state is made."""
         self.family.check_layout(p, group, where)
 
     def check_params(self, params: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
         """The rules for parameters start, start + 1, ...: valid arrays, each appearing once in the optimizer."""
-        check_new_params(params, keys, start, lambda p, i: self.check_param(p, i, keys, params))
+        check_new_arrays(params, keys, start, self.family.half_params)
 
     def append_group(self, param_group: Mapping[str, Any], keys: Optional[Tuple[Any, ...]], with_state: bool) -> None:
         opt = self.opt
@@ -60,10 +54,10 @@ class ListLayout(Layout):
             self.group_of.append(gi)
             if with_state:
                 opt.state.append(ParamState(self.fresh_state(p, group)))
-        self.keys = None
 
     def add_group(self, param_group: Mapping[str, Any]) -> None:
         self.append_group(param_group, None, True)
+        self.keys = None  # the parameters are no longer the dict's
 
     def read_groups(self) -> Tuple[List[Any], List[int]]:
         """The parameter list and each parameter's group, from param_groups."""

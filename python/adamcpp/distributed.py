@@ -40,7 +40,7 @@ from ._family import family_of
 from ._groups import (
     FixedGroups,
     ParamGroup,
-    check_new_params,
+    check_new_arrays,
     grads_list,
     group_hyper,
     label,
@@ -178,13 +178,9 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
     def _add_group(self, param_group: Any, keys: Any, arrays: List[np.ndarray]) -> List[np.ndarray]:
         """Optimizer._add_group's rules and messages, without state."""
         family = self._family
-
-        def check_one(p: Any, i: int) -> None:
-            _core.check_param(p, label(i, keys), family.half_params)
-
         group, ps = validated_group(
             family.hyper,
-            lambda ps, keys, start: check_new_params(ps, keys, start, check_one),
+            lambda ps, keys, start: check_new_arrays(ps, keys, start, family.half_params),
             self.defaults,
             param_group,
             len(self.param_groups),
