@@ -23,12 +23,16 @@ PYBIND11_MODULE(_core, m) {
                          "An optimizer's native owner: what its steps reuse (state rows, scratch, the verified "
                          "buffer layout) and every object a running step uses. One step at a time.")
       .def(py::init<>())
-      .def("clear", &StateCache::clear, "Forget the state rows (the next step re-reads every state dict).");
+      .def("clear", &StateCache::clear, "Forget the state rows and the plan (the next step re-reads every state dict).")
+      .def("enable_plan", &StateCache::enable_plan,
+           "Record a plan after each full step that applies (a list-layout optimizer: list_plan.h).");
   m.def(
       "set_state_type", [](py::handle type) { StateCache::set_state_type(type.ptr()); }, py::arg("type"),
       "Register the dict subclass whose '_reader' slot is cleared on every edit.");
 
   register_steps(m);
+  register_call_lock(m);
+  register_list_plan(m);
   register_functional(m);
   register_norms(m);
   register_params_unchanged(m);

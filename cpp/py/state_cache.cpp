@@ -40,6 +40,11 @@ StateCache::StateCache()
 
 StateCache::~StateCache() { clear(); }
 
+void StateCache::store_step(std::size_t i, std::int64_t step, PyObject* value) {
+  if (PyDict_SetItem(rows_[i].dict, step_key(), value) != 0) throw py::error_already_set();
+  rows_[i].step = step;
+}
+
 StateCache::Lease::Lease(StateCache& cache) : cache_(cache) {
   if (cache.busy_) {
     throw std::runtime_error(
@@ -167,6 +172,7 @@ void StateCache::commit(const StepScratch& sc, PyObject* const* keys) {
 
 void StateCache::clear() {
   if (busy_) throw std::runtime_error("adamcpp: cannot clear the state cache while a step runs");
+  plan_.clear();
   for (Row& row : rows_) drop(row);
   rows_.clear();
 }

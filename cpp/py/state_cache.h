@@ -26,6 +26,7 @@
 #include "core/multi_tensor.h"
 #include "core/step_scalars.h"
 #include "py/array_checks.h"
+#include "py/list_plan.h"
 
 namespace adamcpp {
 
@@ -103,6 +104,20 @@ class StateCache {
   // Registers the dict subclass that clears its "_reader" slot on every edit.
   static void set_state_type(PyObject* type);
 
+  // A list-layout optimizer's owner records a plan after each full step that applied (list_plan.h).
+  void enable_plan() { plan_enabled_ = true; }
+  bool plan_enabled() const { return plan_enabled_; }
+  ListPlan& plan() { return plan_; }
+  bool busy() const { return busy_; }
+  // Row access for the plan: the dict of row i, whether it is current for `dict`, its step count.
+  std::size_t rows() const { return rows_.size(); }
+  PyObject* row_dict(std::size_t i) const { return rows_[i].dict; }
+  bool row_current(std::size_t i, PyObject* dict) const { return current(rows_[i], dict); }
+  std::int64_t row_step(std::size_t i) const { return rows_[i].step; }
+  // Stores count `step` for row i (in the row and in its dict, keeping the mark); `value` is the int object.
+  void store_step(std::size_t i, std::int64_t step, PyObject* value);
+  StepScratch& scratch() { return scratch_; }
+
  private:
   struct Row {
     PyObject* dict = nullptr;  // strong
@@ -118,6 +133,8 @@ class StateCache {
   std::vector<Row> rows_;
   py::object token_;  // this owner's mark; unique while the owner lives
   StepScratch scratch_;
+  ListPlan plan_;
+  bool plan_enabled_ = false;
   bool busy_ = false;
 };
 

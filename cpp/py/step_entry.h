@@ -100,6 +100,7 @@ struct StepEntry {
       py::gil_scoped_release release;
       out = run();
     }
+    applied = out.applied;
     if (out.applied) {
       on_applied();
       cache.commit(sc, keys);
@@ -136,6 +137,7 @@ struct StepEntry {
   std::size_t n = 0;                // the tensor count
   PyObject* const* held = nullptr;  // held[i] params, held[n + i] grads, held[2n + i] state dicts
   PyObject* const* keys = nullptr;  // the state keys read and committed
+  bool applied = false;             // the step applied (set by finish)
   bool has_pieces = false;          // Adam's rounding pieces were given:
   std::size_t pieces_at = 0;        // held[pieces_at + i] is tensor i's entry
 };

@@ -12,6 +12,7 @@
 #include "core/multi_tensor.h"
 #include "core/step_scalars.h"
 #include "py/array_checks.h"
+#include "py/list_plan.h"
 #include "py/module.h"
 #include "py/state_cache.h"
 #include "py/step_args.h"
@@ -29,6 +30,7 @@ namespace {
 // success.
 py::tuple adam_entry(StateCache& cache, const StepArgs& args) {
   StepEntry<AdamFamily> e(cache, args);
+  if (cache.plan_enabled()) cache.plan().ready = false;  // this step records the next plan, if any
   e.begin(4);
   StepScratch& sc = e.sc;
   const Labels& labels = e.labels;
@@ -64,7 +66,9 @@ py::tuple adam_entry(StateCache& cache, const StepArgs& args) {
   }
   if (!piece_counts.empty()) link_pieces(sc, piece_counts);
   take_norm_grads(args.norm_grads, labels, sc, e.policy);
-  return e.finish([&] { return run_step(sc.adam.data(), n, e.policy, sc.workspace); });
+  py::tuple out = e.finish([&] { return run_step(sc.adam.data(), n, e.policy, sc.workspace); });
+  if (e.applied && cache.plan_enabled()) stash_plan(cache, true, n, held, sc, args);
+  return out;
 }
 
 // One SGD step of an optimizer over every tensor. State dicts hold "step"
@@ -73,6 +77,7 @@ py::tuple adam_entry(StateCache& cache, const StepArgs& args) {
 // on success.
 py::tuple sgd_entry(StateCache& cache, const StepArgs& args) {
   StepEntry<SgdFamily> e(cache, args);
+  if (cache.plan_enabled()) cache.plan().ready = false;  // this step records the next plan, if any
   e.begin(1);
   StepScratch& sc = e.sc;
   const Labels& labels = e.labels;
@@ -91,7 +96,9 @@ py::tuple sgd_entry(StateCache& cache, const StepArgs& args) {
     sc.new_steps[i] = cache.next_step(i);
   }
   take_norm_grads(args.norm_grads, labels, sc, e.policy);
-  return e.finish([&] { return run_step(sc.sgd.data(), n, e.policy, sc.workspace); });
+  py::tuple out = e.finish([&] { return run_step(sc.sgd.data(), n, e.policy, sc.workspace); });
+  if (e.applied && cache.plan_enabled()) stash_plan(cache, false, n, held, sc, args);
+  return out;
 }
 
 py::tuple adam_step(StateCache& cache, py::handle call) {

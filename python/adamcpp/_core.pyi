@@ -5,7 +5,7 @@ layer: every array is validated before any buffer is written, and the update of
 all tensors runs in one call with the GIL released.
 """
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,10 +41,36 @@ class StateCache:
 
     def __init__(self) -> None: ...
     def clear(self) -> None:
-        """Forget the state rows (the next step re-reads every state dict)."""
+        """Forget the state rows and the plan (the next step re-reads every state dict)."""
+    def enable_plan(self) -> None:
+        """Record a plan after each full step that applies (a list-layout optimizer: list_plan.h)."""
 
 def set_state_type(type: type) -> None:
     """Register the dict subclass whose '_reader' slot is cleared on every edit."""
+
+def set_group_type(type: type) -> None:
+    """Register the dict subclass of parameter groups whose 'validated_hyper' slot is cleared on every edit."""
+
+class CallLock:
+    """The call lock of one optimizer named `owner` in messages: its calls run
+    one at a time. A call from another thread waits (the GIL released); a call
+    from the thread running one is refused with RuntimeError instead of
+    deadlocking."""
+
+    def __init__(self, owner: str) -> None: ...
+    def enter(self) -> None:
+        """Take the lock (wait for another thread's call; refuse a re-entrant one)."""
+    def leave(self) -> None:
+        """Leave the lock."""
+    def held_here(self) -> bool:
+        """Whether the calling thread is running a call."""
+    @property
+    def owner(self) -> str:
+        """The name messages give the lock's optimizer."""
+
+def list_stepper(cache: StateCache, lock: CallLock) -> Callable[[Any, Any, Any], Optional[bool]]:
+    """The fast path of a list-layout optimizer's step, bound to its native owner and call lock: a function of
+    (opt, grads, grad_scale) returning True/False, or None when the full step must run."""
 
 def adam_step(cache: StateCache, call: _StepCall) -> Tuple[bool, Optional[float]]:
     """One fused Adam step of an optimizer over every tensor.

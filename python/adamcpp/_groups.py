@@ -151,6 +151,7 @@ class ParamState(_EditAwareDict):
 
 
 _core.set_state_type(ParamState)
+_core.set_group_type(ParamGroup)
 
 
 def label(i: int, keys: Optional[Tuple[Any, ...]]) -> str:

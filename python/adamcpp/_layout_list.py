@@ -24,11 +24,13 @@ class ListLayout(Layout):
 
     def setup(self, groups: List[Dict[str, Any]], with_state: bool = True) -> None:
         """Adds the constructor's groups (validated in order, with fresh state unless `with_state` is False)."""
+        self.cache.enable_plan()
         for group in groups:
             self.append_group(group, self.keys, with_state)
 
     def adopt(self) -> None:
         """Takes the optimizer's param_groups and state as they are (a copy being restored)."""
+        self.cache.enable_plan()
         self.params, self.group_of = self.read_groups()
 
     # ------------------------------------------------------------- parameters

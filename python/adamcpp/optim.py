@@ -108,6 +108,9 @@ class Optimizer:
         owner and its call lock."""
         self._state_cache = _core.StateCache()
         self._lock = CallLock(type(self).__name__)
+        # The step's fast path (cpp/py/list_plan.h): a list-layout optimizer's step from the plan its last full
+        # step recorded, or None when the full step must run.
+        self._fast_step = _core.list_stepper(self._state_cache, self._lock)
         # False once a group is validated again or the state changes hands: the next step that applies drops
         # the master copies that step left behind (_drop_stale_masters).
         self._masters_checked = False
@@ -169,6 +172,10 @@ class Optimizer:
         `stream` (CUDA arrays only) is the CUDA stream the step is queued on:
         None (the legacy default stream), an int handle or a stream object.
         """
+        if stream is None:
+            applied = self._fast_step(self, grads, grad_scale)
+            if applied is not None:
+                return applied
         layout = self._layout
         if stream is not None:
             layout.check_stream()
@@ -287,7 +294,7 @@ class Optimizer:
         finally:
             self._lock.leave()
         state["last_grad_norm"] = state.pop("_last_grad_norm")
-        for key in ("_state_cache", "_lock", "_masters_checked", "_norm_pending", "_layout", "_family"):
+        for key in ("_state_cache", "_lock", "_fast_step", "_masters_checked", "_norm_pending", "_layout", "_family"):
             state.pop(key, None)
         return state
 

@@ -1,0 +1,510 @@
+// adamcpp: the list mode's cached step (list_plan.h): the plan a full step
+// records and the fast path that runs from it.
+#include "py/list_plan.h"
+
+#include <structmember.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "py/call_lock.h"
+#include "py/module.h"
+#include "py/state_cache.h"
+#include "py/step_args.h"
+#include "py/step_tensors.h"
+
+namespace adamcpp {
+namespace {
+
+// The registered group dict type and the offset of its "validated_hyper" slot.
+PyTypeObject* g_group_type = nullptr;
+Py_ssize_t g_hyper_offset = 0;
+
+PyObject* hyper_slot(PyObject* group) {
+  return *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(group) + g_hyper_offset);
+}
+
+struct Names {
+  PyObject* param_groups = PyUnicode_InternFromString("param_groups");
+  PyObject* state = PyUnicode_InternFromString("state");
+  PyObject* nonfinite = PyUnicode_InternFromString("nonfinite");
+  PyObject* max_grad_norm = PyUnicode_InternFromString("max_grad_norm");
+  PyObject* last_grad_norm = PyUnicode_InternFromString("_last_grad_norm");
+  PyObject* params = PyUnicode_InternFromString("params");
+  PyObject* policies[3] = {PyUnicode_InternFromString("propagate"), PyUnicode_InternFromString("skip"),
+                           PyUnicode_InternFromString("raise")};
+};
+const Names& names() {
+  static const Names* n = new Names();  // lives as long as the interpreter
+  return *n;
+}
+
+// An attribute of the optimizer (a new reference), or null with no error set.
+PyObject* attr(PyObject* o, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(o, name);
+  if (v == nullptr) PyErr_Clear();
+  return v;
+}
+
+// The policy code of `nonfinite`, or -1 for anything the full step must judge.
+int policy_code(PyObject* v) {
+  const Names& n = names();
+  for (int k = 0; k < 3; ++k) {
+    if (v == n.policies[k]) return k;
+  }
+  if (!PyUnicode_CheckExact(v)) return -1;
+  for (int k = 0; k < 3; ++k) {
+    if (PyUnicode_Compare(v, n.policies[k]) == 0) return k;
+  }
+  return -1;
+}
+
+// A float or int argument as a double, or false for anything the full step must judge.
+bool plain_number(PyObject* v, double* out) {
+  if (PyFloat_CheckExact(v)) {
+    *out = PyFloat_AS_DOUBLE(v);
+    return std::isfinite(*out);
+  }
+  if (PyLong_CheckExact(v)) {
+    int overflow = 0;
+    const long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow != 0 || x > (1LL << 53) || x < -(1LL << 53)) return false;
+    *out = static_cast<double>(x);
+    return true;
+  }
+  return false;
+}
+
+// Whether a stochastic rounding key is part of tensor t's step (set_storage's rule, read back from the table).
+bool rounds_stochastically(const AdamTensor& t, const AdamHyper& h) {
+  if (t.native) return false;
+  const bool half = t.dtype == DType::f16 || t.dtype == DType::bf16;
+  return (t.state_dtype == DType::bf16 && h.state_rounding == Rounding::stochastic) ||
+         (half && t.master_param == nullptr && h.param_rounding == Rounding::stochastic);
+}
+
+// Whether a gradient's bytes overlap a buffer the step writes (the plan's sorted, disjoint intervals).
+bool overlaps_written(const ListPlan& plan, const ArrayView& g) {
+  const Interval x = interval_of(g, kGrad, 0);
+  if (x.end == x.begin) return false;
+  const std::size_t count = plan.ends.size();
+  const std::size_t k =
+      static_cast<std::size_t>(std::upper_bound(plan.ends.begin(), plan.ends.end(), x.begin) - plan.ends.begin());
+  return k < count && plan.sorted[k].begin < x.end;
+}
+
+// Leaves the call lock when the fast path ends, however it ends.
+struct Entered {
+  CallLock& lock;
+  ~Entered() { lock.leave(); }
+};
+
+}  // namespace
+
+void set_group_type(PyObject* type) {
+  if (!PyType_Check(type)) type_error("set_group_type: expected a type");
+  auto* t = reinterpret_cast<PyTypeObject*>(type);
+  if (!PyType_IsSubtype(t, &PyDict_Type)) type_error("set_group_type: expected a dict subclass");
+  PyObject* descr = PyDict_GetItemString(t->tp_dict, "validated_hyper");
+  if (descr == nullptr || !PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
+    type_error("set_group_type: the type needs a 'validated_hyper' slot");
+  }
+  const PyMemberDef* member = reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
+  if (member->type != T_OBJECT_EX && member->type != T_OBJECT) type_error("set_group_type: bad 'validated_hyper' slot");
+  Py_INCREF(type);
+  Py_XDECREF(reinterpret_cast<PyObject*>(g_group_type));
+  g_group_type = t;
+  g_hyper_offset = member->offset;
+}
+
+void ListPlan::take(ArraySnap& s, PyObject* o) {
+  const auto* p = py::detail::array_proxy(o);
+  Py_INCREF(o);
+  Py_INCREF(p->descr);
+  s.obj = o;
+  s.descr = p->descr;
+  s.data = p->data;
+  s.nd = p->nd;
+  s.flags = p->flags;
+  s.dims_at = dims.size();
+  dims.insert(dims.end(), p->dimensions, p->dimensions + p->nd);
+}
+
+bool ListPlan::same(const ArraySnap& s, PyObject* o) const {
+  const auto* p = py::detail::array_proxy(o);
+  if (o != s.obj || p->data != s.data || p->descr != s.descr || p->nd != s.nd || p->flags != s.flags) return false;
+  const py::ssize_t* seen = dims.data() + s.dims_at;
+  for (int d = 0; d < s.nd; ++d) {  // a few dimensions: no memcmp call
+    if (p->dimensions[d] != seen[d]) return false;
+  }
+  return true;
+}
+
+void ListPlan::clear() {
+  ready = false;
+  uses = 0;
+  // Moved out first: a dropped reference may run Python code that reaches this plan.
+  std::vector<PyObject*> drop;
+  drop.swap(retired);
+  for (ArraySnap& s : snaps) {
+    if (s.obj != nullptr) drop.push_back(s.obj);
+    if (s.descr != nullptr) drop.push_back(s.descr);
+  }
+  drop.insert(drop.end(), hypers.begin(), hypers.end());
+  if (patterns != nullptr) drop.push_back(patterns);
+  if (names != nullptr) drop.push_back(names);
+  snaps.clear();
+  dims.clear();
+  hypers.clear();
+  patterns = nullptr;
+  names = nullptr;
+  n = 0;
+  for (PyObject* o : drop) Py_DECREF(o);
+}
+
+void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* held, const StepScratch& sc,
+                const StepArgs& args) {
+  ListPlan& plan = cache.plan();
+  // A plan no fast step used was wasted work (a group whose lr is a schedule, or holds a mutable value, is
+  // validated again at every step): after a few in a row, plans are recorded only now and then.
+  plan.unused_streak = plan.n > 0 && plan.uses == 0 ? plan.unused_streak + 1 : 0;
+  plan.clear();
+  if (plan.unused_streak >= 4 && ++plan.full_steps % 64 != 0) return;
+  if (n == 0 || !sc.created.empty() || !args.norm_grads.is_none() || !args.rounding_pieces.is_none()) return;
+  PyObject* groups = args.groups.ptr();
+  if (!PyList_Check(groups) && !PyTuple_Check(groups)) return;
+  const std::size_t group_count = static_cast<std::size_t>(Py_SIZE(groups));
+  plan.group_size.assign(group_count, 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    const int g = sc.group_of[i];
+    if (g < 0 || static_cast<std::size_t>(g) >= group_count || (i > 0 && g < sc.group_of[i - 1])) return;
+    ++plan.group_size[static_cast<std::size_t>(g)];
+  }
+  const int states = adam ? 4 : 1;
+  plan.adam = adam;
+  plan.arrays_per_tensor = 2 + static_cast<std::size_t>(states);
+  plan.snaps.assign(n * plan.arrays_per_tensor, ArraySnap{});
+  plan.n = n;  // from here on, clear() drops what was taken
+  for (std::size_t i = 0; i < n; ++i) {
+    plan.take(plan.snap(i, 0), held[i]);
+    plan.take(plan.snap(i, 1), held[n + i]);
+    for (int k = 0; k < states; ++k) {
+      const void* used = nullptr;
+      if (adam) {
+        const AdamTensor& t = sc.adam[i];
+        const void* each[4] = {t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq, t.master_param};
+        used = each[k];
+      } else {
+        used = sc.sgd[i].momentum_buffer;
+      }
+      if (used == nullptr) continue;
+      PyObject* e = cache.entry(i, k);
+      if (e == nullptr || py::detail::array_proxy(e)->data != used) {
+        plan.clear();
+        return;
+      }
+      plan.take(plan.snap(i, 2 + static_cast<std::size_t>(k)), e);
+    }
+  }
+  if (adam) {
+    plan.adam_tensors.assign(sc.adam.begin(), sc.adam.begin() + static_cast<std::ptrdiff_t>(n));
+    plan.adam_groups = sc.adam_groups;
+  } else {
+    plan.sgd_tensors.assign(sc.sgd.begin(), sc.sgd.begin() + static_cast<std::ptrdiff_t>(n));
+    plan.sgd_groups = sc.sgd_groups;
+  }
+  plan.group_of.assign(sc.group_of.begin(), sc.group_of.begin() + static_cast<std::ptrdiff_t>(n));
+  for (std::size_t g = 0; g < group_count; ++g) {
+    PyObject* h = PySequence_Fast_ITEMS(groups)[g];
+    Py_INCREF(h);
+    plan.hypers.push_back(h);
+  }
+  plan.patterns = args.patterns.inc_ref().ptr();
+  plan.names = args.names.inc_ref().ptr();
+  // The buffers it writes, as the full step verified them disjoint.
+  plan.written = sc.written;
+  plan.sorted.clear();
+  for (const Interval& w : plan.written) {
+    if (w.end != w.begin) plan.sorted.push_back(w);
+  }
+  std::sort(plan.sorted.begin(), plan.sorted.end(),
+            [](const Interval& x, const Interval& y) { return x.begin < y.begin; });
+  plan.ends.clear();
+  for (const Interval& w : plan.sorted) plan.ends.push_back(w.end);
+  plan.ready = true;
+}
+
+namespace {
+
+// The gradients of a fast step in parameter order (borrowed), or false.
+bool grad_items(const ListPlan& plan, PyObject* grads, std::vector<PyObject*>& out) {
+  const std::size_t n = plan.n;
+  if (PyList_CheckExact(grads) || PyTuple_CheckExact(grads)) {
+    if (static_cast<std::size_t>(Py_SIZE(grads)) != n) return false;
+    PyObject** items = PySequence_Fast_ITEMS(grads);
+    out.assign(items, items + n);
+    return true;
+  }
+  if (!PyDict_CheckExact(grads) || plan.names == Py_None || !PyTuple_CheckExact(plan.names)) return false;
+  if (static_cast<std::size_t>(PyDict_GET_SIZE(grads)) != n ||
+      static_cast<std::size_t>(PyTuple_GET_SIZE(plan.names)) != n) {
+    return false;
+  }
+  out.resize(n);
+  // Usually the keys come in the parameters' order, as the same objects: one walk.
+  Py_ssize_t pos = 0;
+  PyObject* key = nullptr;
+  PyObject* value = nullptr;
+  std::size_t i = 0;
+  while (PyDict_Next(grads, &pos, &key, &value)) {
+    if (key != PyTuple_GET_ITEM(plan.names, static_cast<Py_ssize_t>(i))) break;
+    out[i++] = value;
+  }
+  for (; i < n; ++i) {
+    value = PyDict_GetItemWithError(grads, PyTuple_GET_ITEM(plan.names, static_cast<Py_ssize_t>(i)));
+    if (value == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    out[i] = value;
+  }
+  return true;
+}
+
+}  // namespace
+
+PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py_ssize_t nargs) {
+  ListPlan& plan = cache.plan();
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "list_step: expected (optimizer, grads, grad_scale)");
+    return nullptr;
+  }
+  if (!plan.ready || cache.busy()) Py_RETURN_NONE;
+  PyObject* opt = args[0];
+  double grad_scale = 0.0;
+  if (!plain_number(args[2], &grad_scale)) Py_RETURN_NONE;
+  const Names& nm = names();
+  const py::object nonfinite_obj = py::reinterpret_steal<py::object>(attr(opt, nm.nonfinite));
+  const py::object max_norm_obj = py::reinterpret_steal<py::object>(attr(opt, nm.max_grad_norm));
+  if (!nonfinite_obj || !max_norm_obj) Py_RETURN_NONE;
+  const int nonfinite = policy_code(nonfinite_obj.ptr());
+  double max_grad_norm = -1.0;
+  if (nonfinite < 0) Py_RETURN_NONE;
+  if (max_norm_obj.ptr() != Py_None && (!plain_number(max_norm_obj.ptr(), &max_grad_norm) || max_grad_norm < 0.0)) {
+    Py_RETURN_NONE;
+  }
+  if (!lock.try_enter()) Py_RETURN_NONE;  // another call runs: the full step waits for it or refuses
+  struct DropRetired {  // replaced gradients are let go last, outside the lock (a dropped reference may run code)
+    ListPlan& plan;
+    ~DropRetired() {
+      std::vector<PyObject*> drop;
+      drop.swap(plan.retired);
+      for (PyObject* o : drop) Py_DECREF(o);
+    }
+  } drop_retired{plan};
+  try {
+    const Entered entered{lock};
+    const py::object groups = py::reinterpret_steal<py::object>(attr(opt, nm.param_groups));
+    const py::object states = py::reinterpret_steal<py::object>(attr(opt, nm.state));
+    if (!groups || !states || !PyList_CheckExact(groups.ptr()) || !PyList_CheckExact(states.ptr())) Py_RETURN_NONE;
+    const std::size_t n = plan.n;
+    // The structure: the same groups' validated tuples, parameter lists and state dicts.
+    const std::size_t group_count = plan.group_size.size();
+    if (static_cast<std::size_t>(PyList_GET_SIZE(groups.ptr())) != group_count ||
+        static_cast<std::size_t>(PyList_GET_SIZE(states.ptr())) != n || cache.rows() != n) {
+      Py_RETURN_NONE;
+    }
+    std::size_t at = 0;
+    for (std::size_t g = 0; g < group_count; ++g) {
+      PyObject* group = PyList_GET_ITEM(groups.ptr(), static_cast<Py_ssize_t>(g));
+      if (Py_TYPE(group) != g_group_type || hyper_slot(group) != plan.hypers[g]) Py_RETURN_NONE;
+      PyObject* ps = PyDict_GetItemWithError(group, nm.params);
+      if (ps == nullptr) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+      }
+      const std::size_t size = plan.group_size[g];
+      if (!PyList_CheckExact(ps) || static_cast<std::size_t>(PyList_GET_SIZE(ps)) != size) Py_RETURN_NONE;
+      for (std::size_t k = 0; k < size; ++k) {
+        if (PyList_GET_ITEM(ps, static_cast<Py_ssize_t>(k)) != plan.snap(at + k, 0).obj) Py_RETURN_NONE;
+      }
+      at += size;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      PyObject* d = PyList_GET_ITEM(states.ptr(), static_cast<Py_ssize_t>(i));
+      if (!cache.row_current(i, d)) Py_RETURN_NONE;
+    }
+    StateCache::Lease lease(cache);
+    StepScratch& sc = lease.scratch();
+    std::vector<PyObject*>& grads = plan.grad_in;
+    if (!grad_items(plan, args[1], grads)) Py_RETURN_NONE;
+    // Every parameter and state array as the full step saw it.
+    const std::size_t per = plan.arrays_per_tensor;
+    for (std::size_t i = 0; i < n; ++i) {
+      const ArraySnap* s = &plan.snaps[i * per];
+      if (!plan.same(s[0], s[0].obj)) Py_RETURN_NONE;
+      for (std::size_t k = 2; k < per; ++k) {
+        if (s[k].obj != nullptr &&
+            (cache.entry(i, static_cast<int>(k - 2)) != s[k].obj || !plan.same(s[k], s[k].obj))) {
+          Py_RETURN_NONE;
+        }
+      }
+    }
+    // The gradients: the last one seen compared, a new array checked in full (the same dtype as before,
+    // clear of every buffer the step writes).
+    for (std::size_t i = 0; i < n; ++i) {
+      PyObject* g = grads[i];
+      ArraySnap& gs = plan.snap(i, 1);
+      if (g == gs.obj && plan.same(gs, g)) continue;
+      if (!is_ndarray(g)) Py_RETURN_NONE;
+      const ArrayView pv = raw_view(plan.snap(i, 0).obj);
+      const ArrayView gv = raw_view(g);
+      TensorRef& t = plan.adam ? static_cast<TensorRef&>(plan.adam_tensors[i]) : plan.sgd_tensors[i];
+      if (gv.dtype != static_cast<int>(t.grad_dtype) || !obeys_rules(gv, &pv, kAnyDType, false) ||
+          overlaps_written(plan, gv)) {
+        Py_RETURN_NONE;
+      }
+      const auto* p = py::detail::array_proxy(g);
+      plan.retired.push_back(gs.obj);
+      plan.retired.push_back(gs.descr);
+      Py_INCREF(g);
+      Py_INCREF(p->descr);
+      gs.obj = g;
+      gs.descr = p->descr;
+      gs.data = p->data;
+      gs.flags = p->flags;
+      std::memcpy(plan.dims.data() + gs.dims_at, p->dimensions, sizeof(py::ssize_t) * static_cast<std::size_t>(gs.nd));
+      t.grad = gv.data;
+    }
+    // This step's scalars, from each group's hyperparameters and each tensor's count.
+    BiasCorrections bc;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::int64_t step = cache.row_step(i);
+      if (step > kMaxStoredStep) Py_RETURN_NONE;  // the full step says why
+      const std::int64_t next = step + 1;
+      const std::size_t g = static_cast<std::size_t>(plan.group_of[i]);
+      if (plan.adam) {
+        AdamTensor& t = plan.adam_tensors[i];
+        const AdamHyper& h = plan.adam_groups[g];
+        set_adam_step(t, h, next, grad_scale, bc);
+        if (rounds_stochastically(t, h)) t.rounding_key = rounding_key(h.seed, next, i);
+      } else {
+        set_sgd_step(plan.sgd_tensors[i], plan.sgd_groups[g], grad_scale);
+      }
+    }
+    StepPolicy policy{};
+    policy.grad_scale = grad_scale;
+    policy.nonfinite = static_cast<Nonfinite>(nonfinite);
+    policy.max_grad_norm = max_grad_norm;
+    StepOutcome out{};
+    {
+      py::gil_scoped_release release;
+      out = plan.adam ? run_step(plan.adam_tensors.data(), n, policy, sc.workspace)
+                      : run_step(plan.sgd_tensors.data(), n, policy, sc.workspace);
+    }
+    if (out.applied) {
+      py::object value;
+      std::int64_t last = -1;
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::int64_t s = cache.row_step(i) + 1;
+        if (s != last || !value) {  // tensors usually share their count: one int object for all
+          value = py::reinterpret_steal<py::object>(PyLong_FromLongLong(s));
+          if (!value) throw py::error_already_set();
+          last = s;
+        }
+        cache.store_step(i, s, value.ptr());
+      }
+    } else if (policy.nonfinite == Nonfinite::raise) {
+      const Labels labels{plan.patterns, plan.names};
+      const std::string msg = labels(kGrad, static_cast<std::size_t>(out.nonfinite_tensor)) +
+                              ": non-finite gradient (NaN or Inf after grad_scale); nothing was updated";
+      PyErr_SetString(PyExc_FloatingPointError, msg.c_str());
+      return nullptr;
+    }
+    if (max_grad_norm >= 0.0) {
+      const py::float_ norm(out.grad_norm);
+      if (PyObject_SetAttr(opt, nm.last_grad_norm, norm.ptr()) != 0) throw py::error_already_set();
+    }
+    ++plan.uses;
+    return PyBool_FromLong(out.applied ? 1 : 0);
+  } catch (py::error_already_set& e) {
+    e.restore();
+    return nullptr;
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+}  // namespace adamcpp
+
+namespace adamcpp {
+namespace {
+
+// Optimizer.step's fast path as a plain builtin function bound to its owner and lock (a capsule holding
+// both): called with (opt, grads, grad_scale), without pybind11's argument machinery.
+struct Stepper {
+  StateCache* cache;
+  CallLock* lock;
+  PyObject* cache_obj;  // strong
+  PyObject* lock_obj;   // strong
+};
+
+constexpr const char* kStepperName = "adamcpp.list_step";
+
+void drop_stepper(PyObject* capsule) {
+  auto* s = static_cast<Stepper*>(PyCapsule_GetPointer(capsule, kStepperName));
+  if (s == nullptr) {
+    PyErr_Clear();
+    return;
+  }
+  Py_DECREF(s->cache_obj);
+  Py_DECREF(s->lock_obj);
+  delete s;
+}
+
+PyObject* call_stepper(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  auto* s = static_cast<Stepper*>(PyCapsule_GetPointer(self, kStepperName));
+  if (s == nullptr) return nullptr;
+  return fast_step(*s->cache, *s->lock, args, nargs);
+}
+
+PyMethodDef g_stepper_def = {
+    "list_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(call_stepper)), METH_FASTCALL,
+    "list_step(opt, grads, grad_scale): the step from the optimizer's plan (True/False), or None when the full "
+    "step must run."};
+
+}  // namespace
+
+void register_list_plan(py::module_& m) {
+  m.def(
+      "list_stepper",
+      [](py::handle cache, py::handle lock) {
+        auto* s = new Stepper{&cache.cast<StateCache&>(), &lock.cast<CallLock&>(), cache.inc_ref().ptr(),
+                              lock.inc_ref().ptr()};
+        PyObject* capsule = PyCapsule_New(s, kStepperName, drop_stepper);
+        if (capsule == nullptr) {
+          Py_DECREF(s->cache_obj);
+          Py_DECREF(s->lock_obj);
+          delete s;
+          throw py::error_already_set();
+        }
+        PyObject* f = PyCFunction_NewEx(&g_stepper_def, capsule, nullptr);
+        Py_DECREF(capsule);
+        if (f == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(f);
+      },
+      py::arg("cache"), py::arg("lock"),
+      "The fast path of a list-layout optimizer's step, bound to its native owner and call lock: a function of "
+      "(opt, grads, grad_scale) returning True/False, or None when the full step must run.");
+  m.def(
+      "set_group_type", [](py::handle type) { set_group_type(type.ptr()); }, py::arg("type"),
+      "Register the dict subclass of parameter groups whose 'validated_hyper' slot is cleared on every edit.");
+}
+
+}  // namespace adamcpp

@@ -1,0 +1,333 @@
+"""The list mode's fast path (cpp/py/list_plan.h): after a full step of a list-layout optimizer applied, the next
+steps run from the plan it recorded, comparing instead of re-checking; anything but new gradient arrays of the
+same dtype sends the call back to the full step. Every test compares bit for bit with a control optimizer whose
+fast path is switched off (it runs the full step every time), so the plan can change speed only, never results."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import adamcpp
+
+SHAPES = [(4, 3), (7,), (2, 2, 2)]
+
+
+def _arrays(seed: int, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+
+
+def _pair(cls=adamcpp.Adam, dtype=np.float32, **kw):
+    """An optimizer and its control (fast path off) over equal copies."""
+    a, b = _arrays(0, dtype), _arrays(0, dtype)
+    opt, ctrl = cls(a, **kw), cls(b, **kw)
+    ctrl._fast_step = lambda *args: None
+    return opt, ctrl, a, b
+
+
+def _same(xs, ys):
+    assert all(x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)) for x, y in zip(xs, ys))
+
+
+def _same_state(opt, ctrl):
+    for s, c in zip(opt.state, ctrl.state):
+        assert s.keys() == c.keys()
+        for k in s:
+            if isinstance(s[k], np.ndarray):
+                _same([s[k]], [c[k]])
+            else:
+                assert s[k] == c[k]
+
+
+def _grads(seed: int, dtype=np.float32):
+    return _arrays(100 + seed, dtype)
+
+
+def _warm(opt, ctrl, steps: int = 2):
+    for k in range(steps):
+        g = _grads(k)
+        assert opt.step(g) and ctrl.step([x.copy() for x in g])
+
+
+def test_the_fast_path_runs_after_a_full_step_and_matches_the_full_step():
+    opt, ctrl, a, b = _pair(lr=1e-2, weight_decay=0.1)
+    assert opt._fast_step(opt, _grads(0), 1.0) is None  # no plan before the first full step
+    _warm(opt, ctrl, 1)
+    reused = _grads(7)
+    for k in range(6):
+        g = reused if k % 2 else _grads(10 + k)  # the same gradient objects again, or new arrays
+        assert opt._fast_step(opt, g, 1.0) is True
+        assert ctrl.step([x.copy() for x in g])
+        _same(a, b)
+        _same_state(opt, ctrl)
+    assert [s["step"] for s in opt.state] == [7, 7, 7]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(amsgrad=True),
+        dict(maximize=True, eps_style="keras"),
+        dict(weight_decay=0.05, decoupled_weight_decay=True),
+        dict(state_dtype="bfloat16", seed=3),
+    ],
+)
+def test_adam_variants_match_the_full_step(kw):
+    opt, ctrl, a, b = _pair(lr=1e-2, **kw)
+    for k in range(6):
+        g = _grads(k)
+        assert opt.step(g, grad_scale=0.5) and ctrl.step([x.copy() for x in g], grad_scale=0.5)
+    assert opt._fast_step(opt, _grads(9), 0.5) is True
+    assert ctrl.step(_grads(9), grad_scale=0.5)
+    _same(a, b)
+    _same_state(opt, ctrl)
+
+
+def test_half_parameters_with_master_copies_and_stochastic_rounding_match():
+    opt, ctrl, a, b = _pair(dtype=np.float16, lr=1e-2)
+    opt2, ctrl2, a2, b2 = _pair(dtype=np.float16, lr=1e-2, master_weights=False, param_rounding="stochastic", seed=5)
+    for k in range(5):
+        for o, c in ((opt, ctrl), (opt2, ctrl2)):
+            g = _grads(k, np.float16)
+            assert o.step(g) and c.step([x.copy() for x in g])
+    assert opt._fast_step(opt, _grads(8, np.float16), 1.0) is True
+    assert opt2._fast_step(opt2, _grads(8, np.float16), 1.0) is True
+    ctrl.step(_grads(8, np.float16))
+    ctrl2.step(_grads(8, np.float16))
+    _same(a, b)
+    _same(a2, b2)
+    _same_state(opt, ctrl)
+    _same_state(opt2, ctrl2)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_with_momentum_matches_the_full_step(nesterov):
+    opt, ctrl, a, b = _pair(adamcpp.SGD, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    for k in range(6):
+        g = _grads(k)
+        assert opt.step(g) and ctrl.step([x.copy() for x in g])
+    assert opt._fast_step(opt, _grads(3), 1.0) is True
+    ctrl.step(_grads(3))
+    _same(a, b)
+    _same_state(opt, ctrl)
+
+
+def test_clipping_and_the_nonfinite_policies_match():
+    opt, ctrl, a, b = _pair(lr=1e-2, max_grad_norm=0.5)
+    _warm(opt, ctrl)
+    assert opt._fast_step(opt, _grads(3), 2.0) is True
+    ctrl.step(_grads(3), grad_scale=2.0)
+    assert opt.last_grad_norm == ctrl.last_grad_norm and opt.last_grad_norm > 0.5
+    _same(a, b)
+    bad = _grads(4)
+    bad[1][3] = np.nan
+    opt.nonfinite = ctrl.nonfinite = "skip"
+    before = [x.copy() for x in a]
+    assert opt._fast_step(opt, bad, 1.0) is False and ctrl.step(bad) is False
+    _same(a, before)
+    assert opt.state[0]["step"] == 3
+    opt.nonfinite = ctrl.nonfinite = "raise"
+    with pytest.raises(FloatingPointError, match=r"^grads\[1\]: non-finite gradient"):
+        opt._fast_step(opt, bad, 1.0)
+    _same(a, before)
+    opt.max_grad_norm = ctrl.max_grad_norm = None  # read at every step
+    assert opt._fast_step(opt, _grads(5), 1.0) is True
+    ctrl.step(_grads(5))
+    _same(a, b)
+    _same_state(opt, ctrl)
+
+
+def test_dict_form_gradients_are_matched_by_key():
+    a = dict(zip("wbc", _arrays(0)))
+    b = dict(zip("wbc", _arrays(0)))
+    opt, ctrl = adamcpp.Adam(a, lr=1e-2), adamcpp.Adam(b, lr=1e-2)
+    ctrl._fast_step = lambda *args: None
+    for k in range(2):
+        g = dict(zip("wbc", _grads(k)))
+        opt.step(g)
+        ctrl.step(g)
+    g = dict(zip("wbc", _grads(5)))
+    shuffled = {k: g[k] for k in "cwb"}  # another order: matched by key, not position
+    assert opt._fast_step(opt, shuffled, 1.0) is True
+    ctrl.step(g)
+    _same(a.values(), b.values())
+    assert opt._fast_step(opt, {k: g[k] for k in "wb"}, 1.0) is None  # a missing key: the full step says which
+    with pytest.raises(ValueError, match="missing gradient"):
+        opt.step({k: g[k] for k in "wb"})
+
+
+def _change_group(opt, a):
+    opt.param_groups[0]["lr"] = 0.5
+
+
+def _change_params_list(opt, a):
+    opt.param_groups[0]["params"][1] = a[1].copy()
+
+
+def _change_state(opt, a):
+    opt.state[1]["exp_avg"] = opt.state[1]["exp_avg"].copy()
+
+
+def _replace_state_list(opt, a):
+    opt.state = [dict(s) for s in opt.state]
+
+
+def _reshape_param(opt, a):
+    a[0].shape = (3, 4)
+
+
+def _readonly_param(opt, a):
+    a[2].setflags(write=False)
+
+
+def _resize_param(opt, a):
+    a[1].resize(9, refcheck=False)
+
+
+def _reshape_state(opt, a):
+    opt.state[0]["exp_avg_sq"].shape = (12,)
+
+
+def _policy(opt, a):
+    opt.nonfinite = "bogus"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _change_group,
+        _change_params_list,
+        _change_state,
+        _replace_state_list,
+        _reshape_param,
+        _readonly_param,
+        _resize_param,
+        _reshape_state,
+        _policy,
+    ],
+)
+def test_any_change_but_new_gradients_goes_back_to_the_full_step(change):
+    opt, ctrl, a, b = _pair(lr=1e-2)
+    _warm(opt, ctrl)
+    snapshot = [x.copy() for x in a]
+    states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state]
+    change(opt, a)
+    assert opt._fast_step(opt, _grads(3), 1.0) is None
+    # Nothing was written by the refused fast step (a resized parameter keeps its first elements).
+    for x, before in zip(a, snapshot):
+        assert np.array_equal(x.reshape(-1)[: before.size], before.reshape(-1))
+    for s, before in zip(opt.state, states):
+        assert s["step"] == before["step"]
+        for k, v in before.items():
+            if isinstance(v, np.ndarray):
+                assert np.array_equal(s[k].reshape(-1), v.reshape(-1))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda g, a: [g[0], g[1].astype(np.float64), g[2]],  # another gradient dtype
+        lambda g, a: [g[0], a[1], g[2]],  # a gradient aliasing a parameter
+        lambda g, a: [g[0], g[1].reshape(-1)[:6], g[2]],  # another size
+        lambda g, a: [g[0], np.ones((7, 2), np.float32)[:, 0], g[2]],  # not C-contiguous
+        lambda g, a: [g[0], g[1]],  # one short
+        lambda g, a: iter(g),  # not a list, tuple or dict
+    ],
+)
+def test_gradients_the_plan_cannot_take_go_back_to_the_full_step(bad):
+    opt, ctrl, a, b = _pair(lr=1e-2)
+    _warm(opt, ctrl)
+    grads = bad(_grads(3), a)
+    before = [x.copy() for x in a]
+    assert opt._fast_step(opt, grads, 1.0) is None
+    _same(a, before)
+    assert [s["step"] for s in opt.state] == [2, 2, 2]
+
+
+def test_grad_scale_that_is_not_a_plain_finite_number_goes_back_to_the_full_step():
+    opt, ctrl, a, b = _pair(lr=1e-2)
+    _warm(opt, ctrl)
+    for scale in (np.float32(2.0), float("inf"), float("nan"), 2**60, "2"):
+        assert opt._fast_step(opt, _grads(3), scale) is None
+    assert opt._fast_step(opt, _grads(3), 2) is True  # an int is a plain number
+    ctrl.step(_grads(3), grad_scale=2.0)
+    _same(a, b)
+
+
+def test_a_schedule_or_a_mutable_value_always_runs_the_full_step():
+    opt, ctrl, a, b = _pair(lr=lambda t: 1e-2 / (1 + t))
+    _warm(opt, ctrl, 3)
+    assert opt._fast_step(opt, _grads(3), 1.0) is None
+    opt2, ctrl2, a2, b2 = _pair(lr=1e-2)
+    opt2.param_groups[0]["betas"] = [0.9, 0.999]  # a mutable value: validated at every step
+    ctrl2.param_groups[0]["betas"] = [0.9, 0.999]
+    _warm(opt2, ctrl2, 3)
+    assert opt2._fast_step(opt2, _grads(3), 1.0) is None
+    _same(a, b)
+    _same(a2, b2)
+
+
+def test_the_plan_is_recorded_again_after_a_change():
+    opt, ctrl, a, b = _pair(lr=1e-2)
+    _warm(opt, ctrl)
+    opt.param_groups[0]["lr"] = ctrl.param_groups[0]["lr"] = 3e-2
+    assert opt.step(_grads(3)) and ctrl.step(_grads(3))  # a full step: validates the edit, records a plan
+    assert opt._fast_step(opt, _grads(4), 1.0) is True
+    ctrl.step(_grads(4))
+    _same(a, b)
+    _same_state(opt, ctrl)
+
+
+def test_a_call_on_another_thread_waits_for_the_fast_step():
+    opt, ctrl, a, b = _pair(lr=1e-3)
+    _warm(opt, ctrl)
+    grads = _grads(3)
+    errors = []
+
+    def run():
+        try:
+            for _ in range(200):
+                assert opt.step(grads)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [s["step"] for s in opt.state] == [602, 602, 602]
+    for _ in range(600):
+        ctrl.step(grads)
+    _same(a, b)
+
+
+def test_the_lock_held_elsewhere_sends_the_call_to_the_full_step():
+    opt, ctrl, a, b = _pair(lr=1e-3)
+    _warm(opt, ctrl)
+    opt._lock.enter()
+    try:
+        assert opt._fast_step(opt, _grads(3), 1.0) is None
+        with pytest.raises(RuntimeError, match="called again while a call on this optimizer is running"):
+            opt.step(_grads(3))
+    finally:
+        opt._lock.leave()
+    assert opt._fast_step(opt, _grads(3), 1.0) is True
+
+
+def test_copies_start_without_a_plan_and_step_alike():
+    import copy
+    import pickle
+
+    opt, ctrl, a, b = _pair(lr=1e-2)
+    _warm(opt, ctrl)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone._fast_step(clone, _grads(3), 1.0) is None
+        assert clone.step(_grads(3))
+        assert clone._fast_step(clone, _grads(4), 1.0) is True
+        assert [s["step"] for s in clone.state] == [4, 4, 4]
+    assert [s["step"] for s in opt.state] == [2, 2, 2]
