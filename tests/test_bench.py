@@ -435,3 +435,17 @@ def test_list_overhead_reads_callgrind_totals_and_checks_its_arguments(tmp_path)
     if mod.shutil.which("valgrind") is not None:
         with pytest.raises(SystemExit, match="--steps: expected S1,S2"):
             mod.main(["--steps", "3,3"])
+
+
+@pytest.mark.skipif(source_tree("bench/list_ab.py") is None,
+                    reason="needs the source tree's bench/ (tests run against an installed package)")
+@pytest.mark.parametrize("case", ["list:3x8", "reuse:3x8", "flat:3x8", "ceiling:3x8"])
+def test_list_ab_times_each_case_and_prints_one_json_line(case):
+    """bench/list_ab.py, one side of an A/B timing of the list mode, prints the case, the threads and a positive
+    median step time as one JSON line."""
+    script = source_tree("bench") / "bench" / "list_ab.py"
+    out = subprocess.run([sys.executable, str(script), case, "1", "2"], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert row["case"] == case and row["threads"] == 1 and row["us"] > 0 and row["simd"] in adamcpp._core.compiled_targets()

@@ -89,11 +89,32 @@ bool rounds_stochastically(const AdamTensor& t, const AdamHyper& h) {
 bool overlaps_written(const ListPlan& plan, const ArrayView& g) {
   const Interval x = interval_of(g, kGrad, 0);
   if (x.end == x.begin) return false;
-  const std::size_t count = plan.ends.size();
-  const std::size_t k =
-      static_cast<std::size_t>(std::upper_bound(plan.ends.begin(), plan.ends.end(), x.begin) - plan.ends.begin());
-  return k < count && plan.sorted[k].begin < x.end;
+  // The first interval ending after the gradient begins (disjoint sorted intervals have sorted ends), found
+  // without branches: a new gradient's place is random, and a mispredicted branch per halving costs more
+  // than the halving.
+  const std::uintptr_t* ends = plan.ends.data();
+  std::size_t k = 0;
+  std::size_t len = plan.ends.size();
+  while (len > 0) {
+    const std::size_t half = len >> 1;
+    const bool right = ends[k + half] <= x.begin;
+    k = right ? k + half + 1 : k;
+    len = right ? len - half - 1 : half;
+  }
+  return k < plan.ends.size() && plan.sorted[k].begin < x.end;
 }
+
+// Fetches the cache line at `p` ahead of its use (no fault for any address).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
+
+// How many tensors ahead the fast path fetches object headers (dimensions: half as far).
+constexpr std::size_t kAhead = 8;
 
 // Leaves the call lock when the fast path ends, however it ends.
 struct Entered {
@@ -332,18 +353,40 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       }
       at += size;
     }
-    for (std::size_t i = 0; i < n; ++i) {
-      PyObject* d = PyList_GET_ITEM(states.ptr(), static_cast<Py_ssize_t>(i));
-      if (!cache.row_current(i, d)) Py_RETURN_NONE;
-    }
     StateCache::Lease lease(cache);
     StepScratch& sc = lease.scratch();
     std::vector<PyObject*>& grads = plan.grad_in;
     if (!grad_items(plan, args[1], grads)) Py_RETURN_NONE;
-    // Every parameter and state array as the full step saw it.
+    // One pass over the tensors, each one's objects fetched a few tensors ahead (their headers are scattered
+    // and the last step's stream evicted them): its state dict still this owner's, every parameter and state
+    // array as the full step saw it, its gradient (the last one seen compared; a new array checked in full:
+    // the same dtype as before, clear of every buffer the step writes), this step's scalars from its group's
+    // hyperparameters and its count.
     const std::size_t per = plan.arrays_per_tensor;
+    PyObject* const* state_items = PySequence_Fast_ITEMS(states.ptr());
+    const auto fetch_headers = [&](std::size_t j) {
+      const ArraySnap* s = &plan.snaps[j * per];
+      prefetch(state_items[j]);
+      prefetch(grads[j]);
+      for (std::size_t k = 0; k < per; ++k) prefetch(s[k].obj);
+    };
+    const auto fetch_dims = [&](std::size_t j) {
+      const ArraySnap* s = &plan.snaps[j * per];
+      for (std::size_t k = 0; k < per; ++k) {
+        if (s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);
+      }
+    };
+    for (std::size_t j = 0; j < std::min(n, kAhead); ++j) fetch_headers(j);
+    for (std::size_t j = 0; j < std::min(n, kAhead / 2); ++j) fetch_dims(j);
+    BiasCorrections bc;
+    std::size_t total = 0;
+    plan.group_step.assign(plan.group_size.size(), -1);
+    plan.group_step_tensor.resize(plan.group_size.size());
     for (std::size_t i = 0; i < n; ++i) {
-      const ArraySnap* s = &plan.snaps[i * per];
+      if (i + kAhead < n) fetch_headers(i + kAhead);
+      if (i + kAhead / 2 < n) fetch_dims(i + kAhead / 2);
+      if (!cache.row_current(i, state_items[i])) Py_RETURN_NONE;
+      ArraySnap* s = &plan.snaps[i * per];
       if (!plan.same(s[0], s[0].obj)) Py_RETURN_NONE;
       for (std::size_t k = 2; k < per; ++k) {
         if (s[k].obj != nullptr &&
@@ -351,71 +394,70 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
           Py_RETURN_NONE;
         }
       }
-    }
-    // The gradients: the last one seen compared, a new array checked in full (the same dtype as before,
-    // clear of every buffer the step writes).
-    for (std::size_t i = 0; i < n; ++i) {
-      PyObject* g = grads[i];
-      ArraySnap& gs = plan.snap(i, 1);
-      if (g == gs.obj && plan.same(gs, g)) continue;
-      if (!is_ndarray(g)) Py_RETURN_NONE;
-      const ArrayView pv = raw_view(plan.snap(i, 0).obj);
-      const ArrayView gv = raw_view(g);
       TensorRef& t = plan.adam ? static_cast<TensorRef&>(plan.adam_tensors[i]) : plan.sgd_tensors[i];
-      if (gv.dtype != static_cast<int>(t.grad_dtype) || !obeys_rules(gv, &pv, kAnyDType, false) ||
-          overlaps_written(plan, gv)) {
-        Py_RETURN_NONE;
+      PyObject* g = grads[i];
+      ArraySnap& gs = s[1];
+      if (g != gs.obj || !plan.same(gs, g)) {
+        if (!is_ndarray(g)) Py_RETURN_NONE;
+        const ArrayView pv = raw_view(s[0].obj);
+        const ArrayView gv = raw_view(g);
+        if (gv.dtype != static_cast<int>(t.grad_dtype) || !obeys_rules(gv, &pv, kAnyDType, false) ||
+            overlaps_written(plan, gv)) {
+          Py_RETURN_NONE;
+        }
+        const auto* p = py::detail::array_proxy(g);
+        plan.retired.push_back(gs.obj);
+        plan.retired.push_back(gs.descr);
+        Py_INCREF(g);
+        Py_INCREF(p->descr);
+        gs.obj = g;
+        gs.descr = p->descr;
+        gs.data = p->data;
+        gs.flags = p->flags;
+        py::ssize_t* seen = plan.dims.data() + gs.dims_at;
+        for (int d = 0; d < gs.nd; ++d) seen[d] = p->dimensions[d];
+        t.grad = gv.data;
       }
-      const auto* p = py::detail::array_proxy(g);
-      plan.retired.push_back(gs.obj);
-      plan.retired.push_back(gs.descr);
-      Py_INCREF(g);
-      Py_INCREF(p->descr);
-      gs.obj = g;
-      gs.descr = p->descr;
-      gs.data = p->data;
-      gs.flags = p->flags;
-      std::memcpy(plan.dims.data() + gs.dims_at, p->dimensions, sizeof(py::ssize_t) * static_cast<std::size_t>(gs.nd));
-      t.grad = gv.data;
-    }
-    // This step's scalars, from each group's hyperparameters and each tensor's count.
-    BiasCorrections bc;
-    for (std::size_t i = 0; i < n; ++i) {
       const std::int64_t step = cache.row_step(i);
       if (step > kMaxStoredStep) Py_RETURN_NONE;  // the full step says why
       const std::int64_t next = step + 1;
-      const std::size_t g = static_cast<std::size_t>(plan.group_of[i]);
+      const std::size_t group = static_cast<std::size_t>(plan.group_of[i]);
       if (plan.adam) {
-        AdamTensor& t = plan.adam_tensors[i];
-        const AdamHyper& h = plan.adam_groups[g];
-        set_adam_step(t, h, next, grad_scale, bc);
-        if (rounds_stochastically(t, h)) t.rounding_key = rounding_key(h.seed, next, i);
+        AdamTensor& a = plan.adam_tensors[i];
+        const AdamHyper& h = plan.adam_groups[group];
+        // A group's tensors usually share their count: its scalars are computed once and copied (the
+        // variant fields were set by the full step and hold while the group's hyperparameters do).
+        AdamTensor& shared = plan.group_step_tensor[group];
+        if (plan.group_step[group] != next) {
+          set_adam_step(shared, h, next, grad_scale, bc);
+          plan.group_step[group] = next;
+        }
+        a.scalars = shared.scalars;
+        a.grad_scale = shared.grad_scale;
+        if (rounds_stochastically(a, h)) a.rounding_key = rounding_key(h.seed, next, i);
       } else {
-        set_sgd_step(plan.sgd_tensors[i], plan.sgd_groups[g], grad_scale);
+        set_sgd_step(plan.sgd_tensors[i], plan.sgd_groups[group], grad_scale);
       }
+      total += t.numel;
     }
     StepPolicy policy{};
     policy.grad_scale = grad_scale;
     policy.nonfinite = static_cast<Nonfinite>(nonfinite);
     policy.max_grad_norm = max_grad_norm;
+    const auto run = [&] {
+      return plan.adam ? run_step(plan.adam_tensors.data(), n, policy, sc.workspace)
+                       : run_step(plan.sgd_tensors.data(), n, policy, sc.workspace);
+    };
     StepOutcome out{};
-    {
+    if (total >= kParallelMinElements) {
       py::gil_scoped_release release;
-      out = plan.adam ? run_step(plan.adam_tensors.data(), n, policy, sc.workspace)
-                      : run_step(plan.sgd_tensors.data(), n, policy, sc.workspace);
+      out = run();
+    } else {
+      out = run();  // shorter than handing the GIL over and back (the step holds the call lock either way)
     }
     if (out.applied) {
-      py::object value;
-      std::int64_t last = -1;
-      for (std::size_t i = 0; i < n; ++i) {
-        const std::int64_t s = cache.row_step(i) + 1;
-        if (s != last || !value) {  // tensors usually share their count: one int object for all
-          value = py::reinterpret_steal<py::object>(PyLong_FromLongLong(s));
-          if (!value) throw py::error_already_set();
-          last = s;
-        }
-        cache.store_step(i, s, value.ptr());
-      }
+      // The counts stay native until someone can look at them (StateCache::flush_counts).
+      for (std::size_t i = 0; i < n; ++i) cache.set_row_step(i, cache.row_step(i) + 1);
     } else if (policy.nonfinite == Nonfinite::raise) {
       const Labels labels{plan.patterns, plan.names};
       const std::string msg = labels(kGrad, static_cast<std::size_t>(out.nonfinite_tensor)) +

@@ -61,10 +61,12 @@ struct ListPlan {
   std::vector<Interval> written;        // the buffers the step writes, verified disjoint
   std::vector<Interval> sorted;         // the same, non-empty, sorted
   std::vector<std::uintptr_t> ends;
-  PyObject* patterns = nullptr;    // strong
-  PyObject* names = nullptr;       // strong (None: indices)
-  std::vector<PyObject*> retired;  // references to drop after a step (gradients replaced)
-  std::vector<PyObject*> grad_in;  // a fast step's gradients, borrowed from its argument
+  PyObject* patterns = nullptr;               // strong
+  PyObject* names = nullptr;                  // strong (None: indices)
+  std::vector<PyObject*> retired;             // references to drop after a step (gradients replaced)
+  std::vector<PyObject*> grad_in;             // a fast step's gradients, borrowed from its argument
+  std::vector<std::int64_t> group_step;       // a fast step's count whose scalars group_step_tensor holds
+  std::vector<AdamTensor> group_step_tensor;  // per group: the scalars of that count
 
   ArraySnap& snap(std::size_t i, std::size_t k) { return snaps[i * arrays_per_tensor + k]; }
   void take(ArraySnap& s, PyObject* o);  // snapshots `o` (a checked ndarray), holding it

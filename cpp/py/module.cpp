@@ -19,11 +19,19 @@ PYBIND11_MODULE(_core, m) {
   init_array_checks();
   m.doc() = "adamcpp native core: fused multi-tensor optimizer kernels with run-time SIMD dispatch";
 
+  py::class_<StepCounts>(m, "StepCounts",
+                         "An optimizer's mark in the state dicts it read: flush() writes the step counts its fast "
+                         "steps kept natively into those dicts (ParamState calls it before any read or edit).")
+      .def("flush", &StepCounts::flush, "Write the owner's pending step counts into its state dicts.");
   py::class_<StateCache>(m, "StateCache",
                          "An optimizer's native owner: what its steps reuse (state rows, scratch, the verified "
                          "buffer layout) and every object a running step uses. One step at a time.")
       .def(py::init<>())
-      .def("clear", &StateCache::clear, "Forget the state rows and the plan (the next step re-reads every state dict).")
+      .def("clear", &StateCache::clear,
+           "Write pending step counts, then forget the state rows and the plan (the next step re-reads every state "
+           "dict).")
+      .def("flush_counts", &StateCache::flush_counts,
+           "Write the step counts that fast steps kept natively into the state dicts.")
       .def("enable_plan", &StateCache::enable_plan,
            "Record a plan after each full step that applies (a list-layout optimizer: list_plan.h).");
   m.def(

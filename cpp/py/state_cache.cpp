@@ -32,17 +32,40 @@ void StepScratch::release() {
   held.clear();
 }
 
-StateCache::StateCache()
-    : token_(py::reinterpret_steal<py::object>(
-          PyObject_CallObject(reinterpret_cast<PyObject*>(&PyBaseObject_Type), nullptr))) {
-  if (!token_) throw py::error_already_set();
+StateCache::StateCache() : token_(py::cast(new StepCounts{this}, py::return_value_policy::take_ownership)) {}
+
+StateCache::~StateCache() {
+  try {
+    flush_counts();  // the dicts outlive their owner with their true counts
+  } catch (...) {
+    PyErr_Clear();
+  }
+  token_.cast<StepCounts&>().owner = nullptr;
+  clear();
 }
 
-StateCache::~StateCache() { clear(); }
+void StepCounts::flush() {
+  if (owner != nullptr) owner->flush_counts();
+}
 
-void StateCache::store_step(std::size_t i, std::int64_t step, PyObject* value) {
-  if (PyDict_SetItem(rows_[i].dict, step_key(), value) != 0) throw py::error_already_set();
-  rows_[i].step = step;
+void StateCache::flush_counts() {
+  if (!counts_pending_) return;
+  counts_pending_ = false;
+  py::object value;
+  std::int64_t last = -1;
+  for (std::size_t i = 0; i < rows_.size(); ++i) {
+    Row& row = rows_[i];
+    if (row.dict == nullptr) continue;
+    if (row.step != last || !value) {  // tensors usually share their count: one int object for all
+      value = py::reinterpret_steal<py::object>(PyLong_FromLongLong(row.step));
+      if (!value) throw py::error_already_set();
+      last = row.step;
+    }
+    if (PyDict_SetItem(row.dict, step_key(), value.ptr()) != 0) {
+      counts_pending_ = true;  // try again at the next look
+      throw py::error_already_set();
+    }
+  }
 }
 
 StateCache::Lease::Lease(StateCache& cache) : cache_(cache) {
@@ -95,6 +118,7 @@ void StateCache::drop(Row& row) {
 }
 
 void StateCache::read(PyObject* const* dicts, std::size_t n, PyObject* const* keys, int key_count) {
+  flush_counts();  // rows may be dropped or read again from their dicts below
   while (rows_.size() > n) {
     drop(rows_.back());
     rows_.pop_back();
@@ -116,6 +140,13 @@ void StateCache::read(PyObject* const* dicts, std::size_t n, PyObject* const* ke
 }
 
 void StateCache::read_row(Row& row, PyObject* d, std::size_t i, PyObject* const* keys, int key_count) {
+  // A dict another owner marked may hold a count that owner kept natively: written first.
+  if (Py_TYPE(d) == g_state_type) {
+    PyObject* other = *reader_slot(d);
+    if (other != nullptr && other != token_.ptr() && py::isinstance<StepCounts>(other)) {
+      py::reinterpret_borrow<py::object>(other).cast<StepCounts&>().flush();
+    }
+  }
   // Marked before it is read: an edit made while it is read (by Python code
   // that a lookup or a step count runs) clears the mark again.
   mark(d);
@@ -172,6 +203,7 @@ void StateCache::commit(const StepScratch& sc, PyObject* const* keys) {
 
 void StateCache::clear() {
   if (busy_) throw std::runtime_error("adamcpp: cannot clear the state cache while a step runs");
+  flush_counts();
   plan_.clear();
   for (Row& row : rows_) drop(row);
   rows_.clear();

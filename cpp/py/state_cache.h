@@ -62,6 +62,17 @@ struct StepScratch {
   void release();
 };
 
+class StateCache;
+
+// An owner's mark in the state dicts it read (their "_reader" slot): unique
+// while the owner lives. Its flush() writes the step counts that the owner's
+// fast steps kept natively into the dicts: ParamState calls it before any read
+// or edit of itself, so that every way of looking at a count sees the true one.
+struct StepCounts {
+  StateCache* owner = nullptr;  // null once the owner is gone (it flushed on the way out)
+  void flush();
+};
+
 class StateCache {
  public:
   static constexpr int kMaxEntries = 4;
@@ -114,8 +125,13 @@ class StateCache {
   PyObject* row_dict(std::size_t i) const { return rows_[i].dict; }
   bool row_current(std::size_t i, PyObject* dict) const { return current(rows_[i], dict); }
   std::int64_t row_step(std::size_t i) const { return rows_[i].step; }
-  // Stores count `step` for row i (in the row and in its dict, keeping the mark); `value` is the int object.
-  void store_step(std::size_t i, std::int64_t step, PyObject* value);
+  // The fast path's commit: row i's count is now `step`, kept natively until someone can observe it
+  // (flush_counts writes every row's count into its dict, keeping the marks).
+  void set_row_step(std::size_t i, std::int64_t step) {
+    rows_[i].step = step;
+    counts_pending_ = true;
+  }
+  void flush_counts();
   StepScratch& scratch() { return scratch_; }
 
  private:
@@ -131,10 +147,11 @@ class StateCache {
   static void drop(Row& row);
 
   std::vector<Row> rows_;
-  py::object token_;  // this owner's mark; unique while the owner lives
+  py::object token_;  // this owner's mark (a StepCounts); unique while the owner lives
   StepScratch scratch_;
   ListPlan plan_;
   bool plan_enabled_ = false;
+  bool counts_pending_ = false;  // some row's count is newer than its dict's "step"
   bool busy_ = false;
 };
 

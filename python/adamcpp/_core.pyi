@@ -41,9 +41,19 @@ class StateCache:
 
     def __init__(self) -> None: ...
     def clear(self) -> None:
-        """Forget the state rows and the plan (the next step re-reads every state dict)."""
+        """Write pending step counts, then forget the state rows and the plan (the next step re-reads every
+        state dict)."""
     def enable_plan(self) -> None:
         """Record a plan after each full step that applies (a list-layout optimizer: list_plan.h)."""
+    def flush_counts(self) -> None:
+        """Write the step counts that fast steps kept natively into the state dicts."""
+
+class StepCounts:
+    """An optimizer's mark in the state dicts it read: flush() writes the step counts its fast steps kept
+    natively into those dicts (ParamState calls it before any read or edit)."""
+
+    def flush(self) -> None:
+        """Write the owner's pending step counts into its state dicts."""
 
 def set_state_type(type: type) -> None:
     """Register the dict subclass whose '_reader' slot is cleared on every edit."""

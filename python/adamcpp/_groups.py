@@ -136,9 +136,13 @@ class ParamGroup(_EditAwareDict):
 
 class ParamState(_EditAwareDict):
     """One parameter's state. `_reader` is the mark of the native owner that
-    last read this dict; any edit clears it, so that owner reads the dict again
-    at its next step. Steps store "step" and state that starts late directly,
-    keeping the mark."""
+    last read this dict (a `_core.StepCounts`); any edit clears it, so that
+    owner reads the dict again at its next step. Full steps store "step" and
+    state that starts late directly, keeping the mark; fast steps (the list
+    mode's plan) keep the new count natively, and every read or edit of the
+    dict through its methods first writes it in (`_reader.flush()`): whatever
+    looks at a count sees the true one. A `values()` or `items()` view shows
+    the counts as of the last such read or edit."""
 
     __slots__ = ("_reader",)
 
@@ -148,6 +152,91 @@ class ParamState(_EditAwareDict):
 
     def _edited(self) -> None:
         self._reader = None
+
+    def _current(self) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.flush()
+
+    # Reads: the counts written in first.
+    def __getitem__(self, key: Any) -> Any:
+        self._current()
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._current()
+        return super().get(key, default)
+
+    def __iter__(self) -> Any:  # also makes dict(s), {**s} and update(s) read through __getitem__
+        self._current()
+        return super().__iter__()
+
+    def values(self) -> Any:
+        self._current()
+        return super().values()
+
+    def items(self) -> Any:
+        self._current()
+        return super().items()
+
+    def copy(self) -> Dict[Any, Any]:
+        self._current()
+        return dict(super().items())
+
+    def __repr__(self) -> str:
+        self._current()
+        return super().__repr__()
+
+    def __eq__(self, other: Any) -> bool:
+        self._current()
+        if isinstance(other, ParamState):
+            other._current()
+        return super().__eq__(other)
+
+    def __ne__(self, other: Any) -> bool:
+        self._current()
+        if isinstance(other, ParamState):
+            other._current()
+        return super().__ne__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # as dict's
+
+    def __or__(self, other: Any) -> Any:
+        self._current()
+        return super().__or__(other)
+
+    def __ror__(self, other: Any) -> Any:
+        self._current()
+        return super().__ror__(other)
+
+    # Edits: the counts written in first, so that an edit of "step" is the last word.
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._current()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._current()
+        super().__delitem__(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._current()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._current()
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self._current()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._current()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._current()
+        super().clear()
 
 
 _core.set_state_type(ParamState)
