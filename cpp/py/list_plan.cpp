@@ -153,16 +153,6 @@ void ListPlan::take(ArraySnap& s, PyObject* o) {
   dims.insert(dims.end(), p->dimensions, p->dimensions + p->nd);
 }
 
-bool ListPlan::same(const ArraySnap& s, PyObject* o) const {
-  const auto* p = py::detail::array_proxy(o);
-  if (o != s.obj || p->data != s.data || p->descr != s.descr || p->nd != s.nd || p->flags != s.flags) return false;
-  const py::ssize_t* seen = dims.data() + s.dims_at;
-  for (int d = 0; d < s.nd; ++d) {  // a few dimensions: no memcmp call
-    if (p->dimensions[d] != seen[d]) return false;
-  }
-  return true;
-}
-
 void ListPlan::clear() {
   ready = false;
   uses = 0;
@@ -207,6 +197,7 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
   plan.adam = adam;
   plan.arrays_per_tensor = 2 + static_cast<std::size_t>(states);
   plan.snaps.assign(n * plan.arrays_per_tensor, ArraySnap{});
+  plan.arrays_used = 2;
   plan.n = n;  // from here on, clear() drops what was taken
   for (std::size_t i = 0; i < n; ++i) {
     plan.take(plan.snap(i, 0), held[i]);
@@ -227,6 +218,7 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
         return;
       }
       plan.take(plan.snap(i, 2 + static_cast<std::size_t>(k)), e);
+      plan.arrays_used = std::max(plan.arrays_used, 3 + static_cast<std::size_t>(k));
     }
   }
   if (adam) {
@@ -363,17 +355,18 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
     // the same dtype as before, clear of every buffer the step writes), this step's scalars from its group's
     // hyperparameters and its count.
     const std::size_t per = plan.arrays_per_tensor;
+    const std::size_t used = plan.arrays_used;
     PyObject* const* state_items = PySequence_Fast_ITEMS(states.ptr());
     const auto fetch_headers = [&](std::size_t j) {
       const ArraySnap* s = &plan.snaps[j * per];
       prefetch(state_items[j]);
       prefetch(grads[j]);
-      for (std::size_t k = 0; k < per; ++k) prefetch(s[k].obj);
+      for (std::size_t k = 0; k < used; ++k) prefetch(s[k].obj);
     };
     const auto fetch_dims = [&](std::size_t j) {
       const ArraySnap* s = &plan.snaps[j * per];
-      for (std::size_t k = 0; k < per; ++k) {
-        if (s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);
+      for (std::size_t k = 0; k < used; ++k) {
+        if (k != 1 && s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);
       }
     };
     for (std::size_t j = 0; j < std::min(n, kAhead); ++j) fetch_headers(j);
@@ -388,7 +381,7 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       if (!cache.row_current(i, state_items[i])) Py_RETURN_NONE;
       ArraySnap* s = &plan.snaps[i * per];
       if (!plan.same(s[0], s[0].obj)) Py_RETURN_NONE;
-      for (std::size_t k = 2; k < per; ++k) {
+      for (std::size_t k = 2; k < used; ++k) {
         if (s[k].obj != nullptr &&
             (cache.entry(i, static_cast<int>(k - 2)) != s[k].obj || !plan.same(s[k], s[k].obj))) {
           Py_RETURN_NONE;

@@ -68,9 +68,24 @@ struct ListPlan {
   std::vector<std::int64_t> group_step;       // a fast step's count whose scalars group_step_tensor holds
   std::vector<AdamTensor> group_step_tensor;  // per group: the scalars of that count
 
+  std::size_t arrays_used = 0;  // snaps per tensor up to the last one any tensor uses
+
   ArraySnap& snap(std::size_t i, std::size_t k) { return snaps[i * arrays_per_tensor + k]; }
   void take(ArraySnap& s, PyObject* o);  // snapshots `o` (a checked ndarray), holding it
-  bool same(const ArraySnap& s, PyObject* o) const;
+  // Whether `o` is the snapshot's array with the header it had (one test for the fixed fields, then the dimensions).
+  bool same(const ArraySnap& s, PyObject* o) const {
+    const auto* p = pybind11::detail::array_proxy(o);
+    const std::uintptr_t fixed =
+        (reinterpret_cast<std::uintptr_t>(o) ^ reinterpret_cast<std::uintptr_t>(s.obj)) |
+        (reinterpret_cast<std::uintptr_t>(p->data) ^ reinterpret_cast<std::uintptr_t>(s.data)) |
+        (reinterpret_cast<std::uintptr_t>(p->descr) ^ reinterpret_cast<std::uintptr_t>(s.descr)) |
+        static_cast<std::uintptr_t>(static_cast<unsigned>(p->nd ^ s.nd) | static_cast<unsigned>(p->flags ^ s.flags));
+    if (fixed != 0) return false;
+    const pybind11::ssize_t* seen = dims.data() + s.dims_at;
+    pybind11::ssize_t diff = 0;
+    for (int d = 0; d < s.nd; ++d) diff |= p->dimensions[d] ^ seen[d];
+    return diff == 0;
+  }
   void clear();
 };
 
