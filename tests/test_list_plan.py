@@ -331,3 +331,39 @@ def test_copies_start_without_a_plan_and_step_alike():
         assert clone._fast_step(clone, _grads(4), 1.0) is True
         assert [s["step"] for s in clone.state] == [4, 4, 4]
     assert [s["step"] for s in opt.state] == [2, 2, 2]
+
+
+class _FinalizedGrad(np.ndarray):
+    """A gradient whose finalizer runs `hook` (once per array)."""
+
+    hook = None
+
+    def __del__(self):
+        hook, _FinalizedGrad.hook = _FinalizedGrad.hook, None
+        if hook is not None:
+            hook()
+
+
+def test_a_gradient_finalizer_that_steps_the_optimizer_again_is_safe():
+    """The plan lets go of the gradients it replaced after the step has left the call lock: a finalizer run then
+    may step the same optimizer (a full or a fast step) and the results are those of the same sequence of steps."""
+    opt, ctrl, a, b = _pair(lr=1e-2)
+    applied = []
+
+    def nested():
+        assert opt.step(_grads(9))
+        applied.append(9)
+
+    for k in range(6):
+        grads = [x.view(_FinalizedGrad) for x in _grads(k)]
+        applied.append(k)  # before: the nested step runs at the end of this one, after its update
+        assert opt.step(grads)
+        del grads
+        _FinalizedGrad.hook = nested  # fires when the plan lets go of this step's gradients
+    _FinalizedGrad.hook = None
+    assert 9 in applied
+    for k in applied:
+        assert ctrl.step(_grads(k))
+    _same(a, b)
+    _same_state(opt, ctrl)
+    assert [s["step"] for s in opt.state] == [len(applied)] * 3

@@ -4,6 +4,8 @@
 #include <structmember.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace adamcpp {
 namespace {
@@ -51,18 +53,26 @@ void StepCounts::flush() {
 void StateCache::flush_counts() {
   if (!counts_pending_) return;
   counts_pending_ = false;
+  // What to write, taken first (the dicts held): an allocation below may run the garbage collector, and a
+  // finalizer may step this optimizer and change the rows while they are written.
+  std::vector<std::pair<py::object, std::int64_t>> counts;
+  counts.reserve(rows_.size());
+  for (const Row& row : rows_) {
+    if (row.dict != nullptr) counts.emplace_back(py::reinterpret_borrow<py::object>(row.dict), row.step);
+  }
   py::object value;
   std::int64_t last = -1;
-  for (std::size_t i = 0; i < rows_.size(); ++i) {
-    Row& row = rows_[i];
-    if (row.dict == nullptr) continue;
-    if (row.step != last || !value) {  // tensors usually share their count: one int object for all
-      value = py::reinterpret_steal<py::object>(PyLong_FromLongLong(row.step));
-      if (!value) throw py::error_already_set();
-      last = row.step;
+  for (const auto& [dict, step] : counts) {
+    if (step != last || !value) {  // tensors usually share their count: one int object for all
+      value = py::reinterpret_steal<py::object>(PyLong_FromLongLong(step));
+      if (!value) {
+        counts_pending_ = true;  // try again at the next look
+        throw py::error_already_set();
+      }
+      last = step;
     }
-    if (PyDict_SetItem(row.dict, step_key(), value.ptr()) != 0) {
-      counts_pending_ = true;  // try again at the next look
+    if (PyDict_SetItem(dict.ptr(), step_key(), value.ptr()) != 0) {
+      counts_pending_ = true;
       throw py::error_already_set();
     }
   }
