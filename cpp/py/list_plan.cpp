@@ -2,8 +2,6 @@
 // records and the fast path that runs from it.
 #include "py/list_plan.h"
 
-#include <structmember.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -125,22 +123,25 @@ struct Entered {
 }  // namespace
 
 void set_group_type(PyObject* type) {
-  if (!PyType_Check(type)) type_error("set_group_type: expected a type");
-  auto* t = reinterpret_cast<PyTypeObject*>(type);
-  if (!PyType_IsSubtype(t, &PyDict_Type)) type_error("set_group_type: expected a dict subclass");
-  PyObject* descr = PyDict_GetItemString(t->tp_dict, "validated_hyper");
-  if (descr == nullptr || !PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
-    type_error("set_group_type: the type needs a 'validated_hyper' slot");
-  }
-  const PyMemberDef* member = reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
-  if (member->type != T_OBJECT_EX && member->type != T_OBJECT) type_error("set_group_type: bad 'validated_hyper' slot");
+  g_hyper_offset = dict_slot_offset(type, "validated_hyper", "set_group_type");
   Py_INCREF(type);
   Py_XDECREF(reinterpret_cast<PyObject*>(g_group_type));
-  g_group_type = t;
-  g_hyper_offset = member->offset;
+  g_group_type = reinterpret_cast<PyTypeObject*>(type);
 }
 
 void ListPlan::take(ArraySnap& s, PyObject* o) {
+  s.dims_at = dims.size();
+  dims.resize(dims.size() + static_cast<std::size_t>(py::detail::array_proxy(o)->nd));
+  hold(s, o);
+}
+
+void ListPlan::replace(ArraySnap& s, PyObject* o) {
+  retired.push_back(s.obj);
+  retired.push_back(s.descr);
+  hold(s, o);
+}
+
+void ListPlan::hold(ArraySnap& s, PyObject* o) {
   const auto* p = py::detail::array_proxy(o);
   Py_INCREF(o);
   Py_INCREF(p->descr);
@@ -149,8 +150,7 @@ void ListPlan::take(ArraySnap& s, PyObject* o) {
   s.data = p->data;
   s.nd = p->nd;
   s.flags = p->flags;
-  s.dims_at = dims.size();
-  dims.insert(dims.end(), p->dimensions, p->dimensions + p->nd);
+  std::copy(p->dimensions, p->dimensions + p->nd, dims.begin() + static_cast<std::ptrdiff_t>(s.dims_at));
 }
 
 void ListPlan::clear() {
@@ -398,17 +398,7 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
             overlaps_written(plan, gv)) {
           Py_RETURN_NONE;
         }
-        const auto* p = py::detail::array_proxy(g);
-        plan.retired.push_back(gs.obj);
-        plan.retired.push_back(gs.descr);
-        Py_INCREF(g);
-        Py_INCREF(p->descr);
-        gs.obj = g;
-        gs.descr = p->descr;
-        gs.data = p->data;
-        gs.flags = p->flags;
-        py::ssize_t* seen = plan.dims.data() + gs.dims_at;
-        for (int d = 0; d < gs.nd; ++d) seen[d] = p->dimensions[d];
+        plan.replace(gs, g);  // the parameter's shape: the same number of dimensions
         t.grad = gv.data;
       }
       const std::int64_t step = cache.row_step(i);

@@ -71,7 +71,9 @@ struct ListPlan {
   std::size_t arrays_used = 0;  // snaps per tensor up to the last one any tensor uses
 
   ArraySnap& snap(std::size_t i, std::size_t k) { return snaps[i * arrays_per_tensor + k]; }
-  void take(ArraySnap& s, PyObject* o);  // snapshots `o` (a checked ndarray), holding it
+  void take(ArraySnap& s, PyObject* o);     // snapshots `o` (a checked ndarray), holding it
+  void replace(ArraySnap& s, PyObject* o);  // the same for a new array of as many dimensions (the old one retired)
+  void hold(ArraySnap& s, PyObject* o);     // fills s from `o` (its dimensions at s.dims_at), holding it
   // Whether `o` is the snapshot's array with the header it had (one test for the fixed fields, then the dimensions).
   bool same(const ArraySnap& s, PyObject* o) const {
     const auto* p = pybind11::detail::array_proxy(o);

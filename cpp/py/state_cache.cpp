@@ -92,20 +92,25 @@ StateCache::Lease::~Lease() {
   cache_.busy_ = false;
 }
 
-void StateCache::set_state_type(PyObject* type) {
-  if (!PyType_Check(type)) type_error("set_state_type: expected a type");
+Py_ssize_t dict_slot_offset(PyObject* type, const char* slot, const char* who) {
+  const std::string name = who;
+  if (!PyType_Check(type)) type_error(name + ": expected a type");
   auto* t = reinterpret_cast<PyTypeObject*>(type);
-  if (!PyType_IsSubtype(t, &PyDict_Type)) type_error("set_state_type: expected a dict subclass");
-  PyObject* descr = PyDict_GetItemString(t->tp_dict, "_reader");
+  if (!PyType_IsSubtype(t, &PyDict_Type)) type_error(name + ": expected a dict subclass");
+  PyObject* descr = PyDict_GetItemString(t->tp_dict, slot);
   if (descr == nullptr || !PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
-    type_error("set_state_type: the type needs a '_reader' slot");
+    type_error(name + ": the type needs a '" + slot + "' slot");
   }
   const PyMemberDef* member = reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
-  if (member->type != T_OBJECT_EX && member->type != T_OBJECT) type_error("set_state_type: bad '_reader' slot");
+  if (member->type != T_OBJECT_EX && member->type != T_OBJECT) type_error(name + ": bad '" + slot + "' slot");
+  return member->offset;
+}
+
+void StateCache::set_state_type(PyObject* type) {
+  g_reader_offset = dict_slot_offset(type, "_reader", "set_state_type");
   Py_INCREF(type);
   Py_XDECREF(reinterpret_cast<PyObject*>(g_state_type));
-  g_state_type = t;
-  g_reader_offset = member->offset;
+  g_state_type = reinterpret_cast<PyTypeObject*>(type);
 }
 
 bool StateCache::current(const Row& row, PyObject* dict) const {

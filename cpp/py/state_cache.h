@@ -64,6 +64,10 @@ struct StepScratch {
 
 class StateCache;
 
+// The offset of the object slot `slot` of a dict subclass `type` (a type registered for its slot: the state
+// dict's "_reader", the group's "validated_hyper"); `who` names the caller in a TypeError for anything else.
+Py_ssize_t dict_slot_offset(PyObject* type, const char* slot, const char* who);
+
 // An owner's mark in the state dicts it read (their "_reader" slot): unique
 // while the owner lives. Its flush() writes the step counts that the owner's
 // fast steps kept natively into the dicts: ParamState calls it before any read
