@@ -345,8 +345,9 @@ class _FinalizedGrad(np.ndarray):
 
 
 def test_a_gradient_finalizer_that_steps_the_optimizer_again_is_safe():
-    """The plan lets go of the gradients it replaced after the step has left the call lock: a finalizer run then
-    may step the same optimizer (a full or a fast step) and the results are those of the same sequence of steps."""
+    """A step holds its gradients only while it runs (and lets go of them after leaving the call lock): a finalizer
+    run when the caller drops them may step the same optimizer (a full or a fast step), and the results are those
+    of the same sequence of steps."""
     opt, ctrl, a, b = _pair(lr=1e-2)
     applied = []
 
@@ -367,3 +368,24 @@ def test_a_gradient_finalizer_that_steps_the_optimizer_again_is_safe():
     _same(a, b)
     _same_state(opt, ctrl)
     assert [s["step"] for s in opt.state] == [len(applied)] * 3
+
+
+@pytest.mark.parametrize("elements", [8, 3 * adamcpp.build_info()["parallel_min_elements"]])
+def test_gradients_are_not_kept_after_the_step(elements):
+    """The plan keeps parameters and state, never gradients: a caller's gradient arrays are freed as soon as the
+    caller drops them, after a full step and after fast steps (small steps run with the GIL held, large ones hold
+    their gradients while the GIL is released)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal(elements).astype(np.float32) for _ in range(3)]
+    opt = adamcpp.Adam(params, lr=1e-3)
+    for k in range(4):
+        grads = [rng.standard_normal(elements).astype(np.float32) for _ in range(3)]
+        refs = [weakref.ref(g) for g in grads]
+        assert opt.step(grads)
+        del grads
+        assert all(r() is None for r in refs), f"step {k}: a gradient outlived its step"
+    gc.collect()
+    assert opt._fast_step(opt, [np.zeros(elements, np.float32) for _ in range(3)], 1.0) is True

@@ -129,23 +129,24 @@ void set_group_type(PyObject* type) {
   g_group_type = reinterpret_cast<PyTypeObject*>(type);
 }
 
-void ListPlan::take(ArraySnap& s, PyObject* o) {
+void ListPlan::take(ArraySnap& s, PyObject* o, bool keep_object) {
   s.dims_at = dims.size();
   dims.resize(dims.size() + static_cast<std::size_t>(py::detail::array_proxy(o)->nd));
-  hold(s, o);
+  hold(s, o, keep_object);
 }
 
 void ListPlan::replace(ArraySnap& s, PyObject* o) {
-  retired.push_back(s.obj);
   retired.push_back(s.descr);
-  hold(s, o);
+  hold(s, o, false);
 }
 
-void ListPlan::hold(ArraySnap& s, PyObject* o) {
+void ListPlan::hold(ArraySnap& s, PyObject* o, bool keep_object) {
   const auto* p = py::detail::array_proxy(o);
-  Py_INCREF(o);
+  if (keep_object) {
+    Py_INCREF(o);
+    s.obj = o;
+  }
   Py_INCREF(p->descr);
-  s.obj = o;
   s.descr = p->descr;
   s.data = p->data;
   s.nd = p->nd;
@@ -200,8 +201,8 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
   plan.arrays_used = 2;
   plan.n = n;  // from here on, clear() drops what was taken
   for (std::size_t i = 0; i < n; ++i) {
-    plan.take(plan.snap(i, 0), held[i]);
-    plan.take(plan.snap(i, 1), held[n + i]);
+    plan.take(plan.snap(i, 0), held[i], true);
+    plan.take(plan.snap(i, 1), held[n + i], false);
     for (int k = 0; k < states; ++k) {
       const void* used = nullptr;
       if (adam) {
@@ -217,7 +218,7 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
         plan.clear();
         return;
       }
-      plan.take(plan.snap(i, 2 + static_cast<std::size_t>(k)), e);
+      plan.take(plan.snap(i, 2 + static_cast<std::size_t>(k)), e, true);
       plan.arrays_used = std::max(plan.arrays_used, 3 + static_cast<std::size_t>(k));
     }
   }
@@ -351,9 +352,9 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
     if (!grad_items(plan, args[1], grads)) Py_RETURN_NONE;
     // One pass over the tensors, each one's objects fetched a few tensors ahead (their headers are scattered
     // and the last step's stream evicted them): its state dict still this owner's, every parameter and state
-    // array as the full step saw it, its gradient (the last one seen compared; a new array checked in full:
-    // the same dtype as before, clear of every buffer the step writes), this step's scalars from its group's
-    // hyperparameters and its count.
+    // array as the full step saw it, its gradient (an ndarray whose header is the last one checked obeys the
+    // same rules; another header is checked in full: the same dtype as before, clear of every buffer the step
+    // writes), this step's scalars from its group's hyperparameters and its count.
     const std::size_t per = plan.arrays_per_tensor;
     const std::size_t used = plan.arrays_used;
     PyObject* const* state_items = PySequence_Fast_ITEMS(states.ptr());
@@ -390,8 +391,8 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       TensorRef& t = plan.adam ? static_cast<TensorRef&>(plan.adam_tensors[i]) : plan.sgd_tensors[i];
       PyObject* g = grads[i];
       ArraySnap& gs = s[1];
-      if (g != gs.obj || !plan.same(gs, g)) {
-        if (!is_ndarray(g)) Py_RETURN_NONE;
+      if (!is_ndarray(g)) Py_RETURN_NONE;
+      if (!plan.same_header(gs, g)) {
         const ArrayView pv = raw_view(s[0].obj);
         const ArrayView gv = raw_view(g);
         if (gv.dtype != static_cast<int>(t.grad_dtype) || !obeys_rules(gv, &pv, kAnyDType, false) ||
@@ -433,6 +434,12 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
     };
     StepOutcome out{};
     if (total >= kParallelMinElements) {
+      // The gradients are held for this step only (not across steps: they are the caller's to free), and let
+      // go with the retired references, after the lock.
+      for (PyObject* g : grads) {
+        Py_INCREF(g);
+        plan.retired.push_back(g);
+      }
       py::gil_scoped_release release;
       out = run();
     } else {

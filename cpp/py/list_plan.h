@@ -1,7 +1,8 @@
 // adamcpp: the list mode's cached step. After a full step of a list-layout
 // optimizer applied (every rule checked, steps.cpp), its owner keeps what that
-// step validated: strong references to every parameter, gradient, state dict
-// and state array, a snapshot of each array's header as the check saw it
+// step validated: strong references to every parameter, state dict and state
+// array (a gradient only while the step that reads it runs), a snapshot of
+// each array's header as the check saw it
 // (data pointer, dtype descriptor, flags, dimensions), the kernels' table of
 // tensors and each group's parsed hyperparameters. The next step (fast_step)
 // compares instead of re-checking: the optimizer's groups, their validated
@@ -71,14 +72,17 @@ struct ListPlan {
   std::size_t arrays_used = 0;  // snaps per tensor up to the last one any tensor uses
 
   ArraySnap& snap(std::size_t i, std::size_t k) { return snaps[i * arrays_per_tensor + k]; }
-  void take(ArraySnap& s, PyObject* o);     // snapshots `o` (a checked ndarray), holding it
-  void replace(ArraySnap& s, PyObject* o);  // the same for a new array of as many dimensions (the old one retired)
-  void hold(ArraySnap& s, PyObject* o);     // fills s from `o` (its dimensions at s.dims_at), holding it
-  // Whether `o` is the snapshot's array with the header it had (one test for the fixed fields, then the dimensions).
-  bool same(const ArraySnap& s, PyObject* o) const {
+  // Snapshots `o` (a checked ndarray), holding it (a parameter or a state array: held across steps) or not
+  // (a gradient: held for a step only, by the step; its snapshot holds the descriptor).
+  void take(ArraySnap& s, PyObject* o, bool keep_object);
+  // The same for a new gradient of as many dimensions (the old descriptor retired).
+  void replace(ArraySnap& s, PyObject* o);
+  void hold(ArraySnap& s, PyObject* o, bool keep_object);  // fills s from `o` (its dimensions at s.dims_at)
+  // Whether `o`'s header is the snapshot's (one test for the fixed fields, then the dimensions): an ndarray
+  // with a header a full check accepted obeys the same rules, whatever object it is.
+  bool same_header(const ArraySnap& s, PyObject* o) const {
     const auto* p = pybind11::detail::array_proxy(o);
     const std::uintptr_t fixed =
-        (reinterpret_cast<std::uintptr_t>(o) ^ reinterpret_cast<std::uintptr_t>(s.obj)) |
         (reinterpret_cast<std::uintptr_t>(p->data) ^ reinterpret_cast<std::uintptr_t>(s.data)) |
         (reinterpret_cast<std::uintptr_t>(p->descr) ^ reinterpret_cast<std::uintptr_t>(s.descr)) |
         static_cast<std::uintptr_t>(static_cast<unsigned>(p->nd ^ s.nd) | static_cast<unsigned>(p->flags ^ s.flags));
@@ -88,6 +92,8 @@ struct ListPlan {
     for (int d = 0; d < s.nd; ++d) diff |= p->dimensions[d] ^ seen[d];
     return diff == 0;
   }
+  // Whether `o` is the snapshot's (held) array with the header it had.
+  bool same(const ArraySnap& s, PyObject* o) const { return o == s.obj && same_header(s, o); }
   void clear();
 };
 
