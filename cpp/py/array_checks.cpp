@@ -274,21 +274,31 @@ void AliasCheck::check(const std::vector<Interval>& written, const std::vector<I
   }
   if (same_ranges(read, read_)) return;
   read_.clear();
-  const std::uintptr_t* ends = ends_.data();
-  const std::size_t count = ends_.size();
   for (const Interval& g : read) {
-    if (g.end == g.begin) continue;
-    // Disjoint sorted intervals have sorted ends: the first one ending after
-    // the gradient begins is the only candidate.
-    const std::size_t k = static_cast<std::size_t>(std::upper_bound(ends, ends + count, g.begin) - ends);
-    if (k < count && sorted_[k].begin < g.end) {
-      const Interval& w = sorted_[k];
+    if (const Interval* w = overlap(g.begin, g.end)) {
       value_error(labels(static_cast<int>(g.role), g.tensor) + " shares memory with " +
-                  labels(static_cast<int>(w.role), w.tensor) +
+                  labels(static_cast<int>(w->role), w->tensor) +
                   "; a gradient must not alias a buffer that the step writes");
     }
   }
   read_ = read;
+}
+
+const Interval* AliasCheck::overlap(std::uintptr_t begin, std::uintptr_t end) const {
+  if (end == begin) return nullptr;
+  // Disjoint sorted intervals have sorted ends: the first one ending after the range begins is the only
+  // candidate, found without branches (a gradient's place is random: a mispredicted branch per halving costs
+  // more than the halving).
+  const std::uintptr_t* ends = ends_.data();
+  std::size_t k = 0;
+  std::size_t len = ends_.size();
+  while (len > 0) {
+    const std::size_t half = len >> 1;
+    const bool right = ends[k + half] <= begin;
+    k = right ? k + half + 1 : k;
+    len = right ? len - half - 1 : half;
+  }
+  return k < ends_.size() && sorted_[k].begin < end ? &sorted_[k] : nullptr;
 }
 
 namespace {

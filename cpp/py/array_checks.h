@@ -188,6 +188,9 @@ inline Interval interval_of(const ArrayView& a, int role, std::size_t i) {
 class AliasCheck {
  public:
   void check(const std::vector<Interval>& written, const std::vector<Interval>& read, const Labels& labels);
+  // The written buffer that a read range [begin, end) overlaps in the last verified layout, or null (the list
+  // mode's plan asks this of a new gradient: its owner's layout is the one its last full step verified).
+  const Interval* overlap(std::uintptr_t begin, std::uintptr_t end) const;
 
  private:
   std::vector<Interval> written_;  // in call order, as last verified

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <string>
 
 #include "py/call_lock.h"
@@ -81,25 +80,6 @@ bool rounds_stochastically(const AdamTensor& t, const AdamHyper& h) {
   const bool half = t.dtype == DType::f16 || t.dtype == DType::bf16;
   return (t.state_dtype == DType::bf16 && h.state_rounding == Rounding::stochastic) ||
          (half && t.master_param == nullptr && h.param_rounding == Rounding::stochastic);
-}
-
-// Whether a gradient's bytes overlap a buffer the step writes (the plan's sorted, disjoint intervals).
-bool overlaps_written(const ListPlan& plan, const ArrayView& g) {
-  const Interval x = interval_of(g, kGrad, 0);
-  if (x.end == x.begin) return false;
-  // The first interval ending after the gradient begins (disjoint sorted intervals have sorted ends), found
-  // without branches: a new gradient's place is random, and a mispredicted branch per halving costs more
-  // than the halving.
-  const std::uintptr_t* ends = plan.ends.data();
-  std::size_t k = 0;
-  std::size_t len = plan.ends.size();
-  while (len > 0) {
-    const std::size_t half = len >> 1;
-    const bool right = ends[k + half] <= x.begin;
-    k = right ? k + half + 1 : k;
-    len = right ? len - half - 1 : half;
-  }
-  return k < plan.ends.size() && plan.sorted[k].begin < x.end;
 }
 
 // Fetches the cache line at `p` ahead of its use (no fault for any address).
@@ -237,16 +217,6 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
   }
   plan.patterns = args.patterns.inc_ref().ptr();
   plan.names = args.names.inc_ref().ptr();
-  // The buffers it writes, as the full step verified them disjoint.
-  plan.written = sc.written;
-  plan.sorted.clear();
-  for (const Interval& w : plan.written) {
-    if (w.end != w.begin) plan.sorted.push_back(w);
-  }
-  std::sort(plan.sorted.begin(), plan.sorted.end(),
-            [](const Interval& x, const Interval& y) { return x.begin < y.begin; });
-  plan.ends.clear();
-  for (const Interval& w : plan.sorted) plan.ends.push_back(w.end);
   plan.ready = true;
 }
 
@@ -367,7 +337,7 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
     const auto fetch_dims = [&](std::size_t j) {
       const ArraySnap* s = &plan.snaps[j * per];
       for (std::size_t k = 0; k < used; ++k) {
-        if (k != 1 && s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);
+        if (s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);  // not a gradient's
       }
     };
     for (std::size_t j = 0; j < std::min(n, kAhead); ++j) fetch_headers(j);
@@ -395,8 +365,10 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       if (!plan.same_header(gs, g)) {
         const ArrayView pv = raw_view(s[0].obj);
         const ArrayView gv = raw_view(g);
+        const Interval range = interval_of(gv, kGrad, i);
+        // The owner's aliasing check holds the written layout its last full step verified: this plan's.
         if (gv.dtype != static_cast<int>(t.grad_dtype) || !obeys_rules(gv, &pv, kAnyDType, false) ||
-            overlaps_written(plan, gv)) {
+            sc.aliasing.overlap(range.begin, range.end) != nullptr) {
           Py_RETURN_NONE;
         }
         plan.replace(gs, g);  // the parameter's shape: the same number of dimensions

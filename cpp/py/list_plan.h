@@ -57,11 +57,8 @@ struct ListPlan {
   std::vector<AdamHyper> adam_groups;
   std::vector<SgdHyper> sgd_groups;
   std::vector<int> group_of;
-  std::vector<std::size_t> group_size;  // tensors per group, in order
-  std::vector<PyObject*> hypers;        // strong: each group's validated tuple, as the full step got it
-  std::vector<Interval> written;        // the buffers the step writes, verified disjoint
-  std::vector<Interval> sorted;         // the same, non-empty, sorted
-  std::vector<std::uintptr_t> ends;
+  std::vector<std::size_t> group_size;        // tensors per group, in order
+  std::vector<PyObject*> hypers;              // strong: each group's validated tuple, as the full step got it
   PyObject* patterns = nullptr;               // strong
   PyObject* names = nullptr;                  // strong (None: indices)
   std::vector<PyObject*> retired;             // references to drop after a step (gradients replaced)

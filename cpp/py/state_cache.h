@@ -136,7 +136,6 @@ class StateCache {
     counts_pending_ = true;
   }
   void flush_counts();
-  StepScratch& scratch() { return scratch_; }
 
  private:
   struct Row {

@@ -72,11 +72,16 @@ class _EditAwareDict(dict):
     def _edited(self) -> None:
         """What an edit invalidates (each subclass says)."""
 
+    def _before_edit(self) -> None:
+        """What must happen before any edit (each subclass says)."""
+
     def __setitem__(self, key: Any, value: Any) -> None:
+        self._before_edit()
         super().__setitem__(key, value)
         self._edited()
 
     def __delitem__(self, key: Any) -> None:
+        self._before_edit()
         super().__delitem__(key)
         self._edited()
 
@@ -85,22 +90,27 @@ class _EditAwareDict(dict):
         return self
 
     def update(self, *args: Any, **kwargs: Any) -> None:
+        self._before_edit()
         super().update(*args, **kwargs)
         self._edited()
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._before_edit()
         self._edited()
         return super().setdefault(key, default)
 
     def pop(self, *args: Any) -> Any:
+        self._before_edit()
         self._edited()
         return super().pop(*args)
 
     def popitem(self) -> Any:
+        self._before_edit()
         self._edited()
         return super().popitem()
 
     def clear(self) -> None:
+        self._before_edit()
         super().clear()
         self._edited()
 
@@ -209,34 +219,8 @@ class ParamState(_EditAwareDict):
         self._current()
         return super().__ror__(other)
 
-    # Edits: the counts written in first, so that an edit of "step" is the last word.
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._current()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self._current()
-        super().__delitem__(key)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self._current()
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        self._current()
-        return super().setdefault(key, default)
-
-    def pop(self, *args: Any) -> Any:
-        self._current()
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self._current()
-        return super().popitem()
-
-    def clear(self) -> None:
-        self._current()
-        super().clear()
+    # Edits (_EditAwareDict's methods): the counts written in first, so that an edit of "step" is the last word.
+    _before_edit = _current
 
 
 _core.set_state_type(ParamState)
