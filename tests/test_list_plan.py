@@ -389,3 +389,63 @@ def test_gradients_are_not_kept_after_the_step(elements):
         assert all(r() is None for r in refs), f"step {k}: a gradient outlived its step"
     gc.collect()
     assert opt._fast_step(opt, [np.zeros(elements, np.float32) for _ in range(3)], 1.0) is True
+
+
+def _run_arrays(seed: int, sizes, dtypes):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(d) for n, d in zip(sizes, dtypes)]
+
+
+# Runs of tensors (a group's native tensors of one dtype and one count share one kernel call): sizes that put
+# run boundaries inside and across the 8192-element chunks the threads split at (with two threads the second
+# starts inside a run, at a tensor that follows its first), an empty tensor, float32 and
+# float64 tensors interleaved in one group, and groups that differ in every scalar the run shares.
+RUN_SIZES = [300, 5000, 0, 9000, 64, 64, 3, 7000, 12000, 20000, 1, 2]
+RUN_DTYPES = [np.float32, np.float32, np.float32, np.float64, np.float64, np.float32] * 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runs_of_tensors_match_the_full_step_across_groups_dtypes_counts_and_threads(threads):
+    groups_kw = [
+        dict(lr=1e-2),
+        dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
+        dict(lr=5e-3, weight_decay=0.05, decoupled_weight_decay=True, eps_style="keras", maximize=True),
+    ]
+    bounds = [0, 5, 9, 12]
+
+    def build():
+        arrays = _run_arrays(0, RUN_SIZES, RUN_DTYPES)
+        groups = [dict(params=arrays[bounds[k] : bounds[k + 1]], **kw) for k, kw in enumerate(groups_kw)]
+        return adamcpp.Adam(groups), arrays
+
+    old = adamcpp.get_num_threads()
+    adamcpp.set_num_threads(threads)
+    try:
+        (opt, a), (ctrl, b) = build(), build()
+        ctrl._fast_step = lambda *args: None
+
+        def both(seed, scale=1.0):
+            g = _run_arrays(seed, RUN_SIZES, RUN_DTYPES)
+            assert opt.step(g, grad_scale=scale) and ctrl.step([x.copy() for x in g], grad_scale=scale)
+            _same(a, b)
+            _same_state(opt, ctrl)
+
+        both(1)
+        for k in range(3):
+            assert opt._fast_step(opt, _run_arrays(2 + k, RUN_SIZES, RUN_DTYPES), 0.5) is True
+            assert ctrl.step(_run_arrays(2 + k, RUN_SIZES, RUN_DTYPES), grad_scale=0.5)
+            _same(a, b)
+            _same_state(opt, ctrl)
+        # Counts that differ inside a group (a run must not share one step's scalars across them).
+        for o in (opt, ctrl):
+            o.state[1]["step"] = 40
+            o.state[7]["step"] = 2
+        both(6)
+        for k in range(3):
+            assert opt._fast_step(opt, _run_arrays(7 + k, RUN_SIZES, RUN_DTYPES), 1.0) is True
+            assert ctrl.step(_run_arrays(7 + k, RUN_SIZES, RUN_DTYPES))
+            _same(a, b)
+            _same_state(opt, ctrl)
+        assert [s["step"] for s in opt.state][:3] == [8, 44, 8]
+    finally:
+        adamcpp.set_num_threads(old)

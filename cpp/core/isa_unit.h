@@ -13,6 +13,15 @@
 #define ADAMCPP_STR2(x) #x
 #define ADAMCPP_STR(x) ADAMCPP_STR2(x)
 
+// A loop body inlined into each of its callers (each one's own vector code).
+#if defined(__GNUC__) || defined(__clang__)
+#define ADAMCPP_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define ADAMCPP_INLINE __forceinline
+#else
+#define ADAMCPP_INLINE inline
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define ADAMCPP_RESTRICT __restrict__
 #elif defined(_MSC_VER)

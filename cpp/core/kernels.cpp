@@ -129,12 +129,12 @@ void for_each_segment(const AdamTensor& t, std::size_t begin, std::size_t end, B
 // parameter is written from a float32 master copy (to nearest); PR, SR: the
 // roundings of the parameter (without master) and of the state; Compact: the
 // bfloat16-state arithmetic (optim_math.h's compact_element).
+// `s` are the step's scalars in C (adam_scalars of t's, or of the tensor whose run t is in).
 template <typename C, DType P, DType G, DType S, bool Master, Rounding PR, Rounding SR, bool Compact, WeightDecay WD,
           bool Amsgrad, EpsStyle Eps>
-void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {
+ADAMCPP_INLINE void adam_loop_with(const AdamScalars<C>& s, const AdamTensor& t, std::size_t begin, std::size_t end) {
   constexpr bool state_random = S != compute_dtype<C>() && SR == Rounding::stochastic;
   constexpr bool param_random = !Master && P != compute_dtype<C>() && PR == Rounding::stochastic;
-  const AdamScalars<C> s = adam_scalars<C>(t.scalars, t.grad_scale);
   storage_t<P>* ADAMCPP_RESTRICT param = static_cast<storage_t<P>*>(t.param);
   const storage_t<G>* ADAMCPP_RESTRICT grad = static_cast<const storage_t<G>*>(t.grad);
   storage_t<S>* ADAMCPP_RESTRICT exp_avg = static_cast<storage_t<S>*>(t.exp_avg);
@@ -188,6 +188,49 @@ void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {
   } else {
 #pragma omp simd
     for (std::size_t i = begin; i < end; ++i) element(i, 0, 0, 0);
+  }
+}
+
+template <typename C, DType P, DType G, DType S, bool Master, Rounding PR, Rounding SR, bool Compact, WeightDecay WD,
+          bool Amsgrad, EpsStyle Eps>
+void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {
+  adam_loop_with<C, P, G, S, Master, PR, SR, Compact, WD, Amsgrad, Eps>(adam_scalars<C>(t.scalars, t.grad_scale), t,
+                                                                        begin, end);
+}
+
+// Fetches the first lines of each array of tensor t ahead of its loop: a run's tensors are separate
+// allocations, and the hardware's stream prefetch starts afresh at each one.
+template <typename C, bool Amsgrad>
+ADAMCPP_INLINE void fetch_start(const AdamTensor& t) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr std::size_t kLines = 4;
+  for (std::size_t k = 0; k < kLines; ++k) {
+    const std::size_t at = k * (64 / sizeof(C));
+    if (at >= t.numel) break;
+    __builtin_prefetch(static_cast<const C*>(t.param) + at, 1);
+    __builtin_prefetch(static_cast<const C*>(t.grad) + at, 0);
+    __builtin_prefetch(static_cast<const C*>(t.exp_avg) + at, 1);
+    __builtin_prefetch(static_cast<const C*>(t.exp_avg_sq) + at, 1);
+    if constexpr (Amsgrad) __builtin_prefetch(static_cast<const C*>(t.max_exp_avg_sq) + at, 1);
+  }
+#else
+  (void)t;
+#endif
+}
+
+// A run of tensors that share one loop and one step's scalars (AdamTensor::run_after): the scalars are
+// converted once and the tensors' loops follow each other, each one's arrays fetched while the previous runs.
+template <typename C, WeightDecay WD, bool Amsgrad, EpsStyle Eps>
+void adam_native_run(const AdamTensor& head, const AdamTensor* tensors, std::size_t count, std::size_t begin,
+                     std::size_t end) {
+  constexpr DType D = compute_dtype<C>();
+  const AdamScalars<C> s = adam_scalars<C>(head.scalars, head.grad_scale);
+  for (std::size_t k = 0; k < count; ++k) {
+    if (k + 1 < count) fetch_start<C, Amsgrad>(tensors[k + 1]);
+    const std::size_t b = k == 0 ? begin : 0;
+    const std::size_t e = k + 1 == count ? end : tensors[k].numel;
+    adam_loop_with<C, D, D, D, false, Rounding::nearest, Rounding::nearest, false, WD, Amsgrad, Eps>(s, tensors[k], b,
+                                                                                                     e);
   }
 }
 
@@ -464,6 +507,25 @@ constexpr AdamChunkFn pick() {
   return &adam_native<C, Compact, static_cast<WeightDecay>(WD), A != 0, static_cast<EpsStyle>(E)>;
 }
 
+template <typename C, int WD, int A, int E>
+constexpr AdamRunFn pick_run() {
+  return &adam_native_run<C, static_cast<WeightDecay>(WD), A != 0, static_cast<EpsStyle>(E)>;
+}
+
+template <typename C>
+void fill_adam_runs(AdamRunFn (&fns)[kWeightDecayModes][2][kEpsStyles]) {
+  const AdamRunFn all[kWeightDecayModes][2][kEpsStyles] = {
+      {{pick_run<C, 0, 0, 0>(), pick_run<C, 0, 0, 1>()}, {pick_run<C, 0, 1, 0>(), pick_run<C, 0, 1, 1>()}},
+      {{pick_run<C, 1, 0, 0>(), pick_run<C, 1, 0, 1>()}, {pick_run<C, 1, 1, 0>(), pick_run<C, 1, 1, 1>()}},
+      {{pick_run<C, 2, 0, 0>(), pick_run<C, 2, 0, 1>()}, {pick_run<C, 2, 1, 0>(), pick_run<C, 2, 1, 1>()}},
+  };
+  for (int wd = 0; wd < kWeightDecayModes; ++wd) {
+    for (int a = 0; a < 2; ++a) {
+      for (int e = 0; e < kEpsStyles; ++e) fns[wd][a][e] = all[wd][a][e];
+    }
+  }
+}
+
 template <typename C, bool Compact>
 void fill_adam(AdamChunkFn (&fns)[kWeightDecayModes][2][kEpsStyles]) {
   const AdamChunkFn all[kWeightDecayModes][2][kEpsStyles] = {
@@ -524,6 +586,8 @@ KernelTable make_table() {
   table.name = ADAMCPP_STR(ADAMCPP_ISA);
   fill_adam<float, false>(table.adam[static_cast<int>(DType::f32)]);
   fill_adam<double, false>(table.adam[static_cast<int>(DType::f64)]);
+  fill_adam_runs<float>(table.adam_run[static_cast<int>(DType::f32)]);
+  fill_adam_runs<double>(table.adam_run[static_cast<int>(DType::f64)]);
   fill_fused<FusedLayout::bf16_state>(table.adam_fused[static_cast<int>(FusedLayout::bf16_state)]);
   fill_fused<FusedLayout::bf16_master>(table.adam_fused[static_cast<int>(FusedLayout::bf16_master)]);
   fill_fused<FusedLayout::bf16>(table.adam_fused[static_cast<int>(FusedLayout::bf16)]);

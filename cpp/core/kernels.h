@@ -48,6 +48,11 @@ struct AdamTensor : TensorRef {
   bool amsgrad;
   EpsStyle eps_style;
   AdamStepScalars scalars;
+  // How many tensors after this one in the same call share its loop (a native one: every array of the
+  // compute type) and its scalars: the update runs them in one kernel call (adam_run) with the scalars and
+  // grad_scale of the run's first tensor. Set only by a caller that knows (the list plan: a group's tensors of
+  // one dtype and one count); 0 otherwise.
+  std::uint32_t run_after = 0;
 };
 
 struct SgdTensor : TensorRef {
@@ -60,6 +65,11 @@ struct SgdTensor : TensorRef {
 
 // Updates elements [begin, end) of one tensor.
 using AdamChunkFn = void (*)(const AdamTensor& tensor, std::size_t begin, std::size_t end);
+// Updates tensors[0, count) of a run (AdamTensor::run_after) with the scalars and grad_scale of `head`, the
+// run's first tensor (the others' need not be set): elements [begin, ...) of the first, every element of the
+// middle ones, [..., end) of the last.
+using AdamRunFn = void (*)(const AdamTensor& head, const AdamTensor* tensors, std::size_t count, std::size_t begin,
+                           std::size_t end);
 using SgdChunkFn = void (*)(const SgdTensor& tensor, std::size_t begin, std::size_t end);
 
 // True when any element of grad[begin, end), converted to the compute type, times scale is NaN or infinite.
@@ -91,6 +101,8 @@ struct KernelTable {
   const char* name;
   // Parameter, gradient and state all of the compute type: [compute][weight decay mode][amsgrad][eps style]
   AdamChunkFn adam[kComputeTypes][kWeightDecayModes][2][kEpsStyles];
+  // The same loops over a run of tensors: [compute][weight decay mode][amsgrad][eps style]
+  AdamRunFn adam_run[kComputeTypes][kWeightDecayModes][2][kEpsStyles];
   // The fused 16-bit layouts: [layout][weight decay mode]
   AdamChunkFn adam_fused[kFusedLayouts][kWeightDecayModes];
   // Any other Adam tensor: [compute]

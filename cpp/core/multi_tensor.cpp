@@ -71,11 +71,9 @@ class FloatModeScope {
 // float64 parameters, float32 for the others.
 inline int compute_index(DType d) { return d == DType::f64 ? 1 : 0; }
 
-// Calls body(tensor_index, begin, end, chunk) for every non-empty piece of
-// every tensor; a piece never crosses a chunk boundary, and each thread takes
-// one contiguous run of whole chunks.
-template <typename Tensor, typename Body>
-void for_each_piece(const Tensor* tensors, std::size_t count, Workspace& ws, Body&& body) {
+// Fills ws.offsets with the first global element of each tensor, then the total; returns the total.
+template <typename Tensor>
+std::size_t tensor_offsets(const Tensor* tensors, std::size_t count, Workspace& ws) {
   std::vector<std::size_t>& offsets = ws.offsets;
   offsets.resize(count + 1);
   std::size_t total = 0;
@@ -84,25 +82,14 @@ void for_each_piece(const Tensor* tensors, std::size_t count, Workspace& ws, Bod
     total += tensors[i].numel;
   }
   offsets[count] = total;
-  if (total == 0) return;
+  return total;
+}
 
-  const std::size_t* off = offsets.data();
+// Calls run(c0, c1) over the chunks of `total` elements: each thread of the team takes one contiguous run
+// of whole chunks (the calling thread alone below kParallelMinElements).
+template <typename Run>
+void over_chunks(std::size_t total, Run&& run) {
   const std::size_t chunks = (total + kChunkElements - 1) / kChunkElements;
-  auto run_chunks = [&](std::size_t c0, std::size_t c1) {
-    if (c0 >= c1) return;
-    std::size_t i = static_cast<std::size_t>(std::upper_bound(off, off + count + 1, c0 * kChunkElements) - off) - 1;
-    for (std::size_t c = c0; c < c1; ++c) {
-      const std::size_t start = c * kChunkElements;
-      const std::size_t stop = std::min(start + kChunkElements, total);
-      while (off[i + 1] <= start) ++i;
-      for (std::size_t j = i; j < count && off[j] < stop; ++j) {
-        const std::size_t lo = std::max(start, off[j]) - off[j];
-        const std::size_t hi = std::min(stop, off[j + 1]) - off[j];
-        if (hi > lo) body(j, lo, hi, c);
-      }
-    }
-  };
-
   int threads = get_num_threads();
   if (static_cast<std::size_t>(threads) > chunks) threads = static_cast<int>(chunks);
 #ifdef _OPENMP
@@ -113,12 +100,42 @@ void for_each_piece(const Tensor* tensors, std::size_t count, Workspace& ws, Bod
       const FloatModeScope modes(caller);
       const std::size_t tid = static_cast<std::size_t>(omp_get_thread_num());
       const std::size_t team = static_cast<std::size_t>(omp_get_num_threads());
-      run_chunks(chunks * tid / team, chunks * (tid + 1) / team);
+      run(chunks * tid / team, chunks * (tid + 1) / team);
     }
     return;
   }
 #endif
-  run_chunks(0, chunks);
+  run(std::size_t(0), chunks);
+}
+
+// The tensor holding global element `at` < total (offsets as tensor_offsets left them: the last of the
+// tensors that start at or before it, so never an empty one).
+inline std::size_t tensor_at(const std::size_t* off, std::size_t count, std::size_t at) {
+  return static_cast<std::size_t>(std::upper_bound(off, off + count + 1, at) - off) - 1;
+}
+
+// Calls body(tensor_index, begin, end, chunk) for every non-empty piece of
+// every tensor; a piece never crosses a chunk boundary, and each thread takes
+// one contiguous run of whole chunks.
+template <typename Tensor, typename Body>
+void for_each_piece(const Tensor* tensors, std::size_t count, Workspace& ws, Body&& body) {
+  const std::size_t total = tensor_offsets(tensors, count, ws);
+  if (total == 0) return;
+  const std::size_t* off = ws.offsets.data();
+  over_chunks(total, [&](std::size_t c0, std::size_t c1) {
+    if (c0 >= c1) return;
+    std::size_t i = tensor_at(off, count, c0 * kChunkElements);
+    for (std::size_t c = c0; c < c1; ++c) {
+      const std::size_t start = c * kChunkElements;
+      const std::size_t stop = std::min(start + kChunkElements, total);
+      while (off[i + 1] <= start) ++i;
+      for (std::size_t j = i; j < count && off[j] < stop; ++j) {
+        const std::size_t lo = std::max(start, off[j]) - off[j];
+        const std::size_t hi = std::min(stop, off[j + 1]) - off[j];
+        if (hi > lo) body(j, lo, hi, c);
+      }
+    }
+  });
 }
 
 // Index of the first tensor whose scaled gradient has a NaN or Inf, or -1.
@@ -188,11 +205,38 @@ SgdChunkFn sgd_fn(const KernelTable& k, const SgdTensor& t) {
   return k.sgd[c][t.weight_decay_on ? 1 : 0][static_cast<int>(t.momentum_mode)][t.first ? 1 : 0];
 }
 
+// The Adam update: each thread takes the elements of its chunks (for_each_piece's split, so an element's
+// arithmetic never depends on the thread count) and walks them tensor by tensor, a run of tensors that share
+// one loop and one step's scalars (AdamTensor::run_after) in one call of its run kernel.
 void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
   const bool fused = fused_layouts_enabled();
-  for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
-    adam_fn(k, tensors[i], fused)(tensors[i], lo, hi);
+  const std::size_t total = tensor_offsets(tensors, count, ws);
+  if (total == 0) return;
+  const std::size_t* off = ws.offsets.data();
+  over_chunks(total, [&](std::size_t c0, std::size_t c1) {
+    if (c0 >= c1) return;
+    const std::size_t start = c0 * kChunkElements;
+    const std::size_t stop = std::min(c1 * kChunkElements, total);
+    const std::size_t last = tensor_at(off, count, stop - 1);  // the tensor of the range's last element
+    std::size_t j = tensor_at(off, count, start);
+    // A range that starts inside a run takes the scalars of the run's first tensor.
+    std::size_t head = j;
+    while (head > 0 && tensors[head - 1].run_after >= j - (head - 1)) --head;
+    while (j <= last) {
+      const AdamTensor& t = tensors[j];
+      const std::size_t end = std::min<std::size_t>(last, j + t.run_after);
+      const std::size_t lo = std::max(start, off[j]) - off[j];
+      const std::size_t hi = std::min(stop, off[end + 1]) - off[end];
+      if (end > j || head != j) {
+        k.adam_run[compute_index(t.dtype)][static_cast<int>(t.weight_decay_mode)][t.amsgrad ? 1 : 0]
+                  [static_cast<int>(t.eps_style)](tensors[head], &t, end - j + 1, lo, hi);
+      } else if (hi > lo) {
+        adam_fn(k, t, fused)(t, lo, hi);
+      }
+      j = end + 1;
+      head = j;
+    }
   });
 }
 

@@ -122,6 +122,7 @@ inline void set_adam_step(AdamTensor& t, const AdamHyper& h, std::int64_t step, 
   s.step_size =
       h.eps_style == EpsStyle::keras ? h.lr * s.bias_correction2_sqrt / bias_correction1 : h.lr / bias_correction1;
   t.grad_scale = signed_grad_scale(grad_scale, h.maximize);
+  t.run_after = 0;  // the list plan joins tensors into runs itself
   t.amsgrad = h.amsgrad;
   t.eps_style = h.eps_style;
   t.weight_decay_mode = h.weight_decay == 0.0      ? WeightDecay::none

@@ -92,7 +92,7 @@ inline void prefetch(const void* p) {
 }
 
 // How many tensors ahead the fast path fetches object headers (dimensions: half as far).
-constexpr std::size_t kAhead = 8;
+constexpr std::size_t kAhead = 16;
 
 // Leaves the call lock when the fast path ends, however it ends.
 struct Entered {
@@ -205,11 +205,29 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
   if (adam) {
     plan.adam_tensors.assign(sc.adam.begin(), sc.adam.begin() + static_cast<std::ptrdiff_t>(n));
     plan.adam_groups = sc.adam_groups;
+    // Runs: the following tensors of a group whose loop is native and of the same dtype, at the same count,
+    // share one step's scalars: the update runs them in one kernel call (AdamTensor::run_after).
+    for (std::size_t i = n - 1; i-- > 0;) {
+      AdamTensor& t = plan.adam_tensors[i];
+      const AdamTensor& next = plan.adam_tensors[i + 1];
+      const bool joins = t.native && next.native && t.dtype == next.dtype && t.piece_count == 0 &&
+                         next.piece_count == 0 && sc.group_of[i] == sc.group_of[i + 1] &&
+                         sc.new_steps[i] == sc.new_steps[i + 1] && next.run_after < UINT32_MAX;
+      t.run_after = joins ? next.run_after + 1 : 0;
+    }
+    plan.in_run.assign(n, 0);
+    for (std::size_t i = 1; i < n; ++i) plan.in_run[i] = plan.adam_tensors[i - 1].run_after != 0 ? 1 : 0;
   } else {
     plan.sgd_tensors.assign(sc.sgd.begin(), sc.sgd.begin() + static_cast<std::ptrdiff_t>(n));
     plan.sgd_groups = sc.sgd_groups;
   }
   plan.group_of.assign(sc.group_of.begin(), sc.group_of.begin() + static_cast<std::ptrdiff_t>(n));
+  plan.total = 0;
+  plan.param_objs.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    plan.total += adam ? sc.adam[i].numel : sc.sgd[i].numel;
+    plan.param_objs[i] = plan.snap(i, 0).obj;
+  }
   for (std::size_t g = 0; g < group_count; ++g) {
     PyObject* h = PySequence_Fast_ITEMS(groups)[g];
     Py_INCREF(h);
@@ -312,7 +330,7 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       const std::size_t size = plan.group_size[g];
       if (!PyList_CheckExact(ps) || static_cast<std::size_t>(PyList_GET_SIZE(ps)) != size) Py_RETURN_NONE;
       for (std::size_t k = 0; k < size; ++k) {
-        if (PyList_GET_ITEM(ps, static_cast<Py_ssize_t>(k)) != plan.snap(at + k, 0).obj) Py_RETURN_NONE;
+        if (PyList_GET_ITEM(ps, static_cast<Py_ssize_t>(k)) != plan.param_objs[at + k]) Py_RETURN_NONE;
       }
       at += size;
     }
@@ -336,14 +354,18 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
     };
     const auto fetch_dims = [&](std::size_t j) {
       const ArraySnap* s = &plan.snaps[j * per];
-      for (std::size_t k = 0; k < used; ++k) {
-        if (s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);  // not a gradient's
+      if (is_ndarray(grads[j])) prefetch(py::detail::array_proxy(grads[j])->dimensions);
+      for (std::size_t k = 2; k < used; ++k) {
+        if (s[k].obj != nullptr) prefetch(py::detail::array_proxy(s[k].obj)->dimensions);
       }
+      prefetch(py::detail::array_proxy(s[0].obj)->dimensions);
     };
     for (std::size_t j = 0; j < std::min(n, kAhead); ++j) fetch_headers(j);
     for (std::size_t j = 0; j < std::min(n, kAhead / 2); ++j) fetch_dims(j);
     BiasCorrections bc;
-    std::size_t total = 0;
+    // The tensors' own grad_scale is read by the norm and non-finite passes; otherwise a run's kernel reads
+    // its first tensor's only.
+    const bool every_scale = max_grad_norm >= 0.0 || nonfinite != static_cast<int>(Nonfinite::propagate);
     plan.group_step.assign(plan.group_size.size(), -1);
     plan.group_step_tensor.resize(plan.group_size.size());
     for (std::size_t i = 0; i < n; ++i) {
@@ -376,6 +398,8 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       }
       const std::int64_t step = cache.row_step(i);
       if (step > kMaxStoredStep) Py_RETURN_NONE;  // the full step says why
+      // A run's tensors share one step's scalars: their counts must still agree (they move together).
+      if (plan.adam && plan.adam_tensors[i].run_after != 0 && cache.row_step(i + 1) != step) Py_RETURN_NONE;
       const std::int64_t next = step + 1;
       const std::size_t group = static_cast<std::size_t>(plan.group_of[i]);
       if (plan.adam) {
@@ -388,14 +412,18 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
           set_adam_step(shared, h, next, grad_scale, bc);
           plan.group_step[group] = next;
         }
-        a.scalars = shared.scalars;
-        a.grad_scale = shared.grad_scale;
-        if (rounds_stochastically(a, h)) a.rounding_key = rounding_key(h.seed, next, i);
+        if (plan.in_run[i] == 0) {
+          a.scalars = shared.scalars;
+          a.grad_scale = shared.grad_scale;
+          if (rounds_stochastically(a, h)) a.rounding_key = rounding_key(h.seed, next, i);
+        } else if (every_scale) {
+          a.grad_scale = shared.grad_scale;
+        }
       } else {
         set_sgd_step(plan.sgd_tensors[i], plan.sgd_groups[group], grad_scale);
       }
-      total += t.numel;
     }
+    const std::size_t total = plan.total;
     StepPolicy policy{};
     policy.grad_scale = grad_scale;
     policy.nonfinite = static_cast<Nonfinite>(nonfinite);

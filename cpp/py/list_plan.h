@@ -66,7 +66,11 @@ struct ListPlan {
   std::vector<std::int64_t> group_step;       // a fast step's count whose scalars group_step_tensor holds
   std::vector<AdamTensor> group_step_tensor;  // per group: the scalars of that count
 
-  std::size_t arrays_used = 0;  // snaps per tensor up to the last one any tensor uses
+  std::size_t arrays_used = 0;        // snaps per tensor up to the last one any tensor uses
+  std::size_t total = 0;              // elements of all tensors
+  std::vector<PyObject*> param_objs;  // the parameters in order (borrowed from their snapshots)
+  // Per tensor: whether it follows another in its run (AdamTensor::run_after): its scalars are its run's.
+  std::vector<std::uint8_t> in_run;
 
   ArraySnap& snap(std::size_t i, std::size_t k) { return snaps[i * arrays_per_tensor + k]; }
   // Snapshots `o` (a checked ndarray), holding it (a parameter or a state array: held across steps) or not
