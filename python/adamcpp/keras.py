@@ -181,9 +181,8 @@ class _KerasFrontEnd(keras.optimizers.Optimizer):
         if self.built:
             return
         variables = list(variables)
-        views = _Views(self._keras_name)
         for variable in variables:
-            views.array(variable)  # refuses a CUDA, 16-bit or non-contiguous variable before any state is made
+            self._adamcpp_views.array(variable)  # refuses a CUDA, 16-bit or strided variable before any state exists
         super().build(variables)
         self._adamcpp_index = {id(v): i for i, v in enumerate(variables)}
 
