@@ -17,6 +17,38 @@ from . import _core, _native
 from ._groups import ParamGroup, ParamState, check_new_arrays, grads_list, group_params, label, validated_group
 from ._layout import Layout
 
+# Each view of an owned block starts on a 64-byte boundary of the block (a whole cache line, the widest vector).
+_ALIGN_BYTES = 64
+
+
+def own_state(states: Sequence[Dict[str, Any]]) -> None:
+    """Moves the arrays of new or loaded states into memory the optimizer owns: per entry and dtype, one block
+    that holds every such array of `states` back to back (each starting on a cache line), and each state's
+    entry a C-contiguous view of its part with the array's shape and values. Steps then stream each entry
+    through one buffer instead of as many allocations as parameters. An array that is alone of its kind
+    keeps its own memory."""
+    kinds: Dict[Tuple[str, Any], List[Tuple[Dict[str, Any], np.ndarray]]] = {}
+    for state in states:
+        for key, value in state.items():
+            if type(value) is np.ndarray and value.size > 0:
+                kinds.setdefault((key, value.dtype), []).append((state, value))
+    for (key, dtype), members in kinds.items():
+        if len(members) < 2:
+            continue
+        line = max(1, _ALIGN_BYTES // dtype.itemsize)
+        starts = []
+        total = 0
+        for _, value in members:
+            starts.append(total)
+            total += -(-value.size // line) * line
+        block = np.empty(total + line, dtype)
+        # The first element on a cache line of its own (NumPy aligns allocations to 16 bytes only).
+        shift = (-block.ctypes.data % _ALIGN_BYTES) // dtype.itemsize
+        for (state, value), start in zip(members, starts):
+            view = block[shift + start : shift + start + value.size].reshape(value.shape)
+            np.copyto(view, value)
+            dict.__setitem__(state, key, view)
+
 
 class ListLayout(Layout):
     mode = "list"
@@ -51,11 +83,11 @@ class ListLayout(Layout):
         opt.param_groups.append(ParamGroup(group))
         for k, p in enumerate(ps):
             self.check_layout(p, group, label(len(self.params) + k, keys))
-        for p in ps:
-            self.params.append(p)
-            self.group_of.append(gi)
-            if with_state:
-                opt.state.append(ParamState(self.fresh_state(p, group)))
+        states = [ParamState(self.fresh_state(p, group)) for p in ps] if with_state else []
+        own_state(states)
+        self.params.extend(ps)
+        self.group_of.extend([gi] * len(ps))
+        opt.state.extend(states)
 
     def add_group(self, param_group: Mapping[str, Any]) -> None:
         self.append_group(param_group, None, True)
@@ -133,6 +165,10 @@ class ListLayout(Layout):
         if isinstance(v, np.ndarray):
             return v.copy()
         return copy.copy(v)
+
+    def staged(self, states: List[Any]) -> List[Any]:
+        own_state(states)  # loaded arrays are the load's own copies: moved into owned blocks
+        return states
 
     def set_state(self, states: List[Any]) -> None:
         self.opt.state = states
