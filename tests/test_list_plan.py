@@ -398,10 +398,12 @@ def _run_arrays(seed: int, sizes, dtypes):
 
 # Runs of tensors (a group's native tensors of one dtype and one count share one kernel call): sizes that put
 # run boundaries inside and across the 8192-element chunks the threads split at (with two threads the second
-# starts inside a run, at a tensor that follows its first), an empty tensor, float32 and
+# starts inside a run, at tensor 7, which follows tensors 5 and 6), an empty tensor, float32 and
 # float64 tensors interleaved in one group, and groups that differ in every scalar the run shares.
-RUN_SIZES = [300, 5000, 0, 9000, 64, 64, 3, 7000, 12000, 20000, 1, 2]
+RUN_SIZES = [300, 5000, 0, 9000, 64, 64, 3, 12000, 7000, 20000, 1, 2]
 RUN_DTYPES = [np.float32, np.float32, np.float32, np.float64, np.float64, np.float32] * 2
+# Groups [0, 4), [4, 8), [8, 12): each boundary between two tensors of one dtype (a run must not cross it).
+RUN_BOUNDS = [0, 4, 8, 12]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -411,7 +413,7 @@ def test_runs_of_tensors_match_the_full_step_across_groups_dtypes_counts_and_thr
         dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
         dict(lr=5e-3, weight_decay=0.05, decoupled_weight_decay=True, eps_style="keras", maximize=True),
     ]
-    bounds = [0, 5, 9, 12]
+    bounds = RUN_BOUNDS
 
     def build():
         arrays = _run_arrays(0, RUN_SIZES, RUN_DTYPES)
@@ -447,5 +449,41 @@ def test_runs_of_tensors_match_the_full_step_across_groups_dtypes_counts_and_thr
             _same(a, b)
             _same_state(opt, ctrl)
         assert [s["step"] for s in opt.state][:3] == [8, 44, 8]
+    finally:
+        adamcpp.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sgd_runs_match_the_full_step_across_groups_dtypes_and_threads(threads):
+    groups_kw = [
+        dict(lr=0.1),
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        dict(lr=0.02, momentum=0.8, nesterov=True, maximize=True),
+    ]
+    bounds = RUN_BOUNDS
+
+    def grads(seed):
+        g = _run_arrays(seed, RUN_SIZES, RUN_DTYPES)
+        g[6] = g[6].astype(np.float16)  # a gradient converted as it is read: a tensor alone, between runs
+        return g
+
+    def build():
+        arrays = _run_arrays(0, RUN_SIZES, RUN_DTYPES)
+        groups = [dict(params=arrays[bounds[k] : bounds[k + 1]], **kw) for k, kw in enumerate(groups_kw)]
+        return adamcpp.SGD(groups), arrays
+
+    old = adamcpp.get_num_threads()
+    adamcpp.set_num_threads(threads)
+    try:
+        (opt, a), (ctrl, b) = build(), build()
+        ctrl._fast_step = lambda *args: None
+        for k in range(2):  # the momentum buffers start at the first step: the plan is recorded at the second
+            g = grads(k)
+            assert opt.step(g) and ctrl.step([x.copy() for x in g])
+        for k in range(3):
+            assert opt._fast_step(opt, grads(2 + k), 0.5) is True
+            assert ctrl.step(grads(2 + k), grad_scale=0.5)
+            _same(a, b)
+            _same_state(opt, ctrl)
     finally:
         adamcpp.set_num_threads(old)

@@ -198,23 +198,23 @@ void adam_loop(const AdamTensor& t, std::size_t begin, std::size_t end) {
                                                                         begin, end);
 }
 
-// Fetches the first lines of each array of tensor t ahead of its loop: a run's tensors are separate
-// allocations, and the hardware's stream prefetch starts afresh at each one.
-template <typename C, bool Amsgrad>
-ADAMCPP_INLINE void fetch_start(const AdamTensor& t) {
+// Fetches the first lines of a tensor's arrays ahead of its loop (a null array is skipped): a run's tensors are
+// separate allocations, and the hardware's stream prefetch starts afresh at each one.
+template <typename C>
+ADAMCPP_INLINE void fetch_start(std::size_t numel, const void* a, const void* b, const void* c = nullptr,
+                                const void* d = nullptr, const void* e = nullptr) {
 #if defined(__GNUC__) || defined(__clang__)
   constexpr std::size_t kLines = 4;
+  const void* arrays[5] = {a, b, c, d, e};
   for (std::size_t k = 0; k < kLines; ++k) {
     const std::size_t at = k * (64 / sizeof(C));
-    if (at >= t.numel) break;
-    __builtin_prefetch(static_cast<const C*>(t.param) + at, 1);
-    __builtin_prefetch(static_cast<const C*>(t.grad) + at, 0);
-    __builtin_prefetch(static_cast<const C*>(t.exp_avg) + at, 1);
-    __builtin_prefetch(static_cast<const C*>(t.exp_avg_sq) + at, 1);
-    if constexpr (Amsgrad) __builtin_prefetch(static_cast<const C*>(t.max_exp_avg_sq) + at, 1);
+    if (at >= numel) break;
+    for (const void* x : arrays) {
+      if (x != nullptr) __builtin_prefetch(static_cast<const C*>(x) + at);
+    }
   }
 #else
-  (void)t;
+  (void)numel, (void)a, (void)b, (void)c, (void)d, (void)e;
 #endif
 }
 
@@ -226,7 +226,11 @@ void adam_native_run(const AdamTensor& head, const AdamTensor* tensors, std::siz
   constexpr DType D = compute_dtype<C>();
   const AdamScalars<C> s = adam_scalars<C>(head.scalars, head.grad_scale);
   for (std::size_t k = 0; k < count; ++k) {
-    if (k + 1 < count) fetch_start<C, Amsgrad>(tensors[k + 1]);
+    if (k + 1 < count) {
+      const AdamTensor& next = tensors[k + 1];
+      fetch_start<C>(next.numel, next.param, next.grad, next.exp_avg, next.exp_avg_sq,
+                     Amsgrad ? next.max_exp_avg_sq : nullptr);
+    }
     const std::size_t b = k == 0 ? begin : 0;
     const std::size_t e = k + 1 == count ? end : tensors[k].numel;
     adam_loop_with<C, D, D, D, false, Rounding::nearest, Rounding::nearest, false, WD, Amsgrad, Eps>(s, tensors[k], b,
@@ -416,8 +420,7 @@ void adam_blocked(const AdamTensor& t, std::size_t begin, std::size_t end) {
 
 // ----------------------------------------------------------------------- SGD
 template <typename T, bool WeightDecayOn, Momentum Mom, bool First>
-void sgd_chunk(const SgdTensor& t, std::size_t begin, std::size_t end) {
-  const SgdScalars<T> s = sgd_scalars<T>(t.scalars, t.grad_scale);
+ADAMCPP_INLINE void sgd_chunk_with(const SgdScalars<T>& s, const SgdTensor& t, std::size_t begin, std::size_t end) {
   T* ADAMCPP_RESTRICT param = static_cast<T*>(t.param);
   const T* ADAMCPP_RESTRICT grad = static_cast<const T*>(t.grad);
   if constexpr (Mom == Momentum::none) {
@@ -431,6 +434,25 @@ void sgd_chunk(const SgdTensor& t, std::size_t begin, std::size_t end) {
     for (std::size_t i = begin; i < end; ++i) {
       sgd_element<T, WeightDecayOn, Mom, First>(param[i], grad[i], &buffer[i], s);
     }
+  }
+}
+
+template <typename T, bool WeightDecayOn, Momentum Mom, bool First>
+void sgd_chunk(const SgdTensor& t, std::size_t begin, std::size_t end) {
+  sgd_chunk_with<T, WeightDecayOn, Mom, First>(sgd_scalars<T>(t.scalars, t.grad_scale), t, begin, end);
+}
+
+// A run of SGD tensors (SgdTensor::run_after), as adam_native_run.
+template <typename T, bool WeightDecayOn, Momentum Mom, bool First>
+void sgd_run(const SgdTensor& head, const SgdTensor* tensors, std::size_t count, std::size_t begin, std::size_t end) {
+  const SgdScalars<T> s = sgd_scalars<T>(head.scalars, head.grad_scale);
+  for (std::size_t k = 0; k < count; ++k) {
+    if (k + 1 < count) {
+      const SgdTensor& next = tensors[k + 1];
+      fetch_start<T>(next.numel, next.param, next.grad, Mom == Momentum::none ? nullptr : next.momentum_buffer);
+    }
+    sgd_chunk_with<T, WeightDecayOn, Mom, First>(s, tensors[k], k == 0 ? begin : 0,
+                                                 k + 1 == count ? end : tensors[k].numel);
   }
 }
 
@@ -555,6 +577,28 @@ constexpr SgdChunkFn pick_sgd() {
   return &sgd_chunk<T, WD != 0, static_cast<Momentum>(M), F != 0>;
 }
 
+template <typename T, int WD, int M, int F>
+constexpr SgdRunFn pick_sgd_run() {
+  return &sgd_run<T, WD != 0, static_cast<Momentum>(M), F != 0>;
+}
+
+template <typename T>
+void fill_sgd_runs(SgdRunFn (&fns)[2][kMomentumModes][2]) {
+  const SgdRunFn all[2][kMomentumModes][2] = {
+      {{pick_sgd_run<T, 0, 0, 0>(), pick_sgd_run<T, 0, 0, 1>()},
+       {pick_sgd_run<T, 0, 1, 0>(), pick_sgd_run<T, 0, 1, 1>()},
+       {pick_sgd_run<T, 0, 2, 0>(), pick_sgd_run<T, 0, 2, 1>()}},
+      {{pick_sgd_run<T, 1, 0, 0>(), pick_sgd_run<T, 1, 0, 1>()},
+       {pick_sgd_run<T, 1, 1, 0>(), pick_sgd_run<T, 1, 1, 1>()},
+       {pick_sgd_run<T, 1, 2, 0>(), pick_sgd_run<T, 1, 2, 1>()}},
+  };
+  for (int wd = 0; wd < 2; ++wd) {
+    for (int mo = 0; mo < kMomentumModes; ++mo) {
+      for (int f = 0; f < 2; ++f) fns[wd][mo][f] = all[wd][mo][f];
+    }
+  }
+}
+
 template <typename T>
 void fill_sgd(SgdChunkFn (&fns)[2][kMomentumModes][2]) {
   const SgdChunkFn all[2][kMomentumModes][2] = {
@@ -595,6 +639,8 @@ KernelTable make_table() {
   table.adam_blocked[static_cast<int>(DType::f64)] = &adam_blocked<double>;
   fill_sgd<float>(table.sgd[static_cast<int>(DType::f32)]);
   fill_sgd<double>(table.sgd[static_cast<int>(DType::f64)]);
+  fill_sgd_runs<float>(table.sgd_run[static_cast<int>(DType::f32)]);
+  fill_sgd_runs<double>(table.sgd_run[static_cast<int>(DType::f64)]);
   table.sgd_blocked[static_cast<int>(DType::f32)] = &sgd_blocked<float>;
   table.sgd_blocked[static_cast<int>(DType::f64)] = &sgd_blocked<double>;
   fill_gradient_checks<float>(table);

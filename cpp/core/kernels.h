@@ -61,6 +61,9 @@ struct SgdTensor : TensorRef {
   Momentum momentum_mode;
   bool first;  // first momentum step: the buffer starts as the gradient
   SgdStepScalars scalars;
+  // As AdamTensor::run_after: following tensors that share this one's loop (its gradient of its own dtype) and
+  // scalars, run in one kernel call (sgd_run) with the scalars and grad_scale of the run's first tensor.
+  std::uint32_t run_after = 0;
 };
 
 // Updates elements [begin, end) of one tensor.
@@ -71,6 +74,8 @@ using AdamChunkFn = void (*)(const AdamTensor& tensor, std::size_t begin, std::s
 using AdamRunFn = void (*)(const AdamTensor& head, const AdamTensor* tensors, std::size_t count, std::size_t begin,
                            std::size_t end);
 using SgdChunkFn = void (*)(const SgdTensor& tensor, std::size_t begin, std::size_t end);
+using SgdRunFn = void (*)(const SgdTensor& head, const SgdTensor* tensors, std::size_t count, std::size_t begin,
+                          std::size_t end);
 
 // True when any element of grad[begin, end), converted to the compute type, times scale is NaN or infinite.
 using NonfiniteFn = bool (*)(const void* grad, std::size_t begin, std::size_t end, double scale);
@@ -109,6 +114,8 @@ struct KernelTable {
   AdamChunkFn adam_blocked[kComputeTypes];
   // [compute][weight decay on][momentum mode][first]
   SgdChunkFn sgd[kComputeTypes][2][kMomentumModes][2];
+  // The same loops over a run of tensors
+  SgdRunFn sgd_run[kComputeTypes][2][kMomentumModes][2];
   // An SGD tensor whose gradient is not of its compute type: [compute]
   SgdChunkFn sgd_blocked[kComputeTypes];
   NonfiniteFn nonfinite[kDTypeCount][kComputeTypes];  // [gradient dtype][compute]

@@ -205,12 +205,12 @@ SgdChunkFn sgd_fn(const KernelTable& k, const SgdTensor& t) {
   return k.sgd[c][t.weight_decay_on ? 1 : 0][static_cast<int>(t.momentum_mode)][t.first ? 1 : 0];
 }
 
-// The Adam update: each thread takes the elements of its chunks (for_each_piece's split, so an element's
-// arithmetic never depends on the thread count) and walks them tensor by tensor, a run of tensors that share
-// one loop and one step's scalars (AdamTensor::run_after) in one call of its run kernel.
-void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
-  const KernelTable& k = active_kernels();
-  const bool fused = fused_layouts_enabled();
+// The update: each thread takes the elements of its chunks (for_each_piece's split, so an element's arithmetic
+// never depends on the thread count) and walks them tensor by tensor, a run of tensors that share one loop and
+// one step's scalars (run_after) in one call: single(t, lo, hi) for a tensor alone, run(head, first, count, lo,
+// hi) for a run, `head` its first tensor (a range that starts inside a run takes its first tensor's scalars).
+template <typename Tensor, typename Single, typename Run>
+void update_in_runs(const Tensor* tensors, std::size_t count, Workspace& ws, Single&& single, Run&& run) {
   const std::size_t total = tensor_offsets(tensors, count, ws);
   if (total == 0) return;
   const std::size_t* off = ws.offsets.data();
@@ -220,19 +220,17 @@ void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
     const std::size_t stop = std::min(c1 * kChunkElements, total);
     const std::size_t last = tensor_at(off, count, stop - 1);  // the tensor of the range's last element
     std::size_t j = tensor_at(off, count, start);
-    // A range that starts inside a run takes the scalars of the run's first tensor.
     std::size_t head = j;
     while (head > 0 && tensors[head - 1].run_after >= j - (head - 1)) --head;
     while (j <= last) {
-      const AdamTensor& t = tensors[j];
+      const Tensor& t = tensors[j];
       const std::size_t end = std::min<std::size_t>(last, j + t.run_after);
       const std::size_t lo = std::max(start, off[j]) - off[j];
       const std::size_t hi = std::min(stop, off[end + 1]) - off[end];
       if (end > j || head != j) {
-        k.adam_run[compute_index(t.dtype)][static_cast<int>(t.weight_decay_mode)][t.amsgrad ? 1 : 0]
-                  [static_cast<int>(t.eps_style)](tensors[head], &t, end - j + 1, lo, hi);
+        run(tensors[head], &t, end - j + 1, lo, hi);
       } else if (hi > lo) {
-        adam_fn(k, t, fused)(t, lo, hi);
+        single(t, lo, hi);
       }
       j = end + 1;
       head = j;
@@ -240,11 +238,25 @@ void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
   });
 }
 
+void update(const AdamTensor* tensors, std::size_t count, Workspace& ws) {
+  const KernelTable& k = active_kernels();
+  const bool fused = fused_layouts_enabled();
+  update_in_runs(
+      tensors, count, ws, [&](const AdamTensor& t, std::size_t lo, std::size_t hi) { adam_fn(k, t, fused)(t, lo, hi); },
+      [&](const AdamTensor& head, const AdamTensor* first, std::size_t n, std::size_t lo, std::size_t hi) {
+        k.adam_run[compute_index(head.dtype)][static_cast<int>(head.weight_decay_mode)][head.amsgrad ? 1 : 0]
+                  [static_cast<int>(head.eps_style)](head, first, n, lo, hi);
+      });
+}
+
 void update(const SgdTensor* tensors, std::size_t count, Workspace& ws) {
   const KernelTable& k = active_kernels();
-  for_each_piece(tensors, count, ws, [&](std::size_t i, std::size_t lo, std::size_t hi, std::size_t) {
-    sgd_fn(k, tensors[i])(tensors[i], lo, hi);
-  });
+  update_in_runs(
+      tensors, count, ws, [&](const SgdTensor& t, std::size_t lo, std::size_t hi) { sgd_fn(k, t)(t, lo, hi); },
+      [&](const SgdTensor& head, const SgdTensor* first, std::size_t n, std::size_t lo, std::size_t hi) {
+        k.sgd_run[compute_index(head.dtype)][head.weight_decay_on ? 1 : 0][static_cast<int>(head.momentum_mode)]
+                 [head.first ? 1 : 0](head, first, n, lo, hi);
+      });
 }
 
 template <typename Tensor>

@@ -134,6 +134,7 @@ inline void set_adam_step(AdamTensor& t, const AdamHyper& h, std::int64_t step, 
 // whether this is its first step are the state's business).
 inline void set_sgd_step(SgdTensor& t, const SgdHyper& h, double grad_scale) {
   t.grad_scale = signed_grad_scale(grad_scale, h.maximize);
+  t.run_after = 0;  // the list plan joins tensors into runs itself
   t.momentum_mode = h.momentum == 0.0 ? Momentum::none : h.nesterov ? Momentum::nesterov : Momentum::heavy_ball;
   t.weight_decay_on = h.weight_decay != 0.0;
   t.scalars = SgdStepScalars{h.lr, h.weight_decay, h.momentum, h.dampening};

@@ -212,14 +212,29 @@ void stash_plan(StateCache& cache, bool adam, std::size_t n, PyObject* const* he
       const AdamTensor& next = plan.adam_tensors[i + 1];
       const bool joins = t.native && next.native && t.dtype == next.dtype && t.piece_count == 0 &&
                          next.piece_count == 0 && sc.group_of[i] == sc.group_of[i + 1] &&
-                         sc.new_steps[i] == sc.new_steps[i + 1] && next.run_after < UINT32_MAX;
+                         sc.new_steps[i] == sc.new_steps[i + 1] && t.weight_decay_mode == next.weight_decay_mode &&
+                         t.amsgrad == next.amsgrad && t.eps_style == next.eps_style && next.run_after < UINT32_MAX;
       t.run_after = joins ? next.run_after + 1 : 0;
     }
-    plan.in_run.assign(n, 0);
-    for (std::size_t i = 1; i < n; ++i) plan.in_run[i] = plan.adam_tensors[i - 1].run_after != 0 ? 1 : 0;
   } else {
     plan.sgd_tensors.assign(sc.sgd.begin(), sc.sgd.begin() + static_cast<std::ptrdiff_t>(n));
     plan.sgd_groups = sc.sgd_groups;
+    // SGD's scalars are its group's (no count in them): a run is a group's tensors of one dtype, read as it
+    // is, in the same momentum phase.
+    for (std::size_t i = n - 1; i-- > 0;) {
+      SgdTensor& t = plan.sgd_tensors[i];
+      const SgdTensor& next = plan.sgd_tensors[i + 1];
+      const bool joins = t.grad_dtype == t.dtype && next.grad_dtype == next.dtype && t.dtype == next.dtype &&
+                         t.first == next.first && t.momentum_mode == next.momentum_mode &&
+                         t.weight_decay_on == next.weight_decay_on && sc.group_of[i] == sc.group_of[i + 1] &&
+                         next.run_after < UINT32_MAX;
+      t.run_after = joins ? next.run_after + 1 : 0;
+    }
+  }
+  plan.in_run.assign(n, 0);
+  for (std::size_t i = 1; i < n; ++i) {
+    const std::uint32_t before = adam ? plan.adam_tensors[i - 1].run_after : plan.sgd_tensors[i - 1].run_after;
+    plan.in_run[i] = before != 0 ? 1 : 0;
   }
   plan.group_of.assign(sc.group_of.begin(), sc.group_of.begin() + static_cast<std::ptrdiff_t>(n));
   plan.total = 0;
@@ -368,6 +383,7 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
     const bool every_scale = max_grad_norm >= 0.0 || nonfinite != static_cast<int>(Nonfinite::propagate);
     plan.group_step.assign(plan.group_size.size(), -1);
     plan.group_step_tensor.resize(plan.group_size.size());
+    plan.group_sgd_tensor.resize(plan.group_size.size());
     for (std::size_t i = 0; i < n; ++i) {
       if (i + kAhead < n) fetch_headers(i + kAhead);
       if (i + kAhead / 2 < n) fetch_dims(i + kAhead / 2);
@@ -420,7 +436,18 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
           a.grad_scale = shared.grad_scale;
         }
       } else {
-        set_sgd_step(plan.sgd_tensors[i], plan.sgd_groups[group], grad_scale);
+        SgdTensor& t_sgd = plan.sgd_tensors[i];
+        SgdTensor& shared = plan.group_sgd_tensor[group];
+        if (plan.group_step[group] != 0) {
+          set_sgd_step(shared, plan.sgd_groups[group], grad_scale);
+          plan.group_step[group] = 0;
+        }
+        if (plan.in_run[i] == 0) {
+          t_sgd.scalars = shared.scalars;
+          t_sgd.grad_scale = shared.grad_scale;
+        } else if (every_scale) {
+          t_sgd.grad_scale = shared.grad_scale;
+        }
       }
     }
     const std::size_t total = plan.total;

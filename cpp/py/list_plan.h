@@ -65,6 +65,7 @@ struct ListPlan {
   std::vector<PyObject*> grad_in;             // a fast step's gradients, borrowed from its argument
   std::vector<std::int64_t> group_step;       // a fast step's count whose scalars group_step_tensor holds
   std::vector<AdamTensor> group_step_tensor;  // per group: the scalars of that count
+  std::vector<SgdTensor> group_sgd_tensor;    // per group: an SGD step's scalars (group_step 0: set this step)
 
   std::size_t arrays_used = 0;        // snaps per tensor up to the last one any tensor uses
   std::size_t total = 0;              // elements of all tensors
