@@ -218,3 +218,18 @@ def like(a: np.ndarray, kind: str = "dlpack", **kwargs: Any) -> Any:
     if kind == "dlpack":
         return FakeDLPack(a.shape, (KDL_FLOAT, a.dtype.itemsize * 8), **kwargs)
     return FakeInterface(a.shape, a.dtype.str, **kwargs)
+
+
+class FakeJaxArray(FakeDLPack):
+    """A DLPack producer whose type lives in JAX's modules, as a JAX CUDA array's does: adamcpp reads it as a
+    gradient but refuses to write into it (recognised by the type's module; JAX is never imported)."""
+
+
+FakeJaxArray.__module__ = "jaxlib.xla_extension"
+
+
+class FakeJaxSrcArray(FakeDLPack):
+    """The same stand-in under jax's own module name."""
+
+
+FakeJaxSrcArray.__module__ = "jax._src.array"

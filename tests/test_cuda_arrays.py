@@ -32,6 +32,8 @@ from cuda_mocks import (
     MISSING,
     FakeDLPack,
     FakeInterface,
+    FakeJaxArray,
+    FakeJaxSrcArray,
     OldFakeDLPack,
     fake_address,
 )
@@ -236,8 +238,85 @@ def test_construction_rules_of_the_optimizer():
     assert message(TypeError, adamcpp.Adam, [a, np.zeros(3, np.float32)]) == (
         "params[1]: expected a CUDA array, got a numpy.ndarray (host memory)"
     )
+    if cuda.COMPILED:
+        fix = (
+            "an optimizer whose parameters are CUDA arrays steps them on their device; this one's parameters are "
+            "NumPy arrays."
+        )
+    else:
+        fix = (
+            "this adamcpp has no CUDA unit (reinstall it with nvcc on the PATH to step CUDA arrays on their device)."
+        )
     assert message(TypeError, adamcpp.Adam, [np.zeros(3, np.float32), a]) == (
-        "params[1]: expected a numpy.ndarray, got FakeDLPack"
+        f"params[1]: expected a numpy.ndarray, got FakeDLPack (CUDA memory): {fix} On the CPU, copy it to the host "
+        "once (`cupy.asnumpy(x)`) and keep that NumPy array as the parameter: updates land in the copy, not in x"
+    )
+    assert message(TypeError, adamcpp.Adam([np.zeros(3, np.float32)]).step, [a]) == (
+        f"grads[0]: expected a numpy.ndarray, got FakeDLPack (CUDA memory): {fix} On the CPU, pass a host copy "
+        "(`cupy.asnumpy(g)`)"
+    )
+
+
+JAX_REFUSED = (
+    ": a JAX array cannot be updated in place (JAX arrays are immutable: JAX caches, donates and reuses their "
+    "buffers, so writing into one is a correctness hazard); keep a writable copy as the parameter "
+    "(`adamcpp.cuda.to_device(np.asarray(x))`, or a CuPy or torch array; `np.array(x)` on the CPU), pass it to JAX "
+    "as `jnp.asarray(p)`, and pass JAX gradients as they are (they are only read)"
+)
+
+
+@pytest.mark.parametrize("kind", [FakeJaxArray, FakeJaxSrcArray])
+def test_jax_cuda_arrays_are_never_written(kind):
+    """A JAX CUDA array is refused wherever a step would write it (a parameter, at construction, in
+    add_param_group, in an edited group, as a state array, in functional.adam), before CUDA is asked anything;
+    as a gradient it is read like any DLPack producer."""
+    assert type(kind((3,))).__module__.partition(".")[0] in ("jax", "jaxlib") and cuda.is_jax_array(kind((3,)))
+    before = LEDGER.made
+    assert message(TypeError, adamcpp.Adam, [kind((3,))]) == "params[0]" + JAX_REFUSED
+    assert LEDGER.made == before  # refused by its type: no capsule was asked for
+    if not cuda.COMPILED:  # a CUDA parameter before it is refused by the build
+        return
+    assert message(TypeError, adamcpp.Adam, {"w": FakeDLPack((3,)), "b": kind((3,))}) == "params['b']" + JAX_REFUSED
+    opt = adamcpp.Adam([FakeDLPack((3,))])
+    assert message(TypeError, opt.add_param_group, {"params": [kind((3,))]}) == "params[1]" + JAX_REFUSED
+    opt.param_groups[0]["params"].append(kind((3,)))
+    assert message(TypeError, opt.step, [FakeDLPack((3,)), FakeDLPack((3,))]) == "params[1]" + JAX_REFUSED
+    opt.param_groups[0]["params"].pop()
+    opt.state[0]["exp_avg"] = kind((3,))
+    assert message(TypeError, opt.step, [FakeDLPack((3,))]) == "exp_avg of params[0]" + JAX_REFUSED
+    p, g, m, v = (FakeDLPack((3,)) for _ in range(4))
+    assert message(TypeError, adamcpp.functional.adam, kind((3,)), g, m, v, step=1, lr=1e-3) == (
+        "params[0]" + JAX_REFUSED
+    )
+    assert message(TypeError, adamcpp.functional.adam, [p], [g], [m], [kind((3,))], step=1, lr=1e-3) == (
+        "exp_avg_sqs[0]" + JAX_REFUSED
+    )
+    # As a gradient it passes every rule: the call goes on to the device (or stops where CUDA is unavailable).
+    opt = adamcpp.Adam([FakeDLPack((3,))])
+    if NO_GPU:
+        assert message(RuntimeError, opt.step, [kind((3,))]).startswith(UNAVAILABLE)
+        assert message(RuntimeError, adamcpp.functional.adam, p, kind((3,)), m, v, step=1, lr=1e-3).startswith(
+            UNAVAILABLE
+        )
+
+
+def test_jax_arrays_on_the_cpu_path_name_the_fix():
+    """On a NumPy optimizer a JAX array (of any device) is no ndarray: the message says what to pass."""
+    opt = adamcpp.Adam([np.zeros(3, np.float32)])
+    jax_params = "JAX arrays are immutable: keep a writable NumPy copy (`np.array(x)`) and pass gradients as `np.asarray(g)`"
+    assert message(TypeError, adamcpp.Adam, [np.zeros(3, np.float32), FakeJaxArray((3,))]) == (
+        f"params[1]: expected a numpy.ndarray, got jaxlib.FakeJaxArray (a JAX array): {jax_params}"
+    )
+    assert message(TypeError, opt.step, [FakeJaxSrcArray((3,))]) == (
+        "grads[0]: expected a numpy.ndarray, got jax.FakeJaxSrcArray (a JAX array): pass `np.asarray(g)` (a host "
+        "copy; read-only is fine for a gradient)"
+    )
+    assert message(TypeError, adamcpp.Adam, [np.zeros(3, np.float32), FakeJaxArray((3,), device_type=KDL_CPU)]) == (
+        f"params[1]: expected a numpy.ndarray, got jaxlib.FakeJaxArray (a JAX array): {jax_params}"
+    )
+    assert message(TypeError, opt.step, [FakeJaxArray((3,), device_type=KDL_CPU)]) == (
+        "grads[0]: expected a numpy.ndarray, got jaxlib.FakeJaxArray (a JAX array): pass `np.asarray(g)` "
+        "(zero-copy; read-only is fine for a gradient)"
     )
 
 

@@ -1239,3 +1239,115 @@ def test_torch_bfloat16_tensor_in_a_state_dict_names_the_conversion():
     check_raises(TypeError, ["state_dict['state'][49]['exp_avg']", "t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)"],
                  lambda: opt.load_state_dict(sd))
     snap.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- what to pass instead
+def foreign(module: str, name: str, *, device_type=None, **attrs):
+    """An object whose type claims to come from `module` (frameworks are recognised by their type's module,
+    never imported), optionally with a __dlpack_device__ of `device_type`."""
+    body = dict(attrs)
+    if device_type is not None:
+        body["__dlpack_device__"] = lambda self: (device_type, 0)
+        body["__dlpack__"] = lambda self, **kw: None
+    cls = type(name, (), body)
+    cls.__module__ = module
+    return cls()
+
+
+def _message(call, *args):
+    with pytest.raises(TypeError) as err:
+        call(*args)
+    return str(err.value)
+
+
+CPU_TENSOR = foreign("torch", "Tensor", device_type=1)
+JAX_CPU = foreign("jaxlib.xla_extension", "ArrayImpl", device_type=1)
+JAX_ARRAY_API = foreign("jax._src.array", "ArrayImpl", device_type=1)
+NESTED = {"tuple": (np.zeros(3),), "list": [np.zeros(3)], "dict": {"w": np.zeros(3)}}
+JAX_PARAM = "JAX arrays are immutable: keep a writable NumPy copy (`np.array(x)`) and pass gradients as `np.asarray(g)`"
+
+
+def test_a_torch_tensor_names_the_view_to_pass():
+    assert _message(Adam, [CPU_TENSOR]) == (
+        "params[0]: expected a numpy.ndarray, got torch.Tensor: pass `t.detach().numpy()` (a view: updated in "
+        "place) for a CPU tensor"
+    )
+    opt = Adam([np.zeros(3)])
+    assert _message(opt.step, [CPU_TENSOR]) == (
+        "grads[0]: expected a numpy.ndarray, got torch.Tensor: pass `g.detach().numpy()` (a view, no copy) for a "
+        "CPU tensor"
+    )
+    opt.state[0]["exp_avg"] = CPU_TENSOR
+    assert _message(opt.step, [np.zeros(3)]).startswith("exp_avg of params[0]: expected a numpy.ndarray, got torch.Tensor: pass `t.detach().numpy()`")
+
+
+def test_a_torch_cuda_tensor_on_the_cpu_path_says_where_it_runs():
+    cuda_tensor = foreign("torch", "Tensor", device_type=2)
+    text = _message(Adam, [np.zeros(3), cuda_tensor])
+    if adamcpp.cuda.COMPILED:
+        assert text == (
+            "params[1]: expected a numpy.ndarray, got torch.Tensor on a CUDA device: an optimizer whose parameters "
+            "are CUDA tensors steps them on their device (pass `t.detach()` for every parameter, gradient and state "
+            "array); this one's parameters are NumPy arrays"
+        )
+    else:
+        assert text.startswith("params[1]: expected a numpy.ndarray, got torch.Tensor on a CUDA device: this "
+                               "adamcpp has no CUDA unit")
+
+
+@pytest.mark.parametrize("jax_array", [JAX_CPU, JAX_ARRAY_API], ids=["jaxlib", "jax"])
+def test_a_jax_array_is_never_a_parameter_and_a_gradient_only_through_np_asarray(jax_array):
+    package = type(jax_array).__module__.partition(".")[0]
+    what = f"{package}.ArrayImpl (a JAX array)"
+    assert _message(Adam, [jax_array]) == f"params[0]: expected a numpy.ndarray, got {what}: {JAX_PARAM}"
+    assert _message(Adam, {"w": np.zeros(3), "b": jax_array}) == (
+        f"params['b']: expected a numpy.ndarray, got {what}: {JAX_PARAM}"
+    )
+    opt = Adam([np.zeros(3)])
+    grad_fix = "pass `np.asarray(g)` (zero-copy; read-only is fine for a gradient)"
+    assert _message(opt.step, [jax_array]) == f"grads[0]: expected a numpy.ndarray, got {what}: {grad_fix}"
+    assert _message(adamcpp.global_norm, [jax_array]) == f"grads[0]: expected a numpy.ndarray, got {what}: {grad_fix}"
+    z = np.zeros(3)
+    assert _message(lambda: functional_adam(jax_array, z, z.copy(), z.copy(), step=1, lr=1e-3)) == (
+        f"params[0]: expected a numpy.ndarray, got {what}: {JAX_PARAM}"
+    )
+    assert _message(lambda: functional_adam(z, jax_array, z.copy(), z.copy(), step=1, lr=1e-3)) == (
+        f"grads[0]: expected a numpy.ndarray, got {what}: {grad_fix}"
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(NESTED))
+def test_a_nested_structure_names_its_path_and_says_flatten(kind):
+    if kind == "dict":  # a list of dicts is a list of parameter groups
+        with pytest.raises(ValueError) as err:
+            Adam([NESTED[kind]])
+        assert str(err.value) == (
+            "param_groups[0]: a group dict needs a 'params' entry (a list of dicts is a list of parameter groups; "
+            "params must be a list or dict of arrays: flatten nested parameters into a list or a dict of arrays)"
+        )
+    else:
+        assert _message(Adam, [NESTED[kind]]) == (
+            f"params[0]: expected a numpy.ndarray, got {kind}: params must be a list or dict of arrays: flatten "
+            "nested parameters into a list or a dict of arrays"
+        )
+    assert _message(Adam, {"mlp": NESTED[kind]}) == (
+        f"params['mlp']: expected a numpy.ndarray, got {kind}: params must be a list or dict of arrays: flatten "
+        "nested parameters into a list or a dict of arrays"
+    )
+    assert _message(Adam([np.zeros(3)]).step, [NESTED[kind]]) == (
+        f"grads[0]: expected a numpy.ndarray, got {kind}: gradients mirror the parameters (a list or dict of "
+        "arrays): flatten nested gradients the same way"
+    )
+
+
+def test_an_array_like_is_converted_once_and_kept():
+    text = _message(Adam, [TorchLike(np.zeros(3))])
+    assert text == (
+        "params[0]: expected a numpy.ndarray, got TorchLike: convert it once with `np.asarray(x)` (check that the "
+        "result is writeable) and keep that NumPy array as the parameter: adamcpp updates the array it is given, "
+        "and an update of a temporary copy is lost"
+    )
+    assert _message(Adam([np.zeros(3)]).step, [TorchLike(np.zeros(3))]) == (
+        "grads[0]: expected a numpy.ndarray, got TorchLike: pass `np.asarray(g)` (read-only is fine for a gradient)"
+    )
+    assert _message(Adam, [1.0]) == "params[0]: expected a numpy.ndarray, got float"  # nothing to suggest

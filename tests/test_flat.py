@@ -900,7 +900,8 @@ def test_chunk_sums_are_what_global_norm_adds():
     assert math.sqrt(total) == adamcpp.global_norm(grads)
     with pytest.raises(ValueError, match=r"^out: expected 4 elements \(one per chunk of 8192\), got 3$"):
         _core.chunk_sum_squares(grads, np.zeros(3), ("params[{}]", "grads[{}]"), None)
-    with pytest.raises(TypeError, match=r"^grads\[1\]: expected a numpy.ndarray, got list$"):
+    with pytest.raises(TypeError, match=r"^grads\[1\]: expected a numpy.ndarray, got list: gradients mirror the parameters \(a list or dict "
+                       r"of arrays\): flatten nested gradients the same way$"):
         _core.chunk_sum_squares([grads[0], [1.0]], out, ("params[{}]", "grads[{}]"), None)
     empty = np.zeros(0)
     _core.chunk_sum_squares([], empty, ("params[{}]", "grads[{}]"), None)

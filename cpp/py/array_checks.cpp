@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #include "core/optim_math.h"  // the portable conversions (this translation unit is no ISA target)
+#include "cuda/cuda_unit.h"   // unit_compiled(): whether a hint may offer the CUDA path
 #include "py/module.h"
 
 namespace adamcpp {
@@ -123,6 +125,104 @@ int recognise_user_dtype(PyObject* descr) {
   return static_cast<int>(DType::bf16);
 }
 
+namespace {
+
+// The first component of the module that defines o's type ("torch", "jaxlib", "builtins"), read from the type
+// alone: the framework is never imported.
+std::string type_package(PyObject* o) {
+  const py::handle type(reinterpret_cast<PyObject*>(Py_TYPE(o)));
+  const py::object module = py::getattr(type, "__module__", py::none());
+  if (!py::isinstance<py::str>(module)) return std::string();
+  const std::string name = module.cast<std::string>();
+  return name.substr(0, name.find('.'));
+}
+
+// Whether o presents CUDA memory (a __dlpack_device__ naming kDLCUDA or kDLCUDAManaged, or a CUDA array
+// interface); an object that fails to answer is taken as host memory.
+bool presents_cuda(PyObject* o) {
+  const py::handle h(o);
+  try {
+    if (py::hasattr(h, "__dlpack_device__")) {
+      const py::object device = h.attr("__dlpack_device__")();
+      const int kind = py::int_(py::reinterpret_borrow<py::sequence>(device)[0]).cast<int>();
+      return kind == 2 || kind == 13;
+    }
+    return py::hasattr(h, "__cuda_array_interface__");
+  } catch (const py::error_already_set&) {
+    return false;
+  } catch (const py::cast_error&) {
+    return false;
+  }
+}
+
+bool has_any(PyObject* o, std::initializer_list<const char*> names) {
+  for (const char* name : names) {
+    if (PyObject_HasAttrString(o, name)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+// "got <what>: <the fix>" for an object that is no numpy.ndarray, recognised by its type's module and the
+// protocols it offers. `written`: the step writes it (a parameter or state array), else it is only read.
+std::string not_an_ndarray(PyObject* o, int role, bool written) {
+  const std::string package = type_package(o);
+  const std::string name = type_name(o);
+  const bool cuda_unit = cuda::unit_compiled();
+  if (package == "torch") {
+    const std::string what = "torch." + name;
+    if (!presents_cuda(o)) {
+      return what + (written ? ": pass `t.detach().numpy()` (a view: updated in place) for a CPU tensor"
+                             : ": pass `g.detach().numpy()` (a view, no copy) for a CPU tensor");
+    }
+    if (cuda_unit) {
+      return what +
+             " on a CUDA device: an optimizer whose parameters are CUDA tensors steps them on their device (pass "
+             "`t.detach()` for every parameter, gradient and state array); this one's parameters are NumPy arrays";
+    }
+    return what + (written ? " on a CUDA device: this adamcpp has no CUDA unit (reinstall it with nvcc on the PATH "
+                             "to step CUDA tensors on their device); to step on the CPU keep a CPU tensor and pass "
+                             "`t.detach().numpy()` (a view: updated in place)"
+                           : " on a CUDA device: this adamcpp has no CUDA unit; pass a host copy, "
+                             "`g.detach().cpu().numpy()`");
+  }
+  if (package == "jax" || package == "jaxlib") {
+    const std::string what = package + "." + name + " (a JAX array)";
+    if (written) {
+      return what +
+             ": JAX arrays are immutable: keep a writable NumPy copy (`np.array(x)`) and pass gradients as "
+             "`np.asarray(g)`";
+    }
+    return what + (presents_cuda(o) ? ": pass `np.asarray(g)` (a host copy; read-only is fine for a gradient)"
+                                    : ": pass `np.asarray(g)` (zero-copy; read-only is fine for a gradient)");
+  }
+  const std::string what = package == "cupy" ? "cupy." + name : name;
+  if (presents_cuda(o)) {
+    std::string hint = cuda_unit ? " (CUDA memory): an optimizer whose parameters are CUDA arrays steps them on "
+                                   "their device; this one's parameters are NumPy arrays. "
+                                 : " (CUDA memory): this adamcpp has no CUDA unit (reinstall it with nvcc on the "
+                                   "PATH to step CUDA arrays on their device). ";
+    hint += written ? "On the CPU, copy it to the host once (`cupy.asnumpy(x)`) and keep that NumPy array as the "
+                      "parameter: updates land in the copy, not in x"
+                    : "On the CPU, pass a host copy (`cupy.asnumpy(g)`)";
+    return what + hint;
+  }
+  if (has_any(o, {"__array__", "__array_interface__", "__dlpack__", "__array_namespace__"})) {
+    return what + (written ? ": convert it once with `np.asarray(x)` (check that the result is writeable) and keep "
+                             "that NumPy array as the parameter: adamcpp updates the array it is given, and an "
+                             "update of a temporary copy is lost"
+                           : ": pass `np.asarray(g)` (read-only is fine for a gradient)");
+  }
+  if ((role == kParam || role == kGrad) && (PyList_Check(o) || PyTuple_Check(o) || PyDict_Check(o))) {
+    return what + (written ? ": params must be a list or dict of arrays: flatten nested parameters into a list or "
+                             "a dict of arrays"
+                           : ": gradients mirror the parameters (a list or dict of arrays): flatten nested "
+                             "gradients the same way");
+  }
+  return what;
+}
+
 void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, const ArrayView* like, unsigned dtypes,
                  bool need_write) {
   array_error_named(o, role, labels(role, i), like != nullptr ? labels(kParam, i) : std::string(), like, dtypes,
@@ -132,7 +232,7 @@ void array_error(PyObject* o, int role, std::size_t i, const Labels& labels, con
 void array_error_named(PyObject* o, int role, const std::string& label, const std::string& param_label,
                        const ArrayView* like, unsigned dtypes, bool need_write) {
   using npy = py::detail::npy_api;
-  if (!is_ndarray(o)) type_error(label + ": expected a numpy.ndarray, got " + type_name(o));
+  if (!is_ndarray(o)) type_error(label + ": expected a numpy.ndarray, got " + not_an_ndarray(o, role, need_write));
   const ArrayView a = raw_view(o);
   const bool dtype_ok = ((dtypes >> a.dtype) & 1u) != 0;
   if (!dtype_ok) {

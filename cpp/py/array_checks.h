@@ -44,6 +44,9 @@ constexpr unsigned kAnyDType = kFullDTypes | dtype_bit(DType::f16) | dtype_bit(D
 [[noreturn]] void type_error(const std::string& msg);
 [[noreturn]] void value_error(const std::string& msg);
 std::string type_name(PyObject* o);
+// What a non-ndarray is and how to pass it instead ("torch.Tensor: pass `t.detach().numpy()` ..."), for a
+// "got ..." message; `written`: the step writes the array (a parameter or state), else it only reads it.
+std::string not_an_ndarray(PyObject* o, int role, bool written);
 
 // Builds "params[3]" / "grads['w1']" / "exp_avg of params[2]" for a message:
 // `patterns` holds one format per role with "{}" standing for the tensor's

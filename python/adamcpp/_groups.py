@@ -54,7 +54,11 @@ def normalize_params(params: Any) -> Tuple[List[Dict[str, Any]], Optional[Tuple[
         groups = []
         for gi, g in enumerate(items):
             if "params" not in g:
-                raise ValueError(f"param_groups[{gi}]: a group dict needs a 'params' entry")
+                raise ValueError(
+                    f"param_groups[{gi}]: a group dict needs a 'params' entry (a list of dicts is a list of "
+                    "parameter groups; params must be a list or dict of arrays: flatten nested parameters into a "
+                    "list or a dict of arrays)"
+                )
             groups.append(dict(g))
         return groups, None
     if any(isinstance(g, Mapping) for g in items):

@@ -27,7 +27,10 @@ class DeviceLayout(ListLayout):
     def device_for(first: Any, keys: Optional[Tuple[Any, ...]]) -> Any:
         """The CUDA side of an optimizer whose first parameter is a CUDA array, else None (the first
         parameter decides where the optimizer runs)."""
-        return cuda.OptimizerDevice(first, label(0, keys)) if cuda.is_cuda_array(first) else None
+        if not cuda.is_cuda_array(first):
+            return None
+        cuda.refuse_jax(first, label(0, keys))
+        return cuda.OptimizerDevice(first, label(0, keys))
 
     # ------------------------------------------------------------- parameters
     def check_params(self, params: Sequence[Any], keys: Optional[Tuple[Any, ...]], start: int = 0) -> None:
@@ -36,6 +39,7 @@ class DeviceLayout(ListLayout):
         first: List[Any] = []
 
         def check_one(p: Any, i: int) -> None:
+            cuda.refuse_jax(p, label(i, keys))
             found = device.check_param(p, label(i, keys))
             if not first:
                 first.append(device.check_param(params[0], label(0, keys)))
@@ -53,6 +57,18 @@ class DeviceLayout(ListLayout):
     # ------------------------------------------------------------------- step
     def check_stream(self) -> None:
         return None
+
+    def step(
+        self, grads: Any, hypers: List[Any], scale: float, nonfinite: int, max_norm: float, stream: Any
+    ) -> Tuple[bool, Optional[float], bool]:
+        """The list layout's step, after refusing a JAX array assigned as a state array (the step writes it).
+        The optimizer's own state (DeviceArrays, counts) passes the type test alone."""
+        device_array = cuda.DeviceArray
+        for i, s in enumerate(self.opt.state):
+            for key, v in s.items():
+                if type(v) is not device_array and cuda.is_jax_array(v):
+                    cuda.refuse_jax(v, f"{key} of {label(i, self.keys)}")
+        return super().step(grads, hypers, scale, nonfinite, max_norm, stream)
 
     def pending_norm(self) -> Optional[float]:
         return self.device.pending_norm()

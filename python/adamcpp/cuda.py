@@ -1,10 +1,11 @@
 """adamcpp on CUDA devices (the optional CUDA unit).
 
 The optimizers, `functional.adam` and `global_norm` take CUDA arrays as well as
-NumPy arrays: PyTorch CUDA tensors, CuPy and JAX arrays (read through DLPack),
-Numba device arrays (the CUDA array interface) and adamcpp's own `DeviceArray`.
-They are updated in place on their device, with the CPU path's rules and
-messages, and the same bits. This module holds the device side's public names
+NumPy arrays: PyTorch CUDA tensors and CuPy arrays (read through DLPack), Numba
+device arrays (the CUDA array interface) and adamcpp's own `DeviceArray`. They
+are updated in place on their device, with the CPU path's rules and messages,
+and the same bits. JAX arrays are read (as gradients) but never written: JAX
+caches, donates and reuses its buffers. This module holds the device side's public names
 and the helpers the optimizers use; see docs/api.md, "CUDA".
 
 Nothing here touches CUDA until asked: `available()`, `info()` and the first
@@ -82,6 +83,23 @@ def is_cuda_array(obj: Any) -> bool:
         return getattr(obj, "__cuda_array_interface__", None) is not None
     except Exception:  # an exporter that refuses (a torch tensor that requires grad) is still one
         return True
+
+
+def is_jax_array(obj: Any) -> bool:
+    """Whether `obj` is a JAX array, recognised by its type's module (jax or jaxlib; JAX is never imported)."""
+    module = getattr(type(obj), "__module__", None)
+    return isinstance(module, str) and module.partition(".")[0] in ("jax", "jaxlib")
+
+
+def refuse_jax(obj: Any, label: str) -> None:
+    """Refuses a JAX array as an array that a step writes (a parameter or a state array), naming it."""
+    if is_jax_array(obj):
+        raise TypeError(
+            f"{label}: a JAX array cannot be updated in place (JAX arrays are immutable: JAX caches, donates and "
+            "reuses their buffers, so writing into one is a correctness hazard); keep a writable copy as the "
+            "parameter (`adamcpp.cuda.to_device(np.asarray(x))`, or a CuPy or torch array; `np.array(x)` on the "
+            "CPU), pass it to JAX as `jnp.asarray(p)`, and pass JAX gradients as they are (they are only read)"
+        )
 
 
 def _dtype(dtype: Any) -> np.dtype:
@@ -192,6 +210,7 @@ __all__: List[str] = [
     "empty",
     "info",
     "is_cuda_array",
+    "is_jax_array",
     "launch_counts",
     "synchronize",
     "to_device",

@@ -311,7 +311,7 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
         for i, (g, p) in enumerate(zip(grad_list, self._params)):
             where = label(i, opt_keys).replace("params", "grads", 1)
             if not isinstance(g, np.ndarray):
-                raise TypeError(f"{where}: expected a numpy.ndarray, got {type(g).__name__}")
+                _core.check_layout(g, where)  # the native message, with what to pass instead
             if g.dtype != p.dtype:
                 raise TypeError(f"{where}: expected dtype {p.dtype} like {label(i, opt_keys)}, got {g.dtype}")
             if g.shape != p.shape:

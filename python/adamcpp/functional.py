@@ -17,7 +17,13 @@ _PATTERNS = tuple(f"{role}s[{{}}]" for role in _core.ADAM_ROLES)
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, np.ndarray) or cuda.is_cuda_array(x)
+    """One array rather than a list of them: an ndarray, a CUDA array, or another framework's array (taken as one
+    array so that the array rules refuse it with what to pass instead)."""
+    if isinstance(x, np.ndarray) or cuda.is_cuda_array(x):
+        return True
+    return not isinstance(x, (list, tuple)) and any(
+        hasattr(x, name) for name in ("__dlpack__", "__array__", "__array_interface__")
+    )
 
 
 def _as_list(x: Any, name: str, single: bool) -> List[Any]:
@@ -107,6 +113,9 @@ def adam(
     )
     hyper = adam_hyper(values, str)
     if ps and cuda.is_cuda_array(ps[0]):
+        for name, arrays in (("params", ps), ("exp_avgs", ms), ("exp_avg_sqs", vs), ("max_exp_avg_sqs", vmaxs)):
+            for i, a in enumerate(arrays or ()):
+                cuda.refuse_jax(a, f"{name}[{i}]")
         cuda.require_compiled("params[0]")
         if masters is not None or state_dtype != "float32":
             raise TypeError(
