@@ -487,3 +487,35 @@ def test_sgd_runs_match_the_full_step_across_groups_dtypes_and_threads(threads):
             _same_state(opt, ctrl)
     finally:
         adamcpp.set_num_threads(old)
+
+
+def test_a_new_gradient_laid_out_as_the_last_is_checked_where_it_lies():
+    """A new gradient with the last one's layout (dtype descriptor, flags, dimensions) is taken after checking
+    only where its data lies: over a buffer the step writes, it goes back to the full step, which refuses it."""
+    opt, ctrl, a, b = _pair(lr=1e-2)
+
+    def views(seed):  # gradients as views of one buffer (arrays that do not own their data, as state views)
+        g = _grads(seed)
+        buf = np.concatenate([x.reshape(-1) for x in g])
+        out, at = [], 0
+        for x in g:
+            out.append(buf[at : at + x.size].reshape(x.shape))
+            at += x.size
+        return out
+
+    for k in range(2):
+        g = views(k)
+        assert opt.step(g) and ctrl.step([x.copy() for x in g])
+    for k in range(2, 4):  # new buffers, the same layout: taken by the plan
+        g = views(k)
+        assert opt._fast_step(opt, g, 1.0) is True and ctrl.step([x.copy() for x in g])
+        _same(a, b)
+    g = views(5)
+    g[1] = opt.state[1]["exp_avg"]  # laid out as a gradient view, over memory the step writes
+    assert g[1].flags["OWNDATA"] is False and g[1].shape == a[1].shape
+    before = [x.copy() for x in a]
+    assert opt._fast_step(opt, g, 1.0) is None
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        opt.step(g)
+    _same(a, before)
+    assert [s["step"] for s in opt.state] == [4, 4, 4]

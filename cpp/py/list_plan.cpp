@@ -400,11 +400,20 @@ PyObject* fast_step(StateCache& cache, CallLock& lock, PyObject* const* args, Py
       PyObject* g = grads[i];
       ArraySnap& gs = s[1];
       if (!is_ndarray(g)) Py_RETURN_NONE;
-      if (!plan.same_header(gs, g)) {
+      if (plan.same_layout(gs, g)) {
+        // The array last checked, or a new one laid out as it: only where its data lies can be new.
+        char* data = py::detail::array_proxy(g)->data;
+        if (data != gs.data) {
+          const auto begin = reinterpret_cast<std::uintptr_t>(data);
+          // The owner's aliasing check holds the written layout its last full step verified: this plan's.
+          if (sc.aliasing.overlap(begin, begin + t.numel * dtype_size(t.grad_dtype)) != nullptr) Py_RETURN_NONE;
+          gs.data = data;
+          t.grad = data;
+        }
+      } else {
         const ArrayView pv = raw_view(s[0].obj);
         const ArrayView gv = raw_view(g);
         const Interval range = interval_of(gv, kGrad, i);
-        // The owner's aliasing check holds the written layout its last full step verified: this plan's.
         if (gv.dtype != static_cast<int>(t.grad_dtype) || !obeys_rules(gv, &pv, kAnyDType, false) ||
             sc.aliasing.overlap(range.begin, range.end) != nullptr) {
           Py_RETURN_NONE;

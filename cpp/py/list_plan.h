@@ -8,7 +8,8 @@
 // compares instead of re-checking: the optimizer's groups, their validated
 // hyperparameter tuples, parameter lists and state dicts by identity, every
 // array's header against its snapshot. Anything else than new gradient arrays
-// (checked in full, dtype unchanged) sends the call back to the full step,
+// (one laid out as the last: checked against the buffers the step writes; any
+// other: checked in full, dtype unchanged) sends the call back to the full step,
 // which checks everything again and records a new plan: every rule, message
 // and "nothing written" guarantee is the full step's.
 #pragma once
@@ -24,6 +25,15 @@
 #include "core/multi_tensor.h"
 #include "core/step_scalars.h"
 #include "py/array_checks.h"
+
+// The header comparisons run for every array of every step: inlined into the pass over the tensors.
+#if defined(__GNUC__) || defined(__clang__)
+#define ADAMCPP_PLAN_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define ADAMCPP_PLAN_INLINE __forceinline
+#else
+#define ADAMCPP_PLAN_INLINE inline
+#endif
 
 namespace adamcpp {
 
@@ -82,10 +92,15 @@ struct ListPlan {
   void hold(ArraySnap& s, PyObject* o, bool keep_object);  // fills s from `o` (its dimensions at s.dims_at)
   // Whether `o`'s header is the snapshot's (one test for the fixed fields, then the dimensions): an ndarray
   // with a header a full check accepted obeys the same rules, whatever object it is.
-  bool same_header(const ArraySnap& s, PyObject* o) const {
+  ADAMCPP_PLAN_INLINE bool same_header(const ArraySnap& s, PyObject* o) const {
+    return pybind11::detail::array_proxy(o)->data == s.data && same_layout(s, o);
+  }
+  // Whether `o`'s header is the snapshot's but for its data pointer: an ndarray laid out as one a full check
+  // accepted (the same dtype descriptor, flags and dimensions) obeys the same rules wherever its data lies, save
+  // those about where it lies (aliasing).
+  ADAMCPP_PLAN_INLINE bool same_layout(const ArraySnap& s, PyObject* o) const {
     const auto* p = pybind11::detail::array_proxy(o);
     const std::uintptr_t fixed =
-        (reinterpret_cast<std::uintptr_t>(p->data) ^ reinterpret_cast<std::uintptr_t>(s.data)) |
         (reinterpret_cast<std::uintptr_t>(p->descr) ^ reinterpret_cast<std::uintptr_t>(s.descr)) |
         static_cast<std::uintptr_t>(static_cast<unsigned>(p->nd ^ s.nd) | static_cast<unsigned>(p->flags ^ s.flags));
     if (fixed != 0) return false;
@@ -95,7 +110,7 @@ struct ListPlan {
     return diff == 0;
   }
   // Whether `o` is the snapshot's (held) array with the header it had.
-  bool same(const ArraySnap& s, PyObject* o) const { return o == s.obj && same_header(s, o); }
+  ADAMCPP_PLAN_INLINE bool same(const ArraySnap& s, PyObject* o) const { return o == s.obj && same_header(s, o); }
   void clear();
 };
 
