@@ -1317,22 +1317,24 @@ def test_a_jax_array_is_never_a_parameter_and_a_gradient_only_through_np_asarray
 
 
 @pytest.mark.parametrize("kind", sorted(NESTED))
-def test_a_nested_structure_names_its_path_and_says_flatten(kind):
-    if kind == "dict":  # a list of dicts is a list of parameter groups
-        with pytest.raises(ValueError) as err:
-            Adam([NESTED[kind]])
-        assert str(err.value) == (
-            "param_groups[0]: a group dict needs a 'params' entry (a list of dicts is a list of parameter groups; "
-            "params must be a list or dict of arrays: flatten nested parameters into a list or a dict of arrays)"
-        )
-    else:
-        assert _message(Adam, [NESTED[kind]]) == (
-            f"params[0]: expected a numpy.ndarray, got {kind}: params must be a list or dict of arrays: flatten "
-            "nested parameters into a list or a dict of arrays"
-        )
-    assert _message(Adam, {"mlp": NESTED[kind]}) == (
-        f"params['mlp']: expected a numpy.ndarray, got {kind}: params must be a list or dict of arrays: flatten "
+def test_a_nested_structure_is_a_tree_at_the_top_and_refused_inside_a_group(kind):
+    # At the top level a nesting is a parameter tree (tests/test_trees.py), its leaves named by path.
+    wrong = np.zeros(3, np.int32)
+    nested, inner = {"tuple": ((wrong,), "[0]"), "list": ([wrong], "[0]"), "dict": ({"w": wrong}, "['w']")}[kind]
+    dtypes = "expected dtype float16, bfloat16, float32 or float64 (native byte order), got int32"
+    assert _message(Adam, [nested]) == f"params[0]{inner}: {dtypes}"
+    assert _message(Adam, {"mlp": nested}) == f"params['mlp']{inner}: {dtypes}"
+    assert Adam([NESTED[kind]]).step(copy_value([NESTED[kind]]))
+    # Inside a group's "params", and in the gradients of list-form params, a nesting is still refused.
+    assert _message(Adam, [{"params": [NESTED[kind]]}]) == (
+        f"params[0]: expected a numpy.ndarray, got {kind}: params must be a list or dict of arrays: flatten "
         "nested parameters into a list or a dict of arrays"
+    )
+    with pytest.raises(ValueError) as err:  # a dict beside groups reads as a group
+        Adam([{"params": [np.zeros(3)]}, {"w": np.zeros(3)}])
+    assert str(err.value) == (
+        "param_groups[1]: a group dict needs a 'params' entry (a list of dicts is a list of parameter groups; "
+        "params must be a list or dict of arrays: flatten nested parameters into a list or a dict of arrays)"
     )
     assert _message(Adam([np.zeros(3)]).step, [NESTED[kind]]) == (
         f"grads[0]: expected a numpy.ndarray, got {kind}: gradients mirror the parameters (a list or dict of "

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _core, _family, cuda
+from . import _core, _family, _tree, cuda
 from ._groups import (
     ParamGroup,
     ParamState,
@@ -39,8 +39,9 @@ from ._statedict import convert_state, read_state_dict
 from ._validation import check_grad_scale, check_max_grad_norm, check_nonfinite
 from .flat import FlatParams, common_source, unwrap
 
-ParamsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]], FlatParams]
-GradsLike = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
+# A tree is any nesting of dicts, lists and tuples of arrays (docs/api.md section 2.2).
+ParamsLike = Union[Sequence[Any], Mapping[str, Any], FlatParams]
+GradsLike = Union[Sequence[Any], Mapping[str, Any]]
 LR = Union[float, Callable[[int], float]]
 Hyper = Union[AdamHyper, SgdHyper]
 
@@ -60,6 +61,9 @@ class Optimizer:
     layout (`layout`) holds where the numbers live and makes the native step.
     Each optimizer class registers its family (_family.py): its native step,
     hyperparameters and state."""
+
+    # The step's fast path (_start_runtime); a parameter tree's flattens the gradient tree first.
+    _fast_step: Callable[[Any, Any, float], Any]
 
     def __init__(
         self,
@@ -82,7 +86,16 @@ class Optimizer:
         self._norm_pending = False
         self.param_groups: List[Dict[str, Any]] = []
         self.state: Any = []  # one dict per parameter (a flat optimizer's: a tuple of mappings)
-        groups, keys = normalize_params(unwrap(params))
+        # A parameter tree's structure (_tree.py), or None: the optimizer holds its leaves as the list form does.
+        self._tree: Optional[_tree.Tree] = None
+        params = unwrap(params)
+        keys: Optional[Tuple[Any, ...]]
+        if _tree.is_tree(params):
+            self._tree, leaves = _tree.Tree.read(params)
+            self._fast_step = self._tree.wrap_fast_step(self._fast_step)
+            groups, keys = [{"params": leaves}], self._tree.names
+        else:
+            groups, keys = normalize_params(params)
         ps = groups[0]["params"] = group_params(groups[0]["params"], 0)  # an iterator is read once
         device = DeviceLayout.device_for(ps[0], keys) if ps else None
         if device is not None:
@@ -124,6 +137,11 @@ class Optimizer:
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Adds a group (a dict with "params" and optional overrides), like torch."""
+        if self._tree is not None:
+            raise ValueError(
+                "add_param_group: this optimizer's parameters are a tree (its leaves, matched to each step's "
+                "gradient tree): a tree takes no further groups; make one optimizer per tree"
+            )
         self._lock.enter()
         try:
             self._sync()
@@ -179,6 +197,8 @@ class Optimizer:
         layout = self._layout
         if stream is not None:
             layout.check_stream()
+        if self._tree is not None:  # a gradient tree matched to the parameters' structure, before any write
+            grads = self._tree.flatten_grads(grads)
         self._lock.enter()
         try:
             if layout.sync():
@@ -308,6 +328,9 @@ class Optimizer:
         self._family = _family.family_of(type(self))
         self._start_runtime()
         self._norm_pending = False
+        self.__dict__.setdefault("_tree", None)
+        if self._tree is not None:
+            self._fast_step = self._tree.wrap_fast_step(self._fast_step)
         if flat_copy is not None:
             self._layout = FlatLayout.restore(self, self._family, self._state_cache, self._lock, keys, flat_copy)
         else:
@@ -465,7 +488,8 @@ def global_norm(grads: GradsLike, *, stream: Any = None) -> float:
     Gradients may be float16, bfloat16, float32 or float64, read-only, of any
     shape; they must be C-contiguous. CUDA arrays (float32, float64) are summed
     on their device, in the same order (one reduction queued on `stream`, then a
-    wait for its result)."""
+    wait for its result). A tree of gradients (nested dicts, lists and tuples)
+    is summed in its traversal order, its leaves named by path."""
     names: Optional[Tuple[Any, ...]] = None
     if isinstance(grads, Mapping):
         names = tuple(grads.keys())
@@ -474,6 +498,17 @@ def global_norm(grads: GradsLike, *, stream: Any = None) -> float:
         seq = [grads]
     else:
         seq = grads if isinstance(grads, (list, tuple)) else list(grads)
+    try:
+        return _global_norm(seq, names, stream)
+    except TypeError:
+        # Read as a tree only after the flat forms refused it: a list or dict of arrays pays nothing for trees.
+        if not _tree.is_tree(grads):
+            raise
+    leaves, paths = _tree.flatten_any(grads)
+    return _global_norm(leaves, paths, stream)
+
+
+def _global_norm(seq: Sequence[Any], names: Optional[Tuple[Any, ...]], stream: Any) -> float:
     patterns = ("params[{}]", "grads[{}]")
     if seq and cuda.is_cuda_array(seq[0]):
         cuda.require_compiled(label(0, names).replace("params", "grads", 1))
