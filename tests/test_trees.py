@@ -181,6 +181,8 @@ def test_plain_lists_and_dicts_are_no_trees():
     # A list of numbers is array data, refused as the list form refuses it, not a subtree of floats.
     with pytest.raises(TypeError, match=r"^params\[1\]: expected a numpy.ndarray, got list"):
         adamcpp.Adam([a, [1.0, 2.0]])
+    with pytest.raises(TypeError, match=r"^params\['t'\]: expected a numpy.ndarray, got tuple"):
+        adamcpp.Adam({"w": a, "t": (), "d": {}})  # () is a shape's data; {} (and []) an empty subtree
 
 
 def test_a_list_of_dicts_is_groups_unless_every_leaf_is_an_array():
@@ -376,3 +378,48 @@ def test_autograd_style_mlp_end_to_end():
     assert last < 0.1 * first
     for a, b in zip(leaves(params), flat):
         assert same_bits(a, b)
+
+
+# ---------------------------------------------------------------------------- FlatParams
+def test_flat_params_take_a_tree_and_hand_back_its_structure():
+    params = make_trees()["namedtuples"]
+    flat = adamcpp.FlatParams(params)
+    assert repr(flat).startswith("FlatParams(4 arrays (tree)")
+    views = flat.params
+    assert type(views) is list and all(type(v) is Dense for v in views)
+    assert type(flat.grads) is list and type(flat.grads[1]) is Dense
+    for v, p in zip(leaves(views), leaves(params)):
+        assert same_bits(v, p) and v is not p
+    # Shapes as leaves (an int or a tuple of ints is a shape, not a subtree), named by path.
+    shaped = adamcpp.FlatParams({"enc": {"W": (3, 2), "b": 2}, "dec": [np.ones(4)]})
+    assert shaped.params["enc"]["W"].shape == (3, 2) and shaped.params["dec"][0].shape == (4,)
+    with pytest.raises(TypeError, match=r"^arrays\['enc'\]\['b'\]: expected an array, or a shape"):
+        adamcpp.FlatParams({"enc": {"W": (3, 2), "b": "x"}, "dec": [np.ones(4)]})
+
+
+def test_a_flat_tree_optimizer_steps_like_the_list_form():
+    params = make_trees()["dict_of_dicts"]
+    flat = adamcpp.FlatParams(params)
+    opt = adamcpp.Adam(flat, lr=1e-2)
+    assert opt.layout.mode == "flat"
+    plain = [p.copy() for p in leaves(params)]
+    list_opt = adamcpp.Adam(plain, lr=1e-2)
+    for s in range(3):
+        g = grads_for(params, s)
+        for view, value in zip(leaves(flat.grads), leaves(g)):
+            view[...] = value
+        assert opt.step(reversed_keys(flat.grads)) is True
+        list_opt.step(leaves(g))
+        for a, b in zip(leaves(flat.params), plain):
+            assert same_bits(a, b)
+    snap = Snapshot(opt, leaves(flat.params))
+    with pytest.raises(TypeError, match=r"^grads\['heads'\]: expected a tuple \(as params\['heads'\]\), got list"):
+        opt.step({**flat.grads, "heads": list(flat.grads["heads"])})
+    snap.assert_values_unchanged()
+    flat_dup, dup = pickle.loads(pickle.dumps((flat, opt)))  # one pickle: the copy steps the copied buffers
+    assert dup.layout.mode == "flat"
+    assert dup.step(flat_dup.grads) is True and opt.step(flat.grads) is True
+    assert all(same_bits(a, b) for a, b in zip(leaves(flat_dup.params), leaves(flat.params)))
+    flat_copy = pickle.loads(pickle.dumps(flat))
+    assert type(flat_copy.params["heads"]) is tuple
+    assert all(same_bits(a, b) for a, b in zip(leaves(flat_copy.params), leaves(flat.params)))

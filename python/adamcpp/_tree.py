@@ -54,10 +54,11 @@ def _kind_name(kind: str, node_type: type) -> str:
 
 
 def _is_data(x: Any) -> bool:
-    """A number, or a non-empty list or tuple of such data (`a.tolist()`): array data written out, a leaf
-    (refused as a parameter by name), never a subtree of numbers."""
+    """A number, or a list or tuple of such data (`a.tolist()`, a shape): array data written out, a leaf
+    (refused as a parameter by name, a shape to FlatParams), never a subtree of numbers. The empty tuple is a
+    shape (a scalar's); an empty list is an empty subtree."""
     if isinstance(x, (list, tuple)):
-        return len(x) > 0 and all(_is_data(v) for v in x)
+        return (len(x) > 0 or type(x) is tuple) and all(_is_data(v) for v in x)
     return isinstance(x, numbers.Number)
 
 
@@ -147,6 +148,12 @@ class Tree:
         _match(self.node, grads, [], out)  # the same rules, read again to name where the structure differs
         return out
 
+    def unflatten(self, leaves: Sequence[Any]) -> Any:
+        """`leaves` (in leaf order) in the tree's structure: dicts (plain dicts, in the tree's key order), lists,
+        tuples and NamedTuples of the tree's classes."""
+        it = iter(leaves)
+        return _build(self.node, it)
+
     def wrap_fast_step(self, fast_step: Callable[[Any, Any, float], Any]) -> Callable[[Any, Any, float], Any]:
         """The optimizer's fast step over gradient trees: flattened first, then the list form's native step."""
         flatten = self.flatten_grads
@@ -155,6 +162,19 @@ class Tree:
             return fast_step(opt, flatten(grads), grad_scale)
 
         return tree_fast_step
+
+
+def _build(node: Node, leaves: Any) -> Any:
+    if node is None:
+        return next(leaves)
+    kind, node_type, keys, children = node
+    if kind == "dict":
+        assert keys is not None
+        return {k: _build(c, leaves) for k, c in zip(keys, children)}
+    items = [_build(c, leaves) for c in children]
+    if node_type is list:
+        return items
+    return tuple(items) if node_type is tuple else node_type(*items)
 
 
 # A node's matcher: appends the leaves of `g` to `out` and returns True when `g` has the node's structure,

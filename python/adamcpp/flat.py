@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, _tree
 
 # Every buffer starts on a 64-byte boundary (a cache line, an AVX-512 vector).
 ALIGNMENT = 64
@@ -127,8 +127,10 @@ class FlatParams:
     an entry may instead be a shape (an int or a tuple of ints), which starts
     at zero with dtype ``dtype`` (float32 by default). ``.params`` hands back
     views of the buffers in the same form (a tuple for a list, a read-only
-    dict for a dict), ``.grads`` matching views of a zero-initialised gradient
-    buffer. Parameters of one dtype lie in their order, back to back.
+    dict for a dict, the same structure for a parameter tree: _tree.py),
+    ``.grads`` matching views of a zero-initialised gradient buffer.
+    Parameters of one dtype lie in their order (a tree's leaf order), back to
+    back.
     ``pad_to``: each buffer's memory extends, with zeros, to a multiple of this
     many elements (for a ZeroRedundancyOptimizer: its equal shards need it).
     """
@@ -136,9 +138,14 @@ class FlatParams:
     def __init__(self, arrays: ArraysLike, *, dtype: Any = None, pad_to: int = 1):
         if isinstance(arrays, np.ndarray):
             raise TypeError("arrays: expected a list or dict of arrays (or shapes), got a single ndarray (wrap it)")
-        if isinstance(arrays, Mapping):
-            keys: Optional[Tuple[Any, ...]] = tuple(arrays.keys())
-            entries = [arrays[k] for k in keys]  # type: ignore[union-attr]
+        tree: Optional[_tree.Tree] = None
+        keys: Optional[Tuple[Any, ...]]
+        if _tree.is_tree(arrays):
+            tree, entries = _tree.Tree.read(arrays)
+            keys = tree.names
+        elif isinstance(arrays, Mapping):
+            keys = tuple(arrays.keys())
+            entries = [arrays[k] for k in keys]
         elif isinstance(arrays, (str, bytes)) or not isinstance(arrays, (Sequence, tuple, list)):
             raise TypeError(f"arrays: expected a list or dict of arrays (or shapes), got {type(arrays).__name__}")
         else:
@@ -161,24 +168,35 @@ class FlatParams:
                 dtypes.append(shape_dtype)
         for dt, label in zip(dtypes, labels):
             _core.check_param(np.empty(0, dt), label)  # float16, bfloat16, float32 or float64
-        self._build(keys, shapes, dtypes, int(pad_to))
+        self._build(keys, shapes, dtypes, int(pad_to), tree)
         for view, entry in zip(self._param_views, entries):
             if isinstance(entry, np.ndarray):
                 np.copyto(view, entry, casting="no")
 
     @classmethod
     def from_layout(
-        cls, keys: Optional[Tuple[Any, ...]], shapes: List[Tuple[int, ...]], dtypes: List[Any], pad_to: int = 1
+        cls,
+        keys: Optional[Tuple[Any, ...]],
+        shapes: List[Tuple[int, ...]],
+        dtypes: List[Any],
+        pad_to: int = 1,
+        tree: Optional[_tree.Tree] = None,
     ) -> Any:
-        """A zero-filled FlatParams of the given layout (the keys, each parameter's shape and dtype)."""
+        """A zero-filled FlatParams of the given layout (the keys, each parameter's shape and dtype, the tree)."""
         self = cls.__new__(cls)
-        self._build(keys, [tuple(s) for s in shapes], [np.dtype(d) for d in dtypes], pad_to)
+        self._build(keys, [tuple(s) for s in shapes], [np.dtype(d) for d in dtypes], pad_to, tree)
         return self
 
     def _build(
-        self, keys: Optional[Tuple[Any, ...]], shapes: List[Tuple[int, ...]], dtypes: List[np.dtype], pad_to: int
+        self,
+        keys: Optional[Tuple[Any, ...]],
+        shapes: List[Tuple[int, ...]],
+        dtypes: List[np.dtype],
+        pad_to: int,
+        tree: Optional[_tree.Tree] = None,
     ) -> None:
         self._keys = keys
+        self._tree = tree
         self.pad_to = pad_to
         self._shapes = shapes
         self.dtypes: Tuple[np.dtype, ...] = tuple(dict.fromkeys(dtypes))
@@ -224,9 +242,12 @@ class FlatParams:
         self._grad_index = {id(v): i for i, v in enumerate(self._grad_views)}
         for v in (*self._param_views, *self._grad_views):
             _OWNERS[id(v)] = self
-        if keys is None:
-            self._params: Any = FlatViews(self._param_views, self, "params")
-            self._grads: Any = FlatViews(self._grad_views, self, "grads")
+        if tree is not None:  # plain dicts, lists and tuples of views (a copy of them alone holds copies)
+            self._params: Any = tree.unflatten(self._param_views)
+            self._grads: Any = tree.unflatten(self._grad_views)
+        elif keys is None:
+            self._params = FlatViews(self._param_views, self, "params")
+            self._grads = FlatViews(self._grad_views, self, "grads")
         else:
             self._params = FlatViewsDict(zip(keys, self._param_views), self, "params")
             self._grads = FlatViewsDict(zip(keys, self._grad_views), self, "grads")
@@ -248,7 +269,7 @@ class FlatParams:
     # ---------------------------------------------------------------- access
     @property
     def params(self) -> Any:
-        """The parameter views, in the form given (a tuple, or a read-only dict)."""
+        """The parameter views, in the form given (a tuple, a read-only dict, or a tree of the given structure)."""
         return self._params
 
     @property
@@ -258,7 +279,7 @@ class FlatParams:
 
     @property
     def keys(self) -> Optional[Tuple[Any, ...]]:
-        """The dict keys, or None for the list form."""
+        """The dict keys, or None for the list form (a tree's: its leaves' paths, as messages write them)."""
         return self._keys
 
     def __len__(self) -> int:
@@ -315,7 +336,7 @@ class FlatParams:
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{b.size:,} {dt}" for b, dt in zip(self.buffers, self.dtypes))
-        form = "dict" if self._keys is not None else "list"
+        form = "tree" if self._tree is not None else "dict" if self._keys is not None else "list"
         return f"FlatParams({len(self)} arrays ({form}), {kinds})"
 
     # ------------------------------------------------------------------ copies
@@ -323,13 +344,20 @@ class FlatParams:
         # The layout and the buffers; the views are made again from them, so a
         # copy's views share its buffers (copying the views would unshare them).
         dtypes = [self.dtypes[b] for b, _, _ in self._slots]  # dtype objects: bfloat16's .str is only 'V2'
-        return (_restore_flat, (self._keys, self._shapes, dtypes, self.buffers, self.grad_buffers, self.pad_to))
+        args = (self._keys, self._shapes, dtypes, self.buffers, self.grad_buffers, self.pad_to)
+        return (_restore_flat, args if self._tree is None else (*args, self._tree))
 
 
 def _restore_flat(
-    keys: Any, shapes: Any, dtypes: List[Any], buffers: Any, grad_buffers: Any, pad_to: int = 1
+    keys: Any,
+    shapes: Any,
+    dtypes: List[Any],
+    buffers: Any,
+    grad_buffers: Any,
+    pad_to: int = 1,
+    tree: Optional[_tree.Tree] = None,
 ) -> FlatParams:
-    flat: FlatParams = FlatParams.from_layout(keys, shapes, dtypes, pad_to)
+    flat: FlatParams = FlatParams.from_layout(keys, shapes, dtypes, pad_to, tree)
     for dst, src in zip((*flat.buffers, *flat.grad_buffers), (*buffers, *grad_buffers)):
         np.copyto(dst, src, casting="no")
     return flat
