@@ -185,6 +185,28 @@ def test_plain_lists_and_dicts_are_no_trees():
         adamcpp.Adam({"w": a, "t": (), "d": {}})  # () is a shape's data; {} (and []) an empty subtree
 
 
+def test_empty_trees_and_none():
+    with pytest.raises(ValueError, match=r"^params: the optimizer got a parameter tree without arrays$"):
+        adamcpp.Adam({"a": {}, "b": []})
+    with pytest.raises(TypeError, match=r"^params\['b'\]\[0\]: expected a numpy.ndarray, got NoneType"):
+        adamcpp.Adam({"a": {"x": np.zeros(3)}, "b": [None]})  # None is no empty subtree here (JAX's is)
+    w = np.zeros(3)
+    with pytest.raises(ValueError, match=r"^params\['b'\]\[0\]: the same array appears more than once"):
+        adamcpp.Adam({"a": {"x": w}, "b": [w]})
+
+
+def test_nonfinite_policies_name_the_path():
+    params = {"a": {"x": np.zeros(3)}, "b": [np.zeros(2)]}
+    bad = {"b": [np.ones(2)], "a": {"x": np.array([np.nan, 1.0, 1.0])}}
+    opt = adamcpp.Adam(params, nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"^grads\['a'\]\['x'\]: non-finite gradient"):
+        opt.step(bad)
+    skip = adamcpp.Adam(tree_map(np.copy, params), nonfinite="skip", max_grad_norm=1.0)
+    assert skip.step(bad) is False and skip.state[0]["step"] == 0
+    assert skip.step({"a": {"x": np.ones(3)}, "b": [np.ones(2)]}) is True
+    assert skip.last_grad_norm == np.sqrt(5.0)
+
+
 def test_a_list_of_dicts_is_groups_unless_every_leaf_is_an_array():
     w = np.zeros(3)
     opt = adamcpp.Adam([{"w": w}])

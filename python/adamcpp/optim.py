@@ -92,6 +92,8 @@ class Optimizer:
         keys: Optional[Tuple[Any, ...]]
         if _tree.is_tree(params):
             self._tree, leaves = _tree.Tree.read(params)
+            if not leaves:
+                raise ValueError("params: the optimizer got a parameter tree without arrays")
             self._fast_step = self._tree.wrap_fast_step(self._fast_step)
             groups, keys = [{"params": leaves}], self._tree.names
         else:
