@@ -445,3 +445,49 @@ def test_a_flat_tree_optimizer_steps_like_the_list_form():
     flat_copy = pickle.loads(pickle.dumps(flat))
     assert type(flat_copy.params["heads"]) is tuple
     assert all(same_bits(a, b) for a, b in zip(leaves(flat_copy.params), leaves(flat.params)))
+
+
+# ---------------------------------------------------------------------------- nodes registered with jax.tree_util
+class Pair:
+    """A custom pytree node (registered with jax.tree_util by `_registered_pair`, only when jax is installed)."""
+
+    def __init__(self, a: Any, b: Any):
+        self.a, self.b = a, b
+
+
+_REGISTERED: List[Any] = []
+
+
+def _registered_pair() -> Any:
+    jax = pytest.importorskip("jax", reason="jax is not installed (pip install jax)")
+    if not _REGISTERED:
+        jax.tree_util.register_pytree_node(Pair, lambda p: ((p.a, p.b), None), lambda _, ch: Pair(*ch))
+        _REGISTERED.append(Pair)
+    return jax
+
+
+def test_nodes_registered_with_jax_are_nodes():
+    _registered_pair()
+    rng = np.random.default_rng(4)
+    params = {"layer": Pair(rand(rng, 2), {"c": rand(rng, 3)}), "out": [rand(rng, 1)]}
+    opt = adamcpp.Adam(params, lr=1e-2)
+    assert [repr(n) for n in opt.layout.keys] == ["'layer'][0", "'layer'][1]['c'", "'out'][0"]
+    flat = [params["layer"].a.copy(), params["layer"].b["c"].copy(), params["out"][0].copy()]
+    flat_opt = adamcpp.Adam(flat, lr=1e-2)
+    for _ in range(3):
+        g = {"out": [rand(rng, 1)], "layer": Pair(rand(rng, 2), {"c": rand(rng, 3)})}
+        assert opt.step(g) is True
+        flat_opt.step([g["layer"].a, g["layer"].b["c"], g["out"][0]])
+    assert all(same_bits(a, b) for a, b in zip([params["layer"].a, params["layer"].b["c"], params["out"][0]], flat))
+    snap = Snapshot(opt, [params["layer"].a, params["layer"].b["c"], params["out"][0]])
+    with pytest.raises(TypeError, match=r"^grads\['layer'\]: expected a Pair \(a registered pytree node\)"):
+        opt.step({"out": [np.ones(1)], "layer": (np.ones(2), {"c": np.ones(3)})})
+    with pytest.raises(ValueError, match=r"^grads\['layer'\]\[1\]\['c'\]: missing"):
+        opt.step({"out": [np.ones(1)], "layer": Pair(np.ones(2), {"d": np.ones(3)})})
+    snap.assert_unchanged()
+    dup = pickle.loads(pickle.dumps(opt))
+    assert dup.step({"out": [np.ones(1)], "layer": Pair(np.ones(2), {"c": np.ones(3)})}) is True
+    views = adamcpp.FlatParams(params).params
+    assert type(views["layer"]) is Pair and same_bits(views["layer"].b["c"], params["layer"].b["c"])
+    g = {"layer": Pair(np.ones(2), {"c": np.ones(3)}), "out": [np.ones(1)]}
+    assert adamcpp.global_norm(g) == np.sqrt(6.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -37,17 +38,15 @@ class TreePath(str):
         return str.__str__(self)
 
 
-def _step_text(key: Any, kind: str) -> str:
-    return repr(key) if kind == "dict" else str(key)
-
-
 def _where(root: str, path: Sequence[str]) -> str:
     return root + "".join(f"[{p}]" for p in path)
 
 
-def _kind_name(kind: str, node_type: type) -> str:
+def _kind_name(kind: str, node_type: Any) -> str:
     if kind == "dict":
         return "dict"
+    if kind == "jax":
+        return f"{node_type.node_data()[0].__name__} (a registered pytree node)"
     if node_type is list or node_type is tuple:
         return node_type.__name__
     return f"{node_type.__name__} (a NamedTuple)"
@@ -62,8 +61,21 @@ def _is_data(x: Any) -> bool:
     return isinstance(x, numbers.Number)
 
 
+def _jax_children(x: Any) -> Optional[Tuple[List[Any], Any]]:
+    """(children, treedef of one level) when x is a node registered with jax.tree_util (a flax struct, an
+    equinox module, your own), else None. Consulted only once jax is imported: never a dependency."""
+    jax = sys.modules.get("jax")
+    if jax is None or x is None or type(x) is np.ndarray or isinstance(x, (numbers.Number, str, bytes)):
+        return None
+    tu = jax.tree_util
+    children, treedef = tu.tree_flatten(x, is_leaf=lambda y: y is not x)
+    return None if tu.treedef_is_leaf(treedef) else (children, treedef)
+
+
 def _is_node(x: Any) -> bool:
-    return isinstance(x, _NODE_TYPES) and not _is_data(x)
+    if isinstance(x, _NODE_TYPES):
+        return not _is_data(x)
+    return _jax_children(x) is not None
 
 
 def _read(tree: Any, path: List[str], leaves: List[Any], paths: List[TreePath]) -> Node:
@@ -80,6 +92,14 @@ def _read(tree: Any, path: List[str], leaves: List[Any], paths: List[TreePath]) 
             children.append(_read(tree[k], path, leaves, paths))
             path.pop()
         return ("dict", dict, keys, tuple(children))
+    if not isinstance(tree, (list, tuple)):  # a node registered with jax.tree_util: children by position
+        nodes, treedef = _jax_children(tree)  # type: ignore[misc]
+        children = []
+        for i, x in enumerate(nodes):
+            path.append(str(i))
+            children.append(_read(x, path, leaves, paths))
+            path.pop()
+        return ("jax", treedef, None, tuple(children))
     kind = "list" if isinstance(tree, list) else "tuple"  # the other nodes
     children = []
     for i, x in enumerate(tree):
@@ -172,6 +192,8 @@ def _build(node: Node, leaves: Any) -> Any:
         assert keys is not None
         return {k: _build(c, leaves) for k, c in zip(keys, children)}
     items = [_build(c, leaves) for c in children]
+    if kind == "jax":
+        return sys.modules["jax"].tree_util.tree_unflatten(node_type, items)
     if node_type is list:
         return items
     return tuple(items) if node_type is tuple else node_type(*items)
@@ -240,6 +262,19 @@ def _compile(node: Node) -> Take:
             return True
 
         return take_dict
+    if kind == "jax":
+        jax_takes = tuple(_compile(c) for c in children)
+
+        def take_jax(g: Any, out: List[Any]) -> bool:
+            found = _jax_children(g)
+            if found is None or found[1] != node_type:
+                return False
+            for take, x in zip(jax_takes, found[0]):  # noqa: SIM110  # as _leaves_only
+                if not take(x, out):
+                    return False
+            return True
+
+        return take_jax
     if all(c is None for c in children):
 
         def take_seq_of_leaves(g: Any, out: List[Any]) -> bool:
@@ -297,6 +332,19 @@ def _match(node: Node, g: Any, path: List[str], out: List[Any]) -> None:
                 continue
             path.append(repr(k))
             _match(child, g[k], path, out)
+            path.pop()
+        return
+    if kind == "jax":
+        found = _jax_children(g)
+        if found is None or found[1] != node_type:
+            got = type(g).__name__ + (f" of structure {found[1]}" if found is not None else "")
+            raise TypeError(
+                f"{_where('grads', path)}: expected a {_kind_name(kind, node_type)} of structure {node_type} "
+                f"(as {_where('params', path)}), got {got}: gradients must have the parameters' structure"
+            )
+        for i, (child, x) in enumerate(zip(children, found[0])):
+            path.append(str(i))
+            _match(child, x, path, out)
             path.pop()
         return
     if type(g) is not node_type:
