@@ -491,3 +491,18 @@ def test_nodes_registered_with_jax_are_nodes():
     assert type(views["layer"]) is Pair and same_bits(views["layer"].b["c"], params["layer"].b["c"])
     g = {"layer": Pair(np.ones(2), {"c": np.ones(3)}), "out": [np.ones(1)]}
     assert adamcpp.global_norm(g) == np.sqrt(6.0)
+
+
+def test_checkpoint_files_round_trip_a_tree_optimizer(tmp_path):
+    params = make_trees()["flax_style"]
+    opt = adamcpp.Adam(params, lr=1e-2)
+    for s in range(2):
+        opt.step(grads_for(params, s))
+    adamcpp.save(opt.state_dict(), tmp_path / "opt.ckpt")
+    copies = tree_map(np.copy, params)
+    other = adamcpp.Adam(copies, lr=1e-2)
+    other.load_state_dict(adamcpp.load(tmp_path / "opt.ckpt"))
+    g = grads_for(params, 5)
+    opt.step(g)
+    other.step(reversed_keys(g))
+    assert all(same_bits(a, b) for a, b in zip(leaves(params), leaves(copies)))
