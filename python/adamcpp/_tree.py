@@ -176,10 +176,12 @@ class Tree:
 
     def wrap_fast_step(self, fast_step: Callable[[Any, Any, float], Any]) -> Callable[[Any, Any, float], Any]:
         """The optimizer's fast step over gradient trees: flattened first, then the list form's native step."""
+        take = self._take
         flatten = self.flatten_grads
 
         def tree_fast_step(opt: Any, grads: Any, grad_scale: float) -> Any:
-            return fast_step(opt, flatten(grads), grad_scale)
+            out: List[Any] = []
+            return fast_step(opt, out if take(grads, out) else flatten(grads), grad_scale)
 
         return tree_fast_step
 
