@@ -142,6 +142,7 @@ SHAPES = [(30, 40), (7,), (0,), (), (CHUNK + 100,), (5, 5)]
 
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "adam": dict(cls="Adam", kwargs=dict(lr=1e-2)),
+    "adamw-tree": dict(cls="AdamW", kwargs=dict(lr=1e-2, max_grad_norm=1.0), tree=True),
     "adamw-amsgrad-clip-schedule": dict(
         cls="AdamW",
         kwargs=dict(lr=adamcpp.schedules.WarmupCosineDecay(1e-2, 2, 10), amsgrad=True, max_grad_norm=3.0),
@@ -181,6 +182,16 @@ def build(config: Dict[str, Any], values: List[np.ndarray]):
 
         order = list(range(len(values)))
         params = list(flat.params)
+    elif config.get("tree"):
+        # A parameter tree (leaves in the tree's order: values 0..5), its gradients passed as a tree built in
+        # another key order: matched by path.
+        params = [v.copy() for v in values]
+        tree = {"w": (params[0], params[1]), "rest": [params[2], {"scalar": params[3], "long": params[4]}, params[5]]}
+        zero = ZeroRedundancyOptimizer(tree, cls, **kwargs)
+        order = list(range(len(values)))
+
+        def to_zero(grads):
+            return {"rest": [grads[2], {"long": grads[4], "scalar": grads[3]}, grads[5]], "w": (grads[0], grads[1])}
     elif config.get("groups"):
         keys = [f"p{i}" for i in range(len(values))]
         arrays = {k: v.copy() for k, v in zip(keys, values)}
@@ -354,6 +365,13 @@ def scenario_errors(report: Report) -> None:
     unchanged = frozen(zero, params)
     report["bad_load_on_one_rank"] = [expect_error(lambda: zero.load_state_dict(sd_bad)), unchanged()]
     report["repr"] = repr(zero)
+    # A parameter tree whose gradient tree has another structure on one rank: refused on every rank by path.
+    tree_params = [v.copy() for v in values]
+    zero_tree = ZeroRedundancyOptimizer({"a": (tree_params[0], tree_params[1]), "b": [tree_params[2]]}, adamcpp.Adam)
+    tree_unchanged = frozen(zero_tree, tree_params)
+    g_tree = {"b": [g[2]], "a": (g[0], g[1]) if RANK != 1 else [g[0], g[1]]}
+    report["tree_mismatch_on_one_rank"] = [expect_error(lambda: zero_tree.step(g_tree)), tree_unchanged()]
+    report["tree_step"] = [zero_tree.step({"b": [g[2]], "a": (g[0], g[1])}), same_everywhere(tree_params)]
     flat = adamcpp.FlatParams([v.copy() for v in values])
     zero_flat = ZeroRedundancyOptimizer(flat, adamcpp.SGD, lr=0.1)
     report["flat_other_grads"] = expect_error(lambda: zero_flat.step([np.ones_like(v) for v in values]))

@@ -81,13 +81,14 @@ def test_bitwise_equal_to_the_single_process_optimizer(n, tmp_path):
     """After every step the parameters are bitwise equal on every rank and to
     the single-process optimizer fed the summed gradients with grad_scale / N
     (Adam, AdamW, SGD; clipping, schedules, amsgrad, maximize, groups, dict
-    params, a FlatParams of two dtypes, bfloat16 state rounded stochastically);
+    params, a parameter tree with its gradients in another key order, a
+    FlatParams of two dtypes, bfloat16 state rounded stochastically);
     the consolidated state dict is that
     optimizer's, and a single-process optimizer that loads it continues like
     both. Each rank holds 1/N of the state (chunk-aligned shards)."""
     reports = run_scenario(n, "exact", tmp_path)
     names = list(reports[0])
-    assert len(names) == 11
+    assert len(names) == 12
     for name in names:
         per_rank = [rep[name] for rep in reports]
         for r, check in enumerate(per_rank):
@@ -146,6 +147,12 @@ def test_bad_input_on_one_rank_raises_on_every_rank(n, tmp_path):
     assert first["order_mismatch"][0] == "ValueError" and "differ across ranks" in first["order_mismatch"][1]
     assert first["class_mismatch"][0] == "ValueError" and first["class_mismatch"][1].startswith("optimizer_class:")
     assert first["broadcast_at_construction"] is True
+    assert first["tree_mismatch_on_one_rank"] == [
+        ["TypeError", "rank 1: grads['a']: expected a tuple (as params['a']), got list: gradients must have the "
+         "parameters' structure"],
+        True,
+    ]
+    assert first["tree_step"] == [True, True]
     assert first["bad_dtype_on_one_rank"] == [
         ["TypeError", "rank 1: grads[1]: expected dtype float32 like params[1], got float64"],
         True,

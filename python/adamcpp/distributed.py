@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
-from . import _core
+from . import _core, _tree
 from . import flat as _flat
 from ._family import family_of
 from ._groups import (
@@ -141,7 +141,17 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
         self._family = family_of(optimizer_class)
         self.defaults = defaults_for(optimizer_class, defaults)
         self._local_defaults = {k: v for k, v in defaults.items()}
-        groups, keys = normalize_params(_flat.unwrap(params))
+        unwrapped = _flat.unwrap(params)
+        # A parameter tree (docs/api.md 2.2): one group of its leaves, named by path; gradients come as the tree.
+        self._tree: Optional[_tree.Tree] = None
+        keys: Optional[Tuple[Any, ...]]
+        if _tree.is_tree(unwrapped):
+            self._tree, leaves = _tree.Tree.read(unwrapped)
+            if not leaves:
+                raise ValueError("params: the optimizer got a parameter tree without arrays")
+            groups, keys = [{"params": leaves}], self._tree.names
+        else:
+            groups, keys = normalize_params(unwrapped)
         source = _flat.common_source(loose_params(groups))
         self.param_groups = []
         arrays: List[np.ndarray] = []
@@ -294,6 +304,8 @@ class ZeroRedundancyOptimizer(ZeroCheckpoints):
         flat = self.flat
         if grads is flat.grads:
             return None
+        if self._tree is not None:  # matched to the parameters' structure by key and position path
+            grads = self._tree.flatten_grads(grads)
         opt_keys = self._keys
         grad_list = list(grads_list(grads, opt_keys))
         n = len(self._params)
