@@ -449,3 +449,27 @@ def test_list_ab_times_each_case_and_prints_one_json_line(case):
     assert len(lines) == 1
     row = json.loads(lines[0])
     assert row["case"] == case and row["threads"] == 1 and row["us"] > 0 and row["simd"] in adamcpp._core.compiled_targets()
+
+
+@pytest.mark.skipif(source_tree("bench/frameworks.py") is None,
+                    reason="needs the source tree's bench/ (tests run against an installed package)")
+def test_frameworks_bench_times_each_installed_framework_or_says_why_not(tmp_path):
+    """bench/frameworks.py times adamcpp beside optax (JAX) and Keras's Adam; each part reports positive medians and
+    their ratio, or says why it was skipped."""
+    script = source_tree("bench") / "bench" / "frameworks.py"
+    out_json = tmp_path / "f.json"
+    subprocess.run([sys.executable, str(script), "--sizes", "1e3", "--repeats", "2", "--json", str(out_json)],
+                   capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out_json.read_text())
+    assert result["threads"] >= 1
+    jax_part = result["jax"]
+    if "skipped" in jax_part:
+        assert "jax" in jax_part["skipped"]
+    else:
+        row = jax_part["sizes"]["1000"]
+        assert row["optax (jit)"] > 0 and row["adamcpp"] > 0 and row["ratio"] == row["optax (jit)"] / row["adamcpp"]
+    keras_part = result["keras"]
+    if "skipped" in keras_part:
+        assert "keras" in keras_part["skipped"]
+    else:
+        assert keras_part["keras.optimizers.Adam"] > 0 and keras_part["adamcpp.keras.Adam"] > 0
