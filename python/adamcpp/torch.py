@@ -78,38 +78,37 @@ def _check_param(p: Any, where: str, optimizer: str) -> None:
 
 class _Views:
     """Zero-copy 1-D NumPy views of tensors' memory, kept from one step to the next only while each tensor still has
-    the storage the view was made from (checked on every use; see the module's docstring)."""
+    the storage the view was made from (checked on every use; see the module's docstring). An entry is
+    (tensor, (data_ptr, dtype, shape, strides), view); the tensor is held so that its id stays its own."""
 
     def __init__(self) -> None:
-        # id(tensor) -> (tensor, data_ptr, dtype, shape, strides, view); the tensor is held so its id stays its own
-        self.entries: Dict[int, Tuple[Any, ...]] = {}
-        self.used: Dict[int, Any] = {}
+        self.entries: Dict[int, Tuple[Any, Tuple[Any, ...], np.ndarray]] = {}
+        self.used: Dict[int, Tuple[Any, Tuple[Any, ...], np.ndarray]] = {}
 
-    def array(self, t: torch.Tensor) -> np.ndarray:
+    def get(self, t: torch.Tensor) -> Optional[Tuple[Any, Tuple[Any, ...], np.ndarray]]:
+        """t's entry if its view is still t's memory, else None (the caller checks t, then calls add)."""
         key = id(t)
         entry = self.entries.get(key)
-        ptr = t.data_ptr()
-        shape = t.shape
-        stride = t.stride()
-        if (
-            entry is None
-            or entry[0] is not t
-            or entry[1] != ptr
-            or entry[2] != t.dtype
-            or entry[3] != shape
-            or entry[4] != stride
-        ):
-            d = t.detach()
-            flat = d.view(-1) if d.is_contiguous() else d.as_strided((d.numel(),), (1,))
-            array = flat.numpy()
-            entry = (t, ptr, t.dtype, tuple(shape), tuple(stride), array)
-            self.entries[key] = entry
+        if entry is None or entry[1] != (t.data_ptr(), t.dtype, t.shape, t.stride()):
+            return None
         self.used[key] = entry
-        return entry[5]
+        return entry
+
+    def add(self, t: torch.Tensor) -> Tuple[Any, Tuple[Any, ...], np.ndarray]:
+        """A new view of t's memory (t checked by the caller: CPU, float32/float64, dense)."""
+        entry = (t, (t.data_ptr(), t.dtype, t.shape, t.stride()), _flat_view(t))
+        self.entries[id(t)] = self.used[id(t)] = entry
+        return entry
 
     def end_step(self) -> None:
         """Forget the views not used this step (their tensors may be gone: nothing outlives its step unused)."""
         self.entries, self.used = self.used, {}
+
+
+def _flat_view(t: torch.Tensor) -> np.ndarray:
+    """A 1-D NumPy view of a dense tensor's memory, in memory order (no copy)."""
+    d = t.detach()
+    return (d.view(-1) if d.is_contiguous() else d.as_strided((d.numel(),), (1,))).numpy()
 
 
 def _like(p: torch.Tensor, source: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -161,8 +160,11 @@ class _Front(torch.optim.Optimizer):
         for i, p in enumerate(self.param_groups[g]["params"]):
             _check_param(p, _where(g, i), self._name)
 
-    def _with_grads(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """Each group's (parameter, gradient) pairs with a gradient, every one checked before anything is written."""
+    def _with_grads(self) -> List[List[Tuple[torch.Tensor, Tuple[Any, ...], np.ndarray]]]:
+        """Each group's (parameter, its view entry, its gradient's array) for the parameters with a gradient, every
+        one checked before anything is written. A view reused from the last step is one whose tensor still has the
+        storage it was checked with."""
+        views = self._adamcpp_views
         out = []
         for g, group in enumerate(self.param_groups):
             pairs = []
@@ -170,37 +172,43 @@ class _Front(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                where = _where(g, i)
-                if grad.is_sparse or grad.layout != torch.strided:
+                if grad.layout != torch.strided:
                     raise RuntimeError(
-                        f"{where}: adamcpp.torch.{self._name} does not support sparse gradients (layout "
+                        f"{_where(g, i)}: adamcpp.torch.{self._name} does not support sparse gradients (layout "
                         f"{grad.layout}); use torch.optim.SparseAdam, or make the gradient dense"
                     )
-                _check_param(p, where, self._name)
-                if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
-                    raise ValueError(
-                        f"{where}.grad: expected a {p.dtype} gradient of shape {tuple(p.shape)} on {p.device}, got "
-                        f"{grad.dtype} {tuple(grad.shape)} on {grad.device}"
-                    )
-                pairs.append((p, grad))
+                pe = views.get(p)
+                if pe is None:
+                    _check_param(p, _where(g, i), self._name)
+                    pe = views.add(p)
+                ge = views.get(grad)
+                if ge is None or ge[1][1:] != pe[1][1:]:
+                    if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+                        raise ValueError(
+                            f"{_where(g, i)}.grad: expected a {p.dtype} gradient of shape {tuple(p.shape)} on "
+                            f"{p.device}, got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
+                        )
+                    if grad.stride() != p.stride():  # adamcpp only reads gradients: a copy in p's layout is fine
+                        pairs.append((p, pe, _flat_view(_like(p, grad.detach()))))
+                        continue
+                    ge = views.add(grad)
+                pairs.append((p, pe, ge[2]))
             out.append(pairs)
         return out
 
-    def _grad_array(self, p: torch.Tensor, grad: torch.Tensor) -> np.ndarray:
-        if grad.stride() != p.stride():  # adamcpp only reads gradients: a copy in p's layout is fine
-            grad = _like(p, grad)
-            d = grad.detach()
-            return (d.view(-1) if d.is_contiguous() else d.as_strided((d.numel(),), (1,))).numpy()
-        return self._adamcpp_views.array(grad)
-
-    def _state_tensor(self, state: Dict[str, Any], key: str, p: torch.Tensor) -> torch.Tensor:
-        """state[key] in p's dtype and layout: created as zeros when missing, converted when not (see the module)."""
+    def _state_array(self, state: Dict[str, Any], key: str, p: torch.Tensor, pe: Tuple[Any, ...]) -> np.ndarray:
+        """The view of state[key] in p's dtype and layout: created as zeros when missing, converted when its dtype or
+        strides differ from p's (see the module's docstring)."""
+        views = self._adamcpp_views
         t = state.get(key)
-        if not isinstance(t, torch.Tensor):
-            t = state[key] = _like(p)
-        elif not _same_layout(t, p):
-            t = state[key] = _like(p, t.detach())
-        return t
+        entry = views.get(t) if isinstance(t, torch.Tensor) else None
+        if entry is None or entry[1][1:] != pe[1][1:]:
+            if not isinstance(t, torch.Tensor):
+                t = state[key] = _like(p)
+            elif not _same_layout(t, p):
+                t = state[key] = _like(p, t.detach())
+            entry = views.add(t)
+        return entry[2]
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = None
@@ -216,7 +224,7 @@ class _Front(torch.optim.Optimizer):
             self._adamcpp_views.end_step()
         return loss
 
-    def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, Tuple[Any, ...], np.ndarray]]) -> None:
         raise NotImplementedError
 
 
@@ -274,24 +282,34 @@ class Adam(_Front):
             defaults["eps_style"] = eps_style
         super().__init__(params, defaults)
 
-    def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, Tuple[Any, ...], np.ndarray]]) -> None:
         _refuse_unsupported(bool(group.get("capturable")), bool(group.get("differentiable")), self._name)
         amsgrad = bool(group.get("amsgrad", False))
         views = self._adamcpp_views
-        ps, gs, ms, vs, vmaxs, step_tensors = [], [], [], [], [], []
-        for p, grad in pairs:
+        ps, gs, ms, vs, vmaxs, step_arrays = [], [], [], [], [], []
+        for p, pe, garray in pairs:
             state = self.state[p]
             step = state.get("step")
-            if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device.type == "cpu"):
-                step = state["step"] = torch.tensor(_float(step) if step is not None else 0.0, dtype=torch.float32)
-            step_tensors.append(step)
-            ps.append(views.array(p))
-            gs.append(self._grad_array(p, grad))
-            ms.append(views.array(self._state_tensor(state, "exp_avg", p)))
-            vs.append(views.array(self._state_tensor(state, "exp_avg_sq", p)))
+            # torch's layout: a float32 0-d CPU tensor per parameter, read and advanced through a view of its memory
+            # (one NumPy element access each, where a tensor `+= 1` costs microseconds)
+            se = views.get(step) if isinstance(step, torch.Tensor) else None
+            if se is None:
+                if not (
+                    isinstance(step, torch.Tensor)
+                    and step.dtype == torch.float32
+                    and step.device.type == "cpu"
+                    and step.dim() == 0
+                ):
+                    step = state["step"] = torch.tensor(_float(step) if step is not None else 0.0, dtype=torch.float32)
+                se = views.add(step)
+            step_arrays.append(se[2])
+            ps.append(pe[2])
+            gs.append(garray)
+            ms.append(self._state_array(state, "exp_avg", p, pe))
+            vs.append(self._state_array(state, "exp_avg_sq", p, pe))
             if amsgrad:
-                vmaxs.append(views.array(self._state_tensor(state, "max_exp_avg_sq", p)))
-        steps = [int(s) + 1 for s in torch.stack(step_tensors).tolist()]
+                vmaxs.append(self._state_array(state, "max_exp_avg_sq", p, pe))
+        steps = [int(a[0]) + 1 for a in step_arrays]
         beta1, beta2 = group["betas"]
         functional.adam(
             ps,
@@ -310,7 +328,8 @@ class Adam(_Front):
             maximize=bool(group.get("maximize", False)),
             eps_style=group.get("eps_style", "torch"),
         )
-        torch._foreach_add_(step_tensors, 1.0)  # torch's layout: a float32 0-d tensor per parameter
+        for a, count in zip(step_arrays, steps):
+            a[0] = count
 
 
 class AdamW(Adam):
@@ -396,12 +415,11 @@ class SGD(_Front):
         # One adamcpp.SGD per group's set of parameter views, rebuilt when any view changes (it holds the views).
         self._adamcpp_engines: Dict[int, Tuple[Tuple[int, ...], _NativeSGD]] = {}
 
-    def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, Tuple[Any, ...], np.ndarray]]) -> None:
         _refuse_unsupported(False, bool(group.get("differentiable")), self._name)
-        views = self._adamcpp_views
         momentum = _float(group["momentum"])
-        ps = [views.array(p) for p, _ in pairs]
-        gs = [self._grad_array(p, grad) for p, grad in pairs]
+        ps = [pe[2] for _, pe, _ in pairs]
+        gs = [garray for _, _, garray in pairs]
         key = tuple(id(a) for a in ps)
         cached = self._adamcpp_engines.get(id(group))
         if cached is None or cached[0] != key or cached[1].param_groups[0]["params"][0] is not ps[0]:
@@ -416,7 +434,7 @@ class SGD(_Front):
         hyper["nesterov"] = bool(group["nesterov"])
         hyper["maximize"] = bool(group.get("maximize", False))
         fresh = []
-        for i, (p, _) in enumerate(pairs):
+        for i, (p, pe, _) in enumerate(pairs):
             if momentum == 0:
                 engine.state[i]["momentum_buffer"] = None
                 continue
@@ -426,7 +444,7 @@ class SGD(_Front):
                 engine.state[i]["momentum_buffer"] = None  # torch: the first gradient becomes the buffer
                 fresh.append(i)
             else:
-                engine.state[i]["momentum_buffer"] = views.array(self._state_tensor(state, "momentum_buffer", p))
+                engine.state[i]["momentum_buffer"] = self._state_array(state, "momentum_buffer", p, pe)
         engine.step(gs)
         for i in fresh:
             p = pairs[i][0]
