@@ -344,3 +344,21 @@ def test_views_are_the_tensors_memory():
     p.grad = torch.full((5,), 2.0, dtype=torch.float64)
     opt.step()
     np.testing.assert_array_equal(p.detach().numpy(), np.full(5, -2.0))
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_deepcopy_and_pickle_give_a_working_optimizer(name):
+    kwargs = {"lr": 0.05, "momentum": 0.9} if name == "SGD" else {"lr": 0.01}
+    model = _mlp()
+    opt = PAIRS[name][1](model.parameters(), **kwargs)
+    x, y = _data(torch.float64)
+    _loss(model, x, y).backward()
+    opt.step()
+    both = copy.deepcopy({"model": model, "opt": opt})  # the copy's state keys are the copied parameters
+    model2, opt2 = both["model"], both["opt"]
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        _loss(m, x, y).backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

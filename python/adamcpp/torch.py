@@ -150,9 +150,17 @@ class _Front(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         super().__init__(params, defaults)
         self._adamcpp_views = _Views()
+        # SGD: one adamcpp.SGD per group's set of parameter views, rebuilt when any view changes (it holds them).
+        self._adamcpp_engines: Dict[int, Tuple[Tuple[int, ...], _NativeSGD]] = {}
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 _check_param(p, _where(g, i), self._name)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """torch pickles (and deep-copies) only defaults, state and param_groups: the views start afresh."""
+        super().__setstate__(state)
+        self._adamcpp_views = _Views()
+        self._adamcpp_engines = {}
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -412,8 +420,6 @@ class SGD(_Front):
             fused=fused,
         )
         super().__init__(params, defaults)
-        # One adamcpp.SGD per group's set of parameter views, rebuilt when any view changes (it holds the views).
-        self._adamcpp_engines: Dict[int, Tuple[Tuple[int, ...], _NativeSGD]] = {}
 
     def _step_group(self, group: Dict[str, Any], pairs: List[Tuple[torch.Tensor, Tuple[Any, ...], np.ndarray]]) -> None:
         _refuse_unsupported(False, bool(group.get("differentiable")), self._name)
