@@ -15,7 +15,7 @@ void register_norms(pybind11::module_& m);             // norms.cpp: global_norm
 void register_params_unchanged(pybind11::module_& m);  // params_unchanged.cpp
 void register_probes(pybind11::module_& m);            // bench_probes.cpp: the benchmark and conversion probes
 void register_call_lock(pybind11::module_& m);         // call_lock.cpp: the call lock
-void register_list_plan(pybind11::module_& m);         // list_plan.cpp: the list mode's fast step
+void register_list_plan(pybind11::module_& m);         // list_stepper.cpp: the list mode's fast step
 void register_cuda(pybind11::module_& m);              // cuda/cuda_module.cpp: the CUDA unit's names
 void register_cuda_steps(pybind11::module_& m);        // cuda/cuda_steps.cpp: the CUDA entries (register_cuda calls it)
 
